@@ -1,0 +1,33 @@
+"""instructgpt_jax: the InstructGPT pipeline (SFT -> RM -> PPO-ptx) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="instructgpt_jax",
+    version="0.1.0",
+    description="InstructGPT (Ouyang et al. 2022) end to end in JAX/Flax: SFT, K-choose-2 reward model, PPO-ptx.",
+    packages=find_packages(include=["instructgpt_jax", "instructgpt_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "absl-py",
+        "sentencepiece",
+        "tensorflow-datasets>=4.9.10",
+        "importlib_resources",  # TFDS needs it when TensorFlow is absent
+        "array_record",
+        "grain>=0.2.18",
+        "numpy",
+        "tqdm",
+        "tensorboardX",
+        "safetensors",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        "bench": ["torch==2.13.0", "transformers"],
+        "hf": ["torch==2.13.0", "transformers"],
+    },
+)
