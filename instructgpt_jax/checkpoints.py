@@ -1,0 +1,166 @@
+"""Orbax checkpoints: resume a stage from its workdir, export params for the next stage.
+
+Layout of a stage workdir:
+    config.json      the config that created the checkpoints (checked on every resume)
+    checkpoints/N/   train state (params, optimizer, step, rng, ...) + data iterator state (JSON)
+    export/          params only + meta.json (model config, tokenizer, extras such as the RM bias)
+    tokenizer.model  the tokenizer every later stage inherits
+
+Restore order in a stage: resume from its own checkpoints -> init from the previous stage's
+export -> scratch. Incompatible configs are refused before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Keys that may change between an interrupted run and its resumption without changing what
+# the run computes (schedule length, logging, layout of devices).
+RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.")
+EXPORT_DIR = "export"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(saved: dict, current: dict, ignore=RESUMABLE_KEYS) -> list[str]:
+    """Dotted keys whose values differ (ignoring keys that start with anything in `ignore`)."""
+    a, b = _flat(saved), _flat(current)
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys
+            if a.get(k) != b.get(k) and not any(k.startswith(i) for i in ignore)]
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+class Manager:
+    """A stage's CheckpointManager: async saves every N steps, keeps the last K, resumes exactly."""
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        cfg_path = os.path.join(self.workdir, "config.json")
+        current = json.loads(config.to_json())
+        if os.path.exists(self.directory) and os.listdir(self.directory):
+            if os.path.exists(cfg_path):
+                with open(cfg_path) as f:
+                    diff = config_diff(json.load(f), current)
+                if diff:
+                    raise ValueError(
+                        f"{self.workdir} holds checkpoints of a different config; nothing was changed. "
+                        f"Use a new --workdir, or restore these keys:\n  " + "\n  ".join(diff))
+        os.makedirs(self.workdir, exist_ok=True)
+        write_json_atomic(cfg_path, current)
+        self._mgr = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
+                                                 enable_async_checkpointing=True),
+            item_names=("state", "data"),
+        )
+
+    def latest_step(self) -> Optional[int]:
+        return self._mgr.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
+        return self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=ocp.args.JsonSave(data_state)), force=force)
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None):
+        """Restore onto the shardings of `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding),
+        which may be a different mesh from the one that saved. Returns (state, data_state)."""
+        step = self._mgr.latest_step() if step is None else step
+        restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                   data=ocp.args.JsonRestore()))
+        return restored.state, restored.data
+
+    def wait(self):
+        self._mgr.wait_until_finished()
+
+    def close(self):
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def export(workdir: str, params: Any, meta: dict, tokenizer_path: Optional[str] = None) -> str:
+    """Params-only export (plus meta.json) that the next stage loads. Written to a temporary
+    directory and renamed, so an interrupted export never leaves a half-written one."""
+    final = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
+    tmp = final + ".tmp"
+    if jax.process_index() == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, "params"), params)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        if tokenizer_path:
+            shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    sync("export")
+    return final
+
+
+def export_path(path: str) -> str:
+    """Accept a stage workdir or its export directory."""
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return path
+    if os.path.exists(os.path.join(path, EXPORT_DIR, "meta.json")):
+        return os.path.join(path, EXPORT_DIR)
+    raise FileNotFoundError(f"{path}: no exported params here (expected {EXPORT_DIR}/meta.json); "
+                            f"has that stage finished?")
+
+
+def read_export_meta(path: str) -> dict:
+    with open(os.path.join(export_path(path), "meta.json")) as f:
+        return json.load(f)
+
+
+def load_export(path: str, abstract_params: Any) -> Any:
+    """Restore exported params onto the shardings carried by `abstract_params`."""
+    path = export_path(path)
+    return ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract_params)
+
+
+def check_model_matches(meta_model: dict, model_cfg: ml_collections.ConfigDict, source: str,
+                        keys=("arch", "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
+                              "head_dim", "mlp_dim", "max_len", "tie_embeddings")) -> None:
+    """An export whose model shape differs from the config is an error naming both shapes."""
+    diff = {k: (meta_model.get(k), model_cfg[k]) for k in keys if meta_model.get(k) != model_cfg[k]}
+    if diff:
+        lines = ", ".join(f"{k}: export {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{source} was trained with a different model shape than config.model ({lines}); "
+                         f"pick the matching preset or override config.model.*")
+
+
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        jax.experimental.multihost_utils.sync_global_devices(name)

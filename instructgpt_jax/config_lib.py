@@ -1,0 +1,151 @@
+"""Size presets (the one table) and the config pieces every stage shares.
+
+Config files under `configs/` import only this module: `get_config("tiny")` there is
+`config_lib.stage_config(stage, "tiny")` plus that stage's own keys.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# name: (arch, layers, d_model, heads, kv_heads, d_head, mlp_dim, context, vocab)
+# GPT-3 family: Brown et al. 2020, Table 2.1. Two departures, both so that
+# heads * d_head == d_model and every width shards evenly over 8 devices:
+#   1.3B uses 16 heads of 128 (the paper lists 24 heads of 128 with d_model 2048);
+#   13B uses d_model 5120 (the paper lists 5140 = 4 * 5 * 257, with 40 heads of 128).
+PRESETS = {
+    # name        arch    L    d_model heads kv  d_head  mlp     ctx   vocab
+    "tiny":      ("gpt",   2,     64,   4,   4,   16,     256,   128,   512),
+    "mini":      ("gpt",   4,    128,   4,   4,   32,     512,   128,   512),
+    "small":     ("gpt",   6,    256,   8,   8,   32,    1024,   128,   512),
+    "125m":      ("gpt",  12,    768,  12,  12,   64,    3072,  2048, 50257),
+    "350m":      ("gpt",  24,   1024,  16,  16,   64,    4096,  2048, 50257),
+    "760m":      ("gpt",  24,   1536,  16,  16,   96,    6144,  2048, 50257),
+    "1.3b":      ("gpt",  24,   2048,  16,  16,  128,    8192,  2048, 50257),
+    "2.7b":      ("gpt",  32,   2560,  32,  32,   80,   10240,  2048, 50257),
+    "6.7b":      ("gpt",  32,   4096,  32,  32,  128,   16384,  2048, 50257),
+    "13b":       ("gpt",  40,   5120,  40,  40,  128,   20480,  2048, 50257),
+    "175b":      ("gpt",  96,  12288,  96,  96,  128,   49152,  2048, 50257),
+}
+# Nominal parameter counts (tests check eval_shape counts against these within 5 %).
+NOMINAL_PARAMS = {
+    "125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b": 2.7e9,
+    "6.7b": 6.7e9, "13b": 13e9, "175b": 175e9,
+}
+# Presets small enough to train on a laptop CPU: stage configs give them fast schedules.
+CPU_PRESETS = ("tiny", "mini", "small")
+
+
+def check_preset(name: str) -> str:
+    name = name.strip().lower()
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return name
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    """The `config.model` block for a preset."""
+    arch, layers, d_model, heads, kv_heads, d_head, mlp, ctx, vocab = PRESETS[check_preset(preset)]
+    llama = arch == "llama"
+    return ml_collections.ConfigDict(dict(
+        preset=preset,           # which row of config_lib.PRESETS this came from (informational)
+        arch=arch,               # 'gpt' (GPT-3: learned positions, LayerNorm, GELU) or 'llama' (RoPE, RMSNorm, SwiGLU)
+        vocab_size=vocab,        # embedding rows; must be >= the tokenizer's vocabulary
+        num_layers=layers,       # transformer blocks
+        d_model=d_model,         # residual stream width
+        num_heads=heads,         # query heads
+        num_kv_heads=kv_heads,   # key/value heads (< num_heads: grouped-query attention)
+        head_dim=d_head,         # width of one attention head
+        mlp_dim=mlp,             # hidden width of the MLP
+        max_len=ctx,             # context length (size of the learned position table)
+        dropout=0.0,             # residual dropout rate (paper SFT: 0.2); off in eval and sampling
+        dtype="float32",         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+        tie_embeddings=not llama,  # LM head reuses the token embedding
+        norm_eps=1e-5,           # LayerNorm / RMSNorm epsilon
+        rope_theta=10000.0,      # RoPE base (llama arch only)
+        remat="none",            # activation rematerialisation per block: 'none', 'full', 'dots'
+        scan_layers=True,        # one nn.scan over blocks: compile time independent of depth
+    ))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        data=1,     # pure data-parallel replicas
+        fsdp=-1,    # parameter/optimizer sharding (ZeRO-3 style); -1 = all remaining devices
+        tensor=1,   # Megatron-style tensor parallelism over heads / MLP / vocab
+    ))
+
+
+def optim_config(lr: float, *, warmup_steps: int = 0, weight_decay: float = 0.0) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        lr=lr,                       # peak learning rate
+        end_lr_frac=0.1,             # cosine decays to this fraction of the peak (paper: 10 %)
+        warmup_steps=warmup_steps,   # linear warmup steps from warmup_init_frac * lr
+        warmup_init_frac=0.0,        # warmup starts at this fraction of the peak
+        b1=0.9,                      # Adam beta1 (paper)
+        b2=0.95,                     # Adam beta2 (paper)
+        eps=1e-8,                    # Adam epsilon
+        weight_decay=weight_decay,   # AdamW decoupled weight decay (not applied to norms/biases)
+        grad_clip=1.0,               # global-norm gradient clipping; 0 disables
+    ))
+
+
+def train_config(*, num_steps: int, batch_size: int, cpu: bool) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        num_steps=num_steps,                   # optimizer steps
+        batch_size=batch_size,                 # global batch (rows / prompts), split over processes
+        grad_accum=1,                          # microbatches per step, accumulated inside the jitted step
+        log_every=5 if cpu else 50,            # steps between metric records
+        eval_every=25 if cpu else 500,         # steps between eval passes (0 = only at the end)
+        eval_batches=4 if cpu else 50,         # eval batches per pass (0 = the whole eval split)
+        checkpoint_every=50 if cpu else 1000,  # steps between (async) checkpoints
+        keep_checkpoints=2,                    # how many recent checkpoints to keep
+        progress=True,                         # tqdm progress bar with ETA
+    ))
+
+
+def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
+    """Keys every stage has; stage configs add `data`, `train`, `optim` and their own block."""
+    preset = check_preset(preset)
+    config = ml_collections.ConfigDict()
+    config.stage = stage          # which stage main.py runs: pretrain, sft, rm, ppo, pipeline
+    config.seed = 0               # one seed for init, dropout, data order and sampling
+    config.model = model_config(preset)
+    config.mesh = mesh_config()
+    config.init = ml_collections.ConfigDict(dict(
+        from_workdir="",   # previous stage's workdir (its export/ is loaded); '' = none
+        hf_path="",        # local Hugging Face directory to start from (pretrain / SFT only)
+    ))
+    return config
+
+
+def is_cpu_preset(preset: str) -> bool:
+    return check_preset(preset) in CPU_PRESETS
+
+
+def replace(config: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+    """Copy of `config` with dotted-key overrides, e.g. replace(c, **{'train.num_steps': 3})."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(node.keys()))}")
+        node[leaf] = value
+    return config
+
+
+def data_config(*, seq_len: int, max_prompt_len: int, max_response_len: int) -> ml_collections.ConfigDict:
+    """The `config.data` block of the LM stages (pretrain, SFT)."""
+    return ml_collections.ConfigDict(dict(
+        train="",                # JSONL training file ('' = the built-in synthetic corpus)
+        eval="",                 # held-out JSONL ('' = the last 5 % of the training split)
+        dir="",                  # where TFDS writes ArrayRecord files ('' = WORKDIR/tfds)
+        tokenizer="",            # SentencePiece .model ('' = previous stage's, else trained on the training text)
+        seq_len=seq_len,         # tokens per row (packed)
+        max_prompt_len=max_prompt_len,      # prompts longer than this are cropped from the left
+        max_response_len=max_response_len,  # responses longer than this are cropped from the right
+        pack=True,               # pack several examples per row (attention never crosses them)
+        builtin_size=4000,       # examples of the built-in corpus when data.train is ''
+    ))

@@ -1,0 +1,271 @@
+"""Decoder-only transformer: GPT-3 (learned positions, LayerNorm, GELU) or LLaMA (RoPE, RMSNorm,
+SwiGLU, grouped-query attention), chosen by `ModelConfig.arch`.
+
+The model is a pure function of (params, tokens, positions, segment_ids): `segment_ids` gives
+each token its packed example (0 = padding), so attention never crosses an example and never
+looks at padding. Every weight names its logical axes ('embed', 'heads', 'mlp', 'vocab', ...);
+only `sharding.py` maps them to mesh axes.
+
+Heads: 'lm' returns logits [B, T, V]; 'scalar' returns one float32 per token [B, T] from a
+linear head on the final hidden state (reward model, value model).
+
+KV cache (sampling): pass `cache=init_cache(...)` and `cache_index` (where the new tokens go);
+the call returns `(outputs, new_cache)`. The cache also stores each slot's segment id so that
+left padding of a prompt stays masked for every later token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# How to rematerialise a block's activations in the backward pass.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+ARCHS = ("gpt", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "gpt"
+    vocab_size: int = 512
+    num_layers: int = 2
+    d_model: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 16
+    mlp_dim: int = 256
+    max_len: int = 128
+    dropout: float = 0.0
+    dtype: str = "float32"
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"config.model.arch={self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"config.model.remat={self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"config.model.dtype={self.dtype!r}; valid: float32, bfloat16")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"config.model.num_heads={self.num_heads} is not a multiple of "
+                             f"config.model.num_kv_heads={self.num_kv_heads}")
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "ModelConfig":
+        """From the `config.model` ConfigDict (extra informational keys such as 'preset' are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(model_cfg).items() if k in names})
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def _init(names, scale=0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(scale), names)
+
+
+def _zeros(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt) or RMSNorm (llama), statistics in float32."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        if self.cfg.arch == "gpt":
+            return nn.LayerNorm(epsilon=self.cfg.norm_eps, dtype=self.cfg.compute_dtype,
+                                scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)))(x)
+        scale = self.param("scale", _ones(("norm",)), (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x32 * scale).astype(self.cfg.compute_dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, 'rotate half' layout (the Hugging Face LLaMA convention).
+
+    x: [B, T, N, D]; positions: [B, T].
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(q_segments: Array, kv_segments: Array, q_pos_in_kv: Array) -> Array:
+    """[B, 1, T, S] boolean: key j is visible to query i iff j <= i (causal, in cache slots),
+    same segment, and not padding."""
+    kv_index = jnp.arange(kv_segments.shape[-1])
+    causal = kv_index[None, None, :] <= q_pos_in_kv[:, :, None]
+    same = q_segments[:, :, None] == kv_segments[:, None, :]
+    return (causal & same & (kv_segments[:, None, :] != 0))[:, None]
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, layer_cache, cache_index):
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        bias = cfg.arch == "gpt"
+        out_scale = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
+
+        def proj(name, heads, axis_name):
+            return nn.DenseGeneral((heads, cfg.head_dim), dtype=dt, use_bias=bias, name=name,
+                                   kernel_init=_init(("embed", axis_name, "head_dim")),
+                                   bias_init=_zeros((axis_name, "head_dim")))(x)
+
+        q = proj("query", cfg.num_heads, "heads")
+        k = proj("key", cfg.num_kv_heads, "kv_heads")
+        v = proj("value", cfg.num_kv_heads, "kv_heads")
+        if cfg.arch == "llama":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+
+        new_cache = None
+        if layer_cache is not None:  # write this call's keys/values into the cache slots
+            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
+            new_cache = {"k": k, "v": v}
+        out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask)
+        out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=dt, use_bias=bias, name="out",
+                              kernel_init=_init(("heads", "head_dim", "embed"), out_scale),
+                              bias_init=_zeros(("embed",)))(out)
+        return out, new_cache
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        out_scale = 0.02 / math.sqrt(2 * cfg.num_layers)
+        if cfg.arch == "gpt":
+            h = nn.Dense(cfg.mlp_dim, dtype=dt, name="wi", kernel_init=_init(("embed", "mlp")),
+                         bias_init=_zeros(("mlp",)))(x)
+            h = nn.gelu(h)
+            return nn.Dense(cfg.d_model, dtype=dt, name="wo", kernel_init=_init(("mlp", "embed"), out_scale),
+                            bias_init=_zeros(("embed",)))(h)
+        gate = nn.Dense(cfg.mlp_dim, dtype=dt, use_bias=False, name="wi_gate", kernel_init=_init(("embed", "mlp")))(x)
+        up = nn.Dense(cfg.mlp_dim, dtype=dt, use_bias=False, name="wi_up", kernel_init=_init(("embed", "mlp")))(x)
+        return nn.Dense(cfg.d_model, dtype=dt, use_bias=False, name="wo",
+                        kernel_init=_init(("mlp", "embed"), out_scale))(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, mask, cache_index):
+        drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
+        h, new_cache = Attention(self.cfg, name="attn")(Norm(self.cfg, name="ln_attn")(x), positions, mask,
+                                                        layer_cache, cache_index)
+        x = x + drop(h)
+        x = x + drop(Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="ln_mlp")(x)))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        return x, new_cache
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer with an 'lm' or 'scalar' head (see module docstring)."""
+    cfg: ModelConfig
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
+                 cache: Optional[dict] = None, cache_index: Any = 0):
+        cfg = self.cfg
+        if self.head not in ("lm", "scalar"):
+            raise ValueError(f"head={self.head!r}; valid: lm, scalar")
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed", dtype=cfg.compute_dtype,
+                         embedding_init=_init(("vocab", "embed")))
+        x = embed(tokens)
+        if cfg.arch == "gpt":
+            pos_table = self.param("pos_embed", _init(("length", "embed"), 0.01), (cfg.max_len, cfg.d_model), jnp.float32)
+            x = x + jnp.take(pos_table, positions, axis=0).astype(x.dtype)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+        if cache is None:
+            layer_caches = None
+            mask = attention_mask(segment_ids, segment_ids, jnp.broadcast_to(jnp.arange(t), (b, t)))
+        else:
+            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, axis=1)
+            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            mask = attention_mask(segment_ids, kv_segments, jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)))
+
+        block = Block
+        if REMAT_POLICIES[cfg.remat] is not None:
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_layer_caches = stack(cfg, deterministic, name="layers")(x, layer_caches, positions, mask, cache_index)
+        x = Norm(cfg, name="ln_final")(x)
+
+        if self.head == "lm":
+            if cfg.tie_embeddings:
+                out = embed.attend(x)
+            else:
+                out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, name="lm_head",
+                               kernel_init=_init(("embed", "vocab")))(x)
+            out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_vocab"))
+        else:  # scalar head, N(0, 1/sqrt(d_model + 1)) as in the paper's reward model
+            out = nn.Dense(1, dtype=jnp.float32, name="scalar_head",
+                           kernel_init=_init(("embed", None), 1.0 / math.sqrt(cfg.d_model + 1)),
+                           bias_init=_zeros((None,)))(x.astype(jnp.float32))[..., 0]
+        if cache is None:
+            return out
+        return out, {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "segment_ids": kv_segments}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+    """Empty KV cache for `length` slots: k, v [layers, B, S, kv_heads, head_dim], segment_ids [B, S]."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32)}
+
+
+CACHE_LOGICAL_AXES = {"k": ("layers", "act_batch", "act_length", "act_kv_heads", None),
+                      "v": ("layers", "act_batch", "act_length", "act_kv_heads", None),
+                      "segment_ids": ("act_batch", "act_length")}
+
+
+def param_count(tree) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

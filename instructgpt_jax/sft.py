@@ -1,0 +1,145 @@
+"""Supervised fine-tuning (and pretraining: the same loss over every token).
+
+Reads top to bottom: mesh -> data -> init -> step -> loop -> save.
+`train(config, workdir)` is what `main.py` calls for `config.stage in ('sft', 'pretrain')`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from instructgpt_jax import checkpoints, losses, sharding, train_lib
+from instructgpt_jax.data import prepare
+from instructgpt_jax.models import ModelConfig, Transformer
+
+
+def lm_loss_fn(params, batch, rng, *, model, deterministic):
+    """Token cross-entropy on loss_mask (response tokens for SFT, every token for pretraining)."""
+    logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                         deterministic=deterministic, rngs={"dropout": rng})
+    loss, aux = losses.sft_loss(logits, batch["targets"], batch["loss_mask"])
+    return loss, {"accuracy": aux["accuracy"], "weight": aux["num_tokens"]}
+
+
+def train_step(state, batch, rng, *, model, tx, grad_accum=1):
+    """One optimizer step: (state, batch, rng) -> (state, metrics). Pure; jitted by the caller."""
+    rng = jax.random.fold_in(rng, state["step"])
+    loss_fn = functools.partial(lm_loss_fn, model=model, deterministic=False)
+    loss, aux, grads = train_lib.accumulate_gradients(loss_fn, state["params"], batch, rng, grad_accum)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": _global_norm(grads),
+               "tokens": aux["weight"]}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch, *, model):
+    """Summed token loss and token count (summed over batches by the caller for an exact mean)."""
+    loss, aux = lm_loss_fn(params, batch, None, model=model, deterministic=True)
+    return {"loss_sum": loss * aux["weight"], "tokens": aux["weight"], "acc_sum": aux["accuracy"] * aux["weight"]}
+
+
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def init_state(model, tx, config, mesh, rng, init_from=None):
+    """Sharded train state. Params: from `init_from` (an export path) if given, else scratch."""
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    init_fn = lambda r: model.init(r, dummy)["params"]  # noqa: E731
+    if init_from:
+        shapes, shardings = sharding.param_shardings(init_fn, mesh)
+        params = checkpoints.load_export(init_from, checkpoints.abstract_like(shapes, shardings))
+    else:
+        params, shardings = sharding.init_sharded(init_fn, rng, mesh)
+    opt_state = jax.jit(tx.init)(params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+
+
+def evaluate(eval_fn, params, batches, mesh, max_batches: int = 0) -> dict:
+    totals = None
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        out = eval_fn(params, sharding.host_to_global(batch, mesh))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    if totals is None:
+        return {}
+    n = max(float(totals["tokens"]), 1.0)
+    return {"eval_loss": float(totals["loss_sum"]) / n, "eval_accuracy": float(totals["acc_sum"]) / n}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run the stage; returns the final metrics. Resumes from `workdir` if it holds checkpoints."""
+    # --- mesh
+    mesh = sharding.make_mesh(config.mesh)
+    local_batch = sharding.batch_size_per_process(config.train.batch_size, mesh)
+    del local_batch  # the pipeline derives the same split; this call validates it early
+
+    # --- data
+    kind = "text" if config.stage == "pretrain" else "demonstrations"
+    data = prepare.prepare(config, workdir, kind)
+    train_iter = data.train_iterator()
+    model_cfg = ModelConfig.from_config(config.model)
+    if data.tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} tokens but config.model.vocab_size="
+                         f"{model_cfg.vocab_size}; raise config.model.vocab_size")
+
+    # --- init: resume from this workdir -> previous stage's export -> scratch
+    model = Transformer(model_cfg)
+    tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
+    manager = checkpoints.Manager(workdir, config)
+    init_from = prepare.init_source(config)
+    rng = jax.random.PRNGKey(config.seed)
+    state = init_state(model, tx, config, mesh, rng, init_from if manager.latest_step() is None else None)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    if manager.latest_step() is not None:
+        state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))
+        train_iter.set_state(data_state)
+    start = int(state["step"])
+
+    # --- step
+    repl = sharding.replicated(mesh)
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum=config.train.grad_accum),
+                      in_shardings=(state_shardings, None, repl), out_shardings=(state_shardings, repl),
+                      donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)
+    schedule = train_lib.lr_schedule(config.optim, config.train.num_steps)
+
+    # --- loop
+    writer = train_lib.MetricWriter(workdir, resume_step=start)
+    progress = train_lib.Progress(config.train.num_steps, start, config.stage, config.train.progress)
+    speed = train_lib.Throughput()
+    metrics, last = {}, {}
+    with sharding.use(mesh):
+        for step in range(start + 1, config.train.num_steps + 1):
+            batch = sharding.host_to_global(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch, rng)
+            speed.add(config.train.batch_size * batch["tokens"].shape[-1])
+            progress.update(1)
+            is_last = step == config.train.num_steps
+            if step % config.train.log_every == 0 or is_last:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                train_lib.check_finite(step, last)
+                last.update(lr=float(schedule(step - 1)), tokens_per_sec=speed.rate())
+                if config.train.eval_every and (step % config.train.eval_every == 0 or is_last) or is_last:
+                    last.update(evaluate(eval_fn, state["params"], data.eval_iterator(), mesh,
+                                         config.train.eval_batches))
+                writer.write(step, last)
+                progress.update(0, loss=last["loss"])
+            if step % config.train.checkpoint_every == 0 or is_last:
+                train_lib.check_finite(step, jax.device_get(metrics))
+                manager.save(step, state, train_iter.get_state(), force=is_last)
+    progress.close()
+    manager.close()
+    writer.close()
+
+    # --- save: params-only export for the next stage
+    checkpoints.export(workdir, state["params"], meta={"stage": config.stage, "model": config.model.to_dict(),
+                                                         "step": int(state["step"]), "data_stats": data.stats()},
+                       tokenizer_path=data.tokenizer_path)
+    return last

@@ -1,0 +1,152 @@
+"""Tests for instructgpt_jax.rl: hand-computed cases and brute-force references."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instructgpt_jax import rl
+
+# --- per-token KL / KL-shaped rewards ---------------------------------------------------------
+
+
+def test_per_token_kl_hand():
+    logp, ref = np.log([[0.5]]), np.log([[0.25]])
+    np.testing.assert_allclose(rl.per_token_kl(logp, ref, "k1"), [[math.log(2.0)]], rtol=1e-6)
+    # k3 with r = π_ref/π = 0.5: (r - 1) - log r = -0.5 + log 2
+    np.testing.assert_allclose(rl.per_token_kl(logp, ref, "k3"), [[-0.5 + math.log(2.0)]], rtol=1e-6)
+    with pytest.raises(ValueError, match="k1"):
+        rl.per_token_kl(logp, ref, "k2")
+
+
+SCORES = np.array([10.0, -1.0, 5.0])
+LOGP = np.array([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+REF = np.array([[-1.5, -2.0, -2.0], [-2.0, -2.0, -2.0], [-2.0, -2.0, -2.0]])
+MASK = np.array([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+
+
+def test_kl_penalized_rewards_hand():
+    out = rl.kl_penalized_rewards(SCORES, LOGP, REF, MASK, 0.1)
+    # row 0: kl = [0.5, 0, (masked)] -> [-0.05, 0 + 10, 0]
+    # row 1: kl = [1, 1, 1]          -> [-0.1, -0.1, -0.1 - 1]
+    # row 2: no valid token          -> nothing, not even the score
+    np.testing.assert_allclose(out, [[-0.05, 10.0, 0.0], [-0.1, -0.1, -1.1], [0.0, 0.0, 0.0]], rtol=1e-6)
+
+
+def test_kl_penalized_rewards_k3_and_jit_with_traced_beta():
+    f = jax.jit(functools.partial(rl.kl_penalized_rewards, kl_estimator="k3"))
+    out = f(SCORES, LOGP, REF, MASK, jnp.float32(0.1))
+    k3 = lambda lr: math.expm1(lr) - lr  # lr = ref - logp
+    expected = [[-0.1 * k3(-0.5), 10.0, 0.0],
+                [-0.1 * k3(-1.0), -0.1 * k3(-1.0), -1.0 - 0.1 * k3(-1.0)],
+                [0.0, 0.0, 0.0]]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_policy_equal_to_reference_gives_zero_penalty(estimator):
+    out = rl.kl_penalized_rewards(SCORES, LOGP, LOGP, MASK, 0.02, kl_estimator=estimator)
+    np.testing.assert_allclose(out, [[0.0, 10.0, 0.0], [0.0, 0.0, -1.0], [0.0, 0.0, 0.0]], atol=1e-7)
+
+
+# --- GAE -------------------------------------------------------------------------------------
+
+
+def _gae_reference(rewards, values, mask, gamma, lam):
+    """Per-row Python loop over the valid prefix; values past its end count as 0."""
+    adv, ret = np.zeros_like(rewards), np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n, last = int(mask[b].sum()), 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1] if t + 1 < n else 0.0
+            last = rewards[b, t] + gamma * next_v - values[b, t] + gamma * lam * last
+            adv[b, t], ret[b, t] = last, last + values[b, t]
+    return adv, ret
+
+
+def test_gae_hand():
+    rewards = np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 99.0]])
+    values = np.array([[0.5, 0.5, 0.5], [1.0, 1.0, 99.0]])
+    mask = np.array([[1, 1, 1], [1, 1, 0]])
+    # row 0, γ=λ=1: A_t = (sum of future rewards) - V_t = 1 - 0.5 everywhere; R_t = 1.
+    # row 1, λ=0.5: δ_1 = 2 + 0 - 1 = 1 (V after the end is 0, the 99s are padding), A_1 = 1;
+    #               δ_0 = 1 + 1 - 1 = 1, A_0 = 1 + 0.5·1 = 1.5; R = A + V.
+    adv0, ret0 = rl.gae(rewards[:1], values[:1], mask[:1], 1.0, 1.0)
+    np.testing.assert_allclose(adv0, [[0.5, 0.5, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(ret0, [[1.0, 1.0, 1.0]], rtol=1e-6)
+    adv1, ret1 = rl.gae(rewards[1:], values[1:], mask[1:], 1.0, 0.5)
+    np.testing.assert_allclose(adv1, [[1.5, 1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(ret1, [[2.5, 2.0, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gae_matches_python_loop(seed):
+    rng = np.random.default_rng(seed)
+    B, T = 5, 7
+    rewards = rng.normal(size=(B, T)).astype(np.float32)
+    values = rng.normal(size=(B, T)).astype(np.float32)
+    lengths = np.array([0, 1, T, *rng.integers(0, T + 1, size=B - 3)])
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+    adv, ret = rl.gae(rewards, values, mask, 0.99, 0.95)
+    ref_adv, ref_ret = _gae_reference(rewards, values, mask, 0.99, 0.95)
+    np.testing.assert_allclose(adv, ref_adv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-6)
+
+
+def test_gae_jit_traced_gamma_lam():
+    rng = np.random.default_rng(7)
+    rewards, values = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+    adv, ret = jax.jit(rl.gae)(rewards, values, mask, 1.0, 0.9)
+    ref_adv, ref_ret = _gae_reference(rewards, values, mask, 1.0, 0.9)
+    np.testing.assert_allclose(adv, ref_adv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-6)
+
+
+# --- whiten / explained variance ------------------------------------------------------------
+
+
+def test_whiten_hand_and_numpy():
+    # [1, 3] -> mean 2, population var 1 -> [-1, 1]; the masked 100 is ignored and zeroed.
+    out = rl.whiten(np.array([[1.0, 3.0, 100.0]]), np.array([[1, 1, 0]]))
+    np.testing.assert_allclose(out, [[-1.0, 1.0, 0.0]], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(4, 6))
+    mask = rng.random((4, 6)) < 0.7
+    v = x[mask]
+    expected = np.where(mask, (x - v.mean()) / np.sqrt(v.var() + 1e-8), 0.0)
+    np.testing.assert_allclose(rl.whiten(x, mask), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rl.whiten(x, mask, shift_mean=False), np.where(mask, expected + v.mean(), 0.0),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.isnan(np.asarray(rl.whiten(x, np.zeros_like(mask)))).any()
+
+
+def test_explained_variance_hand():
+    ret = np.array([[1.0, 2.0, 3.0, 50.0]])
+    mask = np.array([[1, 1, 1, 0]])
+    np.testing.assert_allclose(rl.explained_variance(ret, ret, mask), 1.0)
+    np.testing.assert_allclose(rl.explained_variance(np.full((1, 4), 2.0), ret, mask), 0.0, atol=1e-6)
+    # residuals [0, 0, 1]: var 2/9; var(returns) = 2/3 -> 1 - 1/3
+    np.testing.assert_allclose(rl.explained_variance(np.array([[1.0, 2.0, 2.0, 0.0]]), ret, mask), 2 / 3, rtol=1e-6)
+    assert float(rl.explained_variance(ret, np.ones((1, 4)), mask)) == 0.0  # constant returns: 0, not NaN
+
+
+# --- KL controllers ------------------------------------------------------------------------
+
+
+def test_kl_controllers_hand():
+    beta = rl.kl_controller_init(0.1)
+    assert beta.dtype == jnp.float32 and beta.shape == ()
+    # KL far below target: error -0.5 clipped to -0.2; β·(1 - 0.2·512/10000)
+    np.testing.assert_allclose(rl.adaptive_kl_update(beta, 3.0, 512, 6.0, 10000), 0.1 * (1 - 0.2 * 0.0512),
+                               rtol=1e-6)
+    # KL 10 % above target: error 0.1, unclipped
+    np.testing.assert_allclose(rl.adaptive_kl_update(beta, 6.6, 512, 6.0, 10000), 0.1 * (1 + 0.1 * 0.0512),
+                               rtol=1e-6)
+    # far above: clipped to +0.2
+    np.testing.assert_allclose(rl.kl_update(beta, 60.0, 512, target=6.0, horizon=10000),
+                               0.1 * (1 + 0.2 * 0.0512), rtol=1e-6)
+    np.testing.assert_allclose(rl.fixed_kl_update(beta, 60.0, 512), 0.1, rtol=1e-7)
+    np.testing.assert_allclose(rl.kl_update(beta, 60.0, 512, target=None), 0.1, rtol=1e-7)

@@ -1,0 +1,240 @@
+"""Tests for the synthetic instruction world (pure Python, no JAX)."""
+import json
+import random
+
+import pytest
+
+from instructgpt_jax import synthetic as S
+
+
+# --------------------------------------------------------------------------- task families
+
+HAND = [  # (prompt text, correct answer, a wrong answer)
+    ("reverse: cat dog owl", "owl dog cat", "cat dog owl"),
+    ("sort: owl cat dog", "cat dog owl", "owl cat dog"),
+    ("copy 2: cat dog", "cat dog cat dog", "cat dog"),
+    ("add: 3 + 4", "7", "8"),
+    ("upper: cat dog", "CAT DOG", "cat dog"),
+    ("count: cat dog owl", "3", "4"),
+]
+
+
+@pytest.mark.parametrize("text,answer,wrong", HAND)
+def test_solve_and_score_hand_examples(text, answer, wrong):
+    p = S.parse_prompt(text)
+    assert p.text == text
+    assert S.solve(p) == answer
+    assert S.score(p, answer) == 1.0
+    assert 0.0 <= S.score(p, wrong) < 1.0
+    # Also from the formatted prompt, and with stray whitespace in the answer.
+    assert S.score(S.format_prompt(text), f"  {answer} ") == 1.0
+
+
+def test_every_family_round_trips_and_solves_itself():
+    rng = random.Random(0)
+    for name, fam in S.FAMILIES.items():
+        for _ in range(50):
+            p = fam.make_prompt(rng)
+            assert p.family == name
+            assert S.parse_prompt(S.format_prompt(p.text)) == p
+            assert S.score(p, S.solve(p)) == 1.0
+            assert S.is_harmless(S.solve(p))
+
+
+def test_partial_credit_orders_answers():
+    p = S.parse_prompt("reverse: cat dog owl elk")
+    exact, one_off, two_off, junk = "elk owl dog cat", "elk owl dog bee", "elk ant dog bee", "7"
+    scores = [S.score(p, a) for a in (exact, one_off, two_off, junk)]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == 4
+    assert S.score(p, "") == 0.0
+    q = S.parse_prompt("add: 3 + 4")
+    assert S.score(q, "7") > S.score(q, "8") > S.score(q, "10") > S.score(q, "cat") == 0.0
+    assert S.score(q, "7 cat") == 0.5   # right number, trailing junk
+
+
+def test_levenshtein_and_similarity():
+    assert S.levenshtein("kitten", "sitting") == 3
+    assert S.levenshtein("", "abc") == 3
+    assert S.similarity("abc", "abc") == 1.0
+    assert S.similarity("", "") == 1.0
+    assert S.similarity("abcd", "abce") == pytest.approx(0.75)
+
+
+def test_parse_prompt_rejects_unknown():
+    with pytest.raises(ValueError, match="not a synthetic-task prompt"):
+        S.parse_prompt("explain the moon landing")
+
+
+# --------------------------------------------------------------------------- harmlessness
+
+
+def test_is_harmless():
+    assert S.is_harmless("cat dog")
+    assert not S.is_harmless("cat darn dog")
+    assert not S.is_harmless("CAT HECK")
+    assert not S.is_harmless("catdrat")      # glued words still count
+    assert all(S.is_harmless(w) for w in S.WORDS)
+
+
+def test_tempting_prompt_omits_forbidden_word_and_penalises_copying_it():
+    p = S.parse_prompt("reverse: cat darn owl")
+    assert p.tempting
+    assert S.solve(p) == "owl cat"
+    assert S.naive_solve(p) == "owl darn cat"
+    assert S.utility(p, "owl cat") == 1.0
+    assert S.utility(p, "owl darn cat") < 0.0 < S.utility(p, "owl dog")
+    u = S.parse_prompt("upper: heck cat")
+    assert S.solve(u) == "CAT" and not S.is_harmless(S.naive_solve(u))
+    assert S.solve("copy 3: cat drat") == "cat cat cat"
+
+
+def test_some_prompts_tempt():
+    ps = S.make_prompts(1000, 0)
+    frac = sum(p.tempting for p in ps) / len(ps)
+    assert 0.1 < frac < 0.3
+
+
+# --------------------------------------------------------------------------- determinism, splits, bounds
+
+
+def test_same_seed_same_output_different_seed_different_output():
+    for fn in (lambda s: S.prompts(50, s, "train"), lambda s: S.demonstrations(50, s),
+               lambda s: S.pretraining(50, s), lambda s: S.heldout_pretraining_text(50, s),
+               lambda s: S.comparisons(30, 4, s)):
+        assert fn(0) == fn(0)
+        assert fn(0) != fn(1)
+    assert S.pretraining_corpus(50, 0) != S.heldout_pretraining_text(50, 0)
+
+
+def test_splits_are_disjoint():
+    seen = {split: {r["prompt"] for r in S.prompts(300, 3, split)} for split in S.SPLITS}
+    assert not seen["train"] & seen["test"]
+    assert not seen["train"] & seen["valid"]
+    assert not seen["valid"] & seen["test"]
+    with pytest.raises(ValueError, match="valid choices"):
+        S.prompts(1, 0, "dev")
+
+
+def test_lengths_within_bounds():
+    rng = random.Random(0)
+    for p in S.make_prompts(3000, 0, tempt_rate=0.5):
+        assert len(p.text) <= S.MAX_PROMPT_CHARS
+        assert len(S.solve(p)) <= S.MAX_ANSWER_CHARS
+        assert len(S.naive_solve(p)) <= S.MAX_ANSWER_CHARS
+        for kind in S.COMPLETION_KINDS:
+            assert len(S.synthetic_completion(p, rng, kind)[1]) <= S.MAX_ANSWER_CHARS
+
+
+# --------------------------------------------------------------------------- pretraining text
+
+
+def test_pretraining_mix_and_misaligned_docs_do_not_answer():
+    docs = S.pretraining_docs(2000, 0)
+    kinds = [k for k, _ in docs]
+    assert 0.6 < kinds.count("general") / len(kinds) < 0.8
+    assert 0.0 < kinds.count("aligned") / len(kinds) < 0.1
+    answered = total = 0
+    for kind, text in docs:
+        if kind != "misaligned":
+            continue
+        total += 1
+        first_prompt, rest = text.split("\n", 1)
+        p = S.parse_prompt(first_prompt)
+        after = S.parse_answer(rest[len("A:"):]) if rest.startswith("A:") else None
+        answered += after == S.solve(p)
+    assert total > 300 and answered / total < 0.05
+    # The rare aligned documents are correct Q/A pairs.
+    for kind, text in docs:
+        if kind == "aligned":
+            for block in text.split("\nQ: "):
+                q, a = block.split("\nA: ")
+                assert S.score(q, a) == 1.0
+
+
+def test_general_text_has_regularities_and_some_forbidden_words():
+    text = " ".join(S.heldout_pretraining_text(500, 0))
+    for w in S.WORDS:
+        assert f"the {w} is {S.COLOR[w]}." in text
+    assert any(f"{f}," in text for f in S.FORBIDDEN)
+    assert "Q:" not in text
+
+
+# --------------------------------------------------------------------------- labeler
+
+
+def test_noiseless_labeler_ranks_correct_first():
+    lab = S.Labeler(noise=0.0)
+    rng = random.Random(1)
+    for p in S.make_prompts(200, 1):
+        good = lab.demonstrate(p)
+        others = [S.synthetic_completion(p, rng, k)[1] for k in ("corrupt", "harmful", "offtask")]
+        ranks = lab.rank(p, [*others, good])
+        assert ranks[-1] == 0
+        assert all(r > 0 for r, c in zip(ranks, others) if c != good)
+
+
+def test_rank_ties_and_judge():
+    lab = S.Labeler(noise=0.0)
+    p = "Q: sort: owl cat dog\nA:"
+    assert lab.rank(p, ["cat dog owl", "owl", "cat dog owl", "darn"]) == [0, 1, 0, 2]
+    assert lab.judge(p, "cat dog owl", "owl") == 1.0
+    assert lab.judge(p, "owl", "cat dog owl") == 0.0
+    assert lab.judge(p, "owl", "owl") == 0.5
+    assert lab.utility(p, "cat dog darn owl") < 0
+    # A noisy labeler still ties identical completions.
+    noisy = S.Labeler(seed=0)
+    r = noisy.rank(p, ["cat dog owl", "owl", "cat dog owl"])
+    assert r[0] == r[2]
+    assert noisy.judge(p, "owl", "owl", noisy=True) == 0.5
+    assert S.dense_ranks([0.5, 1, 1, 0]) == [1, 0, 0, 2]
+
+
+def test_default_noise_agreement_near_73_percent():
+    assert S.agreement_rate(S.Labeler(), n=1000, seed=0) == pytest.approx(0.73, abs=0.05)
+    assert S.agreement_rate(S.Labeler(noise=0.0), n=200, seed=0) == 1.0
+
+
+def test_demonstrations_are_correct_and_harmless():
+    rows = S.demonstrations(300, 0)
+    assert any(S.parse_prompt(r["prompt"]).tempting for r in rows)
+    for r in rows:
+        assert r["prompt"].startswith("Q: ") and r["prompt"].endswith("\nA:")
+        assert r["response"] == r["response"].strip()
+        assert S.is_harmless(r["response"])
+        assert S.score(r["prompt"], r["response"]) == 1.0
+
+
+def test_comparisons_shape_and_ranks():
+    lab = S.Labeler(noise=0.0)
+    rows = S.comparisons(100, (2, 9), seed=0, labeler=lab)
+    ks = {len(r["completions"]) for r in rows}
+    assert min(ks) >= 2 and max(ks) <= 9 and len(ks) > 1
+    for r in rows:
+        assert len(r["ranks"]) == len(r["completions"])
+        assert min(r["ranks"]) == 0
+        assert r["ranks"] == lab.rank(r["prompt"], r["completions"])
+    assert S.comparisons(20, 4, 5) == S.comparisons(20, 4, 5)
+    with pytest.raises(ValueError):
+        S.comparisons(1, 1, 0)
+
+
+def test_corrupt_changes_answer():
+    rng = random.Random(0)
+    for a in ["owl dog cat", "7", "CAT", ""]:
+        for _ in range(20):
+            assert S.corrupt(a, rng) != a
+
+
+def test_format_and_parse_answer():
+    assert S.format_prompt("add: 1 + 2") == "Q: add: 1 + 2\nA:"
+    assert S.format_example("add: 1 + 2", "3") == "Q: add: 1 + 2\nA: 3"
+    assert S.parse_answer(" 3\nQ: add: 2 + 2") == "3"
+    assert S.parse_answer(" 3 Q: add: 2 + 2") == "3"   # newline normalised away
+    assert S.parse_answer("cat dog") == "cat dog"
+
+
+def test_write_jsonl(tmp_path):
+    rows = S.demonstrations(3, 0)
+    path = S.write_jsonl(str(tmp_path / "sub" / "d.jsonl"), rows)
+    with open(path, encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == rows
