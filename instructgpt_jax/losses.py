@@ -32,7 +32,7 @@ def masked_mean(x, mask, axis=None):
 
     Args:
       x: array; mask: array broadcastable to x (0/1 or nonnegative weights).
-      axis: axes to reduce (None = all).
+      axis: int or tuple of ints to reduce (static; None = all).
     Returns:
       The weighted mean, reduced over `axis`; 0 (not NaN) where the mask sums to 0,
       so an empty batch gives a zero loss and zero gradients.
@@ -129,7 +129,7 @@ def rm_loss(rewards, ranks, valid):
     valid = jnp.asarray(valid).astype(bool)
     # [B, K, K] pair matrix: entry (i, j) is the pair "i preferred over j".
     diff = r[:, :, None] - r[:, None, :]
-    pair = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] <= ranks[:, None, :])
+    pair = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
     pairs_per_prompt = jnp.sum(pair, axis=(1, 2))
     per_prompt = masked_mean(-jax.nn.log_sigmoid(diff), pair, axis=(1, 2))
     has_pairs = pairs_per_prompt > 0

@@ -33,8 +33,9 @@ def initialize_distributed(coordinator, num_processes, process_id, auto=False):
         if not 0 <= process_id < num_processes:
             raise app.UsageError(f"--process_id={process_id} is out of range for --num_processes={num_processes} "
                                  f"(valid: 0..{num_processes - 1})")
-        if jax.default_backend() == "cpu" or jax.config.jax_platforms == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives for CPU devices (ignored by GPU / TPU backends). Must be set
+        # before any backend is initialised, so no jax.devices() call comes before this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif auto:
         jax.distributed.initialize()

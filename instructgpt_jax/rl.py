@@ -5,7 +5,7 @@ functions are wrapped in `jax.jit` (as `jax.nn` does; string/bool options are st
 so eager calls compile once per shape and calls inside a caller's jit simply inline.
 Per-token arrays are [B, T] over the sampled response; `mask` [B, T] is 1 on valid
 response tokens (a contiguous run, normally a prefix: the response up to and including
-EOS) and 0 on padding. Outputs are 0 on masked positions.
+EOS) and 0 on padding. kl_penalized_rewards, gae and whiten return 0 on padding.
 
 Public API (see DESIGN.md §4):
     per_token_kl, kl_penalized_rewards, gae, whiten, explained_variance,

@@ -61,11 +61,11 @@ from typing import Any, Iterable, Sequence
 WORDS = ("ant", "bat", "bee", "cat", "cow", "dog", "elk", "fox", "hen", "owl", "pig", "yak")
 # Each animal's fixed colour: a fact the base model can learn from general text.
 COLOR = {"ant": "red", "bat": "gray", "bee": "gold", "cat": "tan", "cow": "white",
-                  "dog": "brown", "elk": "brown", "fox": "red", "hen": "white", "owl": "gray",
-                  "pig": "pink", "yak": "black"}
+         "dog": "brown", "elk": "brown", "fox": "red", "hen": "white", "owl": "gray",
+         "pig": "pink", "yak": "black"}
 VERBS = ("sees", "likes", "finds", "chases")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                                "nine", "ten")
+                "nine", "ten")
 FORBIDDEN = ("darn", "heck", "drat")
 
 MAX_PROMPT_CHARS = 40   # raw prompt text, before format_prompt
@@ -230,7 +230,8 @@ class Copy(_WordTask):
 
     def parse(self, text):
         m = re.fullmatch(r"copy (\d): ([a-z]+(?: [a-z]+)*)", text)
-        return m and Prompt(self.name, text, {"items": m.group(2).split(), "times": int(m.group(1))})
+        args = {"items": m.group(2).split(), "times": int(m.group(1))} if m else None
+        return m and Prompt(self.name, text, args)
 
 
 def _number_score(answer: str, target: int) -> float:
@@ -282,14 +283,14 @@ FAMILIES = {t.name: t for t in (Reverse(), Sort(), Copy(), Add(), Upper(), Count
 
 
 def make_prompt(rng: random.Random, family: str | None = None,
-                                tempt_rate: float = TEMPT_RATE) -> Prompt:
+                tempt_rate: float = TEMPT_RATE) -> Prompt:
     """One prompt from ``family`` (uniform over ``FAMILIES`` if None)."""
     fam = FAMILIES[family or rng.choice(sorted(FAMILIES))]
     return fam.make_prompt(rng, tempt_rate=tempt_rate)
 
 
 def parse_prompt(text: str) -> Prompt:
-    """Rebuild a ``Prompt`` from raw (``"sort: a b"``) or formatted (``"Q: sort: a b\\nA:"``) text."""
+    """A ``Prompt`` from raw (``"sort: a b"``) or formatted (``"Q: sort: a b\\nA:"``) text."""
     t = text.strip()
     if t.startswith(PROMPT_PREFIX.strip()):
         t = t[len(PROMPT_PREFIX.strip()):]
@@ -337,7 +338,7 @@ def split_of(text: str) -> str:
 
 
 def make_prompts(n: int, seed: int, split: str = "train", tempt_rate: float = TEMPT_RATE,
-                                  families: Iterable[str] | None = None, _salt: str = "prompts") -> list[Prompt]:
+                 families: Iterable[str] | None = None, _salt: str = "prompts") -> list[Prompt]:
     """``n`` prompts of ``split`` (rejection-sampled, so splits are disjoint across seeds)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; valid choices: {SPLITS}")
@@ -409,7 +410,7 @@ def _misaligned_doc(rng: random.Random) -> str:
 
 def _aligned_doc(rng: random.Random) -> str:
     return "\n".join(format_example(p.text, solve(p))
-                                      for p in (make_prompt(rng) for _ in range(rng.randint(1, 3))))
+                     for p in (make_prompt(rng) for _ in range(rng.randint(1, 3))))
 
 
 PRETRAIN_MIX = {"general": 0.70, "misaligned": 0.25, "aligned": 0.05}
@@ -417,7 +418,7 @@ _DOC_MAKERS = {"general": _general_doc, "misaligned": _misaligned_doc, "aligned"
 
 
 def pretraining_docs(n: int, seed: int, mix: dict[str, float] | None = None
-                                          ) -> list[tuple[str, str]]:
+                     ) -> list[tuple[str, str]]:
     """``n`` (kind, text) documents; kind in ``PRETRAIN_MIX`` (general/misaligned/aligned)."""
     mix = mix or PRETRAIN_MIX
     kinds, weights = list(mix), [mix[k] for k in mix]
@@ -441,7 +442,7 @@ def heldout_pretraining_text(n: int, seed: int) -> list[str]:
     return [_general_doc(rng) for _ in range(n)]
 
 
-# ----------------------------------------------------------------------------- imperfect completions
+# ------------------------------------------------------------------------ imperfect completions
 
 
 def corrupt(answer: str, rng: random.Random) -> str:
@@ -477,7 +478,7 @@ COMPLETION_KINDS = {"correct": 0.15, "corrupt": 0.45, "harmful": 0.15, "offtask"
 
 
 def synthetic_completion(prompt: Prompt | str, rng: random.Random, kind: str | None = None
-                                                  ) -> tuple[str, str]:
+                         ) -> tuple[str, str]:
     """A (kind, completion) a model might produce, kind in ``COMPLETION_KINDS``: the correct
     answer; 1-3 random edits of it; a harmful one (the literal answer to a tempting prompt, or
     a forbidden word slipped in); or off-task (echo, another instruction, unrelated text)."""
@@ -525,7 +526,7 @@ class Labeler:
     sigmoid((u_a - u_b) / noise): the Bradley-Terry model the reward model fits."""
 
     def __init__(self, noise: float = DEFAULT_NOISE, seed: int = 0,
-                              harm_penalty: float = HARM_PENALTY):
+                 harm_penalty: float = HARM_PENALTY):
         self.noise, self.harm_penalty = noise, harm_penalty
         self.rng = _rng(seed, "labeler")
 
@@ -537,7 +538,7 @@ class Labeler:
         return solve(prompt)
 
     def noisy_utilities(self, utils: Sequence[float], completions: Sequence[str],
-                                            rng: random.Random | None = None) -> list[float]:
+                        rng: random.Random | None = None) -> list[float]:
         """Utilities plus Gumbel noise, one draw per distinct completion (duplicates tie)."""
         if self.noise <= 0:
             return list(utils)
@@ -549,7 +550,7 @@ class Labeler:
         return [u + draw[c] for u, c in zip(utils, completions)]
 
     def rank(self, prompt: Prompt | str, completions: Sequence[str],
-                      rng: random.Random | None = None) -> list[int]:
+             rng: random.Random | None = None) -> list[int]:
         """Rank of each completion, 0 = best, ties share a rank. ``rng`` overrides the
         labeler's own stream (for outputs that depend only on a caller's seed)."""
         p = as_prompt(prompt)
@@ -557,7 +558,7 @@ class Labeler:
         return dense_ranks(self.noisy_utilities(utils, completions, rng))
 
     def judge(self, prompt: Prompt | str, a: str, b: str, noisy: bool = False,
-                        rng: random.Random | None = None) -> float:
+              rng: random.Random | None = None) -> float:
         """1.0 if ``a`` is preferred, 0.0 if ``b``, 0.5 for a tie. Noiseless unless ``noisy``."""
         p = as_prompt(prompt)
         ua, ub = self.utility(p, a), self.utility(p, b)
@@ -599,7 +600,7 @@ def agreement_rate(labeler: Labeler, n: int = 1000, seed: int = 0, k: int = 4) -
 
 
 def calibrate_noise(target: float = 0.73, n: int = 2000, seed: int = 0, k: int = 4,
-                                        iters: int = 25) -> float:
+                    iters: int = 25) -> float:
     """Gumbel scale at which ``agreement_rate`` is ``target`` (bisection; agreement falls
     monotonically as noise grows, and common random numbers make it smooth)."""
     lo, hi = 0.0, 10.0
@@ -618,18 +619,18 @@ def calibrate_noise(target: float = 0.73, n: int = 2000, seed: int = 0, k: int =
 def prompts(n: int, seed: int, split: str = "train") -> list[dict[str, str]]:
     """``[{"prompt": formatted, "family": name}]``, e.g. the PPO prompts or an eval set."""
     return [{"prompt": format_prompt(p.text), "family": p.family}
-                    for p in make_prompts(n, seed, split)]
+            for p in make_prompts(n, seed, split)]
 
 
 def demonstrations(n: int, seed: int, labeler: Labeler | None = None) -> list[dict[str, str]]:
     """SFT data: ``[{"prompt": formatted, "response": bare answer}]`` from train prompts."""
     labeler = labeler or Labeler()
     return [{"prompt": format_prompt(p.text), "response": labeler.demonstrate(p)}
-                    for p in make_prompts(n, seed, "train", _salt="demonstrations")]
+            for p in make_prompts(n, seed, "train", _salt="demonstrations")]
 
 
 def comparisons(n: int, k: int | tuple[int, int] = 4, seed: int = 0,
-                                labeler: Labeler | None = None) -> list[dict[str, Any]]:
+                labeler: Labeler | None = None) -> list[dict[str, Any]]:
     """RM data: ``[{"prompt", "completions": [K str], "ranks": [K int]}]`` (0 = best, ties
     share a rank). ``k`` is fixed or an inclusive (lo, hi) range for ragged K. Completions
     mix correct, corrupted, harmful and off-task answers; the output depends only on the
@@ -642,7 +643,7 @@ def comparisons(n: int, k: int | tuple[int, int] = 4, seed: int = 0,
     for p in make_prompts(n, seed, "train", _salt="comparisons"):
         comps = _completion_set(p, rng.randint(lo, hi), rng)
         rows.append({"prompt": format_prompt(p.text), "completions": comps,
-                                  "ranks": labeler.rank(p, comps, rng)})
+                     "ranks": labeler.rank(p, comps, rng)})
     return rows
 
 

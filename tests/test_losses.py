@@ -88,18 +88,20 @@ def test_ptx_loss_matches_sft_and_jit():
 # --- rm_loss -----------------------------------------------------------------------------
 
 def test_rm_loss_hand():
-    rewards = np.array([[1.0, 0.0, 2.0], [0.5, -0.5, 9.0], [1.0, 2.0, 3.0]])
-    ranks = np.array([[0, 1, 2], [1, 0, 0], [0, 0, 0]])
-    valid = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    rewards = np.array([[1.0, 0.0, 2.0], [0.5, -0.5, 9.0], [1.0, 2.0, 3.0], [2.0, 2.0, 0.0]])
+    ranks = np.array([[0, 1, 2], [1, 0, 0], [0, 0, 0], [0, 1, 1]])
+    valid = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0]])
     # prompt 0: pairs (0>1): d=1, (0>2): d=-1, (1>2): d=-2; only the first is ranked correctly.
     p0 = (softplus(-1.0) + softplus(1.0) + softplus(2.0)) / 3.0
     # prompt 1: completion 2 is padding, so the only pair is 1 > 0: d = -0.5 - 0.5 = -1 (wrong).
     p1 = softplus(1.0)
     # prompt 2: all tied -> no pairs, excluded from the mean over prompts.
+    # prompt 3: one pair 0 > 1 with equal scores: d = 0, loss log 2, not "strictly higher".
+    p3 = math.log(2.0)
     loss, aux = losses.rm_loss(rewards, ranks, valid)
-    np.testing.assert_allclose(loss, (p0 + p1) / 2.0, rtol=1e-6)
-    np.testing.assert_allclose(aux["accuracy"], 1.0 / 4.0, rtol=1e-6)
-    assert int(aux["num_pairs"]) == 4 and int(aux["num_prompts"]) == 2
+    np.testing.assert_allclose(loss, (p0 + p1 + p3) / 3.0, rtol=1e-6)
+    np.testing.assert_allclose(aux["accuracy"], 1.0 / 5.0, rtol=1e-6)
+    assert int(aux["num_pairs"]) == 5 and int(aux["num_prompts"]) == 3
 
 
 def _rm_reference(rewards, ranks, valid):
@@ -173,12 +175,12 @@ def test_rm_loss_value_and_grad_under_outer_jit():
 # --- ppo_policy_loss -----------------------------------------------------------------------
 
 def _ppo_case():
-    ratios = np.array([1.5, 1.5, 0.5, 0.5, 1.1, 1.0])
-    adv = np.array([1.0, -1.0, 1.0, -1.0, 2.0, 5.0])
-    old = np.full(6, -2.0)
+    ratios = np.array([1.5, 1.5, 0.5, 0.5, 1.1, 1.3, 1.0])
+    adv = np.array([1.0, -1.0, 1.0, -1.0, 2.0, 0.0, 5.0])
+    old = np.full(7, -2.0)
     logp = old + np.log(ratios)
-    logp[5] = 1000.0  # masked token with a garbage log-prob: ratio would overflow
-    mask = np.array([1, 1, 1, 1, 1, 0])
+    logp[6] = 1000.0  # masked token with a garbage log-prob: ratio would overflow
+    mask = np.array([1, 1, 1, 1, 1, 1, 0])
     return logp[None], old[None], adv[None], mask[None]
 
 
@@ -187,14 +189,14 @@ def test_ppo_policy_loss_clipping_both_sides():
     loss, aux = losses.ppo_policy_loss(logp, old, adv, mask, 0.2)
     # ρ=1.5,A=+1: min(1.5, 1.2) = 1.2 (clipped)   ρ=1.5,A=-1: min(-1.5, -1.2) = -1.5
     # ρ=0.5,A=+1: min(0.5, 0.8) = 0.5             ρ=0.5,A=-1: min(-0.5, -0.8) = -0.8 (clipped)
-    # ρ=1.1,A=2: 2.2 (inside the trust region)
-    np.testing.assert_allclose(loss, -(1.2 - 1.5 + 0.5 - 0.8 + 2.2) / 5, rtol=1e-5)
-    np.testing.assert_allclose(aux["clipfrac"], 4 / 5, rtol=1e-6)
-    lr = np.log([1.5, 1.5, 0.5, 0.5, 1.1])
+    # ρ=1.1,A=2: 2.2 (inside the trust region)   ρ=1.3,A=0: 0 (outside, counts for clipfrac only)
+    np.testing.assert_allclose(loss, -(1.2 - 1.5 + 0.5 - 0.8 + 2.2 + 0.0) / 6, rtol=1e-5)
+    np.testing.assert_allclose(aux["clipfrac"], 5 / 6, rtol=1e-6)
+    lr = np.log([1.5, 1.5, 0.5, 0.5, 1.1, 1.3])
     np.testing.assert_allclose(aux["approx_kl"], np.mean(0.5 * lr**2), rtol=1e-5)
     # d loss / d logp = -A·ρ/N where unclipped, 0 where the clip is active or masked.
     g = jax.grad(lambda lp: losses.ppo_policy_loss(lp, old, adv, mask, 0.2)[0])(jnp.asarray(logp))
-    np.testing.assert_allclose(g[0], [0.0, 1.5 / 5, -0.5 / 5, 0.0, -2.2 / 5, 0.0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g[0], [0.0, 1.5 / 6, -0.5 / 6, 0.0, -2.2 / 6, 0.0, 0.0], rtol=1e-5, atol=1e-7)
 
 
 def test_ppo_policy_loss_on_policy_and_empty():

@@ -129,7 +129,8 @@ def test_explained_variance_hand():
     np.testing.assert_allclose(rl.explained_variance(ret, ret, mask), 1.0)
     np.testing.assert_allclose(rl.explained_variance(np.full((1, 4), 2.0), ret, mask), 0.0, atol=1e-6)
     # residuals [0, 0, 1]: var 2/9; var(returns) = 2/3 -> 1 - 1/3
-    np.testing.assert_allclose(rl.explained_variance(np.array([[1.0, 2.0, 2.0, 0.0]]), ret, mask), 2 / 3, rtol=1e-6)
+    values = np.array([[1.0, 2.0, 2.0, 0.0]])
+    np.testing.assert_allclose(rl.explained_variance(values, ret, mask), 2 / 3, rtol=1e-6)
     assert float(rl.explained_variance(ret, np.ones((1, 4)), mask)) == 0.0  # constant returns: 0, not NaN
 
 

@@ -94,7 +94,7 @@ def test_some_prompts_tempt():
     assert 0.1 < frac < 0.3
 
 
-# --------------------------------------------------------------------------- determinism, splits, bounds
+# ---------------------------------------------------------------- determinism, splits, bounds
 
 
 def test_same_seed_same_output_different_seed_different_output():

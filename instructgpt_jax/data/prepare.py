@@ -1,0 +1,136 @@
+"""From `config.data` to a tokenizer and iterators: the one place stages get their data.
+
+Resolves the tokenizer (config path -> previous stage's -> this workdir's -> trained on the
+training text), writes the built-in synthetic corpus when no JSONL is given, builds the TFDS
+ArrayRecord datasets, and hands out deterministic, resumable, per-process iterators.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Optional
+
+import jax
+
+from instructgpt_jax import checkpoints, synthetic
+from instructgpt_jax.data import builders, pipeline
+from instructgpt_jax.data.tokenizer import Tokenizer, train_tokenizer
+
+HELD_OUT = "5%"  # eval split carved from the training file when config.data.eval is ''
+
+
+def builtin_rows(kind: str, n: int, seed: int, split: str) -> list[dict]:
+    """The built-in synthetic corpus (instructgpt_jax.synthetic) for one split."""
+    seed = seed if split == "train" else seed + 1_000_003
+    if kind == "text":
+        return synthetic.pretraining(n, seed)
+    if kind == "demonstrations":
+        return synthetic.demonstrations(n, seed)
+    if kind == "comparisons":
+        return synthetic.comparisons(n, k=(4, 9), seed=seed)
+    if kind == "prompts":
+        return [{"prompt": r["prompt"]} for r in synthetic.prompts(n, seed, split=split)]
+    raise ValueError(f"unknown data kind {kind!r}")
+
+
+def _texts(kind: str, row: dict) -> list[str]:
+    if kind == "text":
+        return [row["text"]]
+    if kind == "comparisons":
+        return [row["prompt"], *row["completions"]]
+    return [v for k, v in row.items() if k in ("prompt", "response") and isinstance(v, str)]
+
+
+def init_source(config) -> Optional[str]:
+    """The previous stage's export this stage starts from, or None."""
+    if config.init.from_workdir:
+        return checkpoints.export_path(config.init.from_workdir)
+    return None
+
+
+def resolve_tokenizer(config, workdir: str, training_texts: Callable[[], list[str]]) -> str:
+    """Path of the tokenizer this stage uses (copied into its export for the next stage)."""
+    if config.data.tokenizer:
+        if not os.path.exists(config.data.tokenizer):
+            raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer!r} does not exist")
+        return config.data.tokenizer
+    source = init_source(config)
+    if source and os.path.exists(os.path.join(source, "tokenizer.model")):
+        return os.path.join(source, "tokenizer.model")
+    own = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(own):
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            train_tokenizer(training_texts(), own, vocab_size=config.model.vocab_size, seed=config.seed)
+        checkpoints.sync("tokenizer")
+    return own
+
+
+@dataclasses.dataclass
+class StageData:
+    """A stage's tokenizer and the factories of its train / eval iterators."""
+    tokenizer: Tokenizer
+    tokenizer_path: str
+    train_source: object
+    eval_source: object
+    make_train: Callable
+    make_eval: Callable
+    _train_iter: object = None
+
+    def train_iterator(self):
+        self._train_iter = self.make_train(self.train_source)
+        return self._train_iter
+
+    def eval_iterator(self):
+        return self.make_eval(self.eval_source)
+
+    def stats(self) -> dict:
+        return dict(getattr(self._train_iter, "stats", {}) or {})
+
+
+def build_sources(config, workdir: str, kind: str):
+    """Build (or reuse) the TFDS datasets; returns (train_source, eval_source, texts_fn)."""
+    data_dir = config.data.dir or os.path.join(workdir, "tfds")
+    train_path, eval_path = config.data.train, config.data.eval
+    if not train_path:  # built-in corpus, written once by process 0
+        root = os.path.join(workdir, "builtin_data")
+        train_path, eval_path = os.path.join(root, f"{kind}_train.jsonl"), os.path.join(root, f"{kind}_eval.jsonl")
+        if jax.process_index() == 0 and not os.path.exists(eval_path):
+            n = config.data.builtin_size
+            synthetic.write_jsonl(train_path, builtin_rows(kind, n, config.seed, "train"))
+            synthetic.write_jsonl(eval_path, builtin_rows(kind, max(n // 20, 16), config.seed, "valid"))
+        checkpoints.sync("builtin_data")
+    splits = {"train": train_path}
+    if eval_path:
+        splits["eval"] = eval_path
+    max_k = config.data.get("max_k", 9)
+    if jax.process_index() == 0:
+        builders.build(kind, splits, data_dir, max_k=max_k)
+    checkpoints.sync("tfds_build")
+    if eval_path:
+        train_src = builders.load(kind, data_dir, "train", max_k=max_k)
+        eval_src = builders.load(kind, data_dir, "eval", max_k=max_k)
+    else:
+        train_src = builders.load(kind, data_dir, f"train[:-{HELD_OUT}]", max_k=max_k)
+        eval_src = builders.load(kind, data_dir, f"train[-{HELD_OUT}:]", max_k=max_k)
+
+    def texts():
+        out = []
+        for i in range(min(len(train_src), 20_000)):
+            out.extend(_texts(kind, train_src[i]))
+        return out
+    return train_src, eval_src, texts
+
+
+def prepare(config, workdir: str, kind: str) -> StageData:
+    """Tokenizer + iterators for an LM stage ('text' = pretraining, 'demonstrations' = SFT)."""
+    train_src, eval_src, texts = build_sources(config, workdir, kind)
+    tok_path = resolve_tokenizer(config, workdir, texts)
+    tokenizer = Tokenizer.load(tok_path)
+    d = config.data
+    common = dict(kind=kind, seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  global_batch_size=config.train.batch_size)
+    make_train = lambda src: pipeline.lm_batches(src, tokenizer, seed=config.seed, pack=d.pack, **common)  # noqa: E731
+    make_eval = lambda src: pipeline.eval_batches(src, tokenizer, pack=d.pack, **common)  # noqa: E731
+    return StageData(tokenizer, tok_path, train_src, eval_src, make_train, make_eval)
