@@ -25,11 +25,21 @@ PRESETS = {
     "6.7b":      ("gpt",  32,   4096,  32,  32,  128,   16384,  2048, 50257),
     "13b":       ("gpt",  40,   5120,  40,  40,  128,   20480,  2048, 50257),
     "175b":      ("gpt",  96,  12288,  96,  96,  128,   49152,  2048, 50257),
+    # Hugging Face shapes, for hf.load_pretrained checkpoints (GPT-2: Radford et al. 2019).
+    "gpt2":        ("gpt",  12,    768,  12,  12,   64,    3072,  1024, 50257),
+    "gpt2-medium": ("gpt",  24,   1024,  16,  16,   64,    4096,  1024, 50257),
+    "gpt2-large":  ("gpt",  36,   1280,  20,  20,   64,    5120,  1024, 50257),
+    "gpt2-xl":     ("gpt",  48,   1600,  25,  25,   64,    6400,  1024, 50257),
+    "tinyllama-1.1b": ("llama", 22, 2048, 32,   4,   64,    5632,  2048, 32000),
+    "llama2-7b":   ("llama", 32,  4096,  32,  32,  128,   11008,  4096, 32000),
+    "llama3-8b":   ("llama", 32,  4096,  32,   8,  128,   14336,  8192, 128256),
 }
 # Nominal parameter counts (tests check eval_shape counts against these within 5 %).
 NOMINAL_PARAMS = {
     "125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b": 2.7e9,
     "6.7b": 6.7e9, "13b": 13e9, "175b": 175e9,
+    "gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1.5e9,
+    "tinyllama-1.1b": 1.1e9, "llama2-7b": 6.74e9, "llama3-8b": 8.03e9,
 }
 # Presets small enough to train on a laptop CPU: stage configs give them fast schedules.
 CPU_PRESETS = ("tiny", "mini", "small")

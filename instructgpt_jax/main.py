@@ -43,6 +43,8 @@ def initialize_distributed(coordinator, num_processes, process_id, auto=False):
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # keep Orbax / TFDS info logs out of the progress bar
+        logging.set_verbosity(logging.WARNING)
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     config = _CONFIG.value
     if config.stage not in STAGES:

@@ -20,7 +20,7 @@ from instructgpt_jax.models import ModelConfig, Transformer
 def lm_loss_fn(params, batch, rng, *, model, deterministic):
     """Token cross-entropy on loss_mask (response tokens for SFT, every token for pretraining)."""
     logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                         deterministic=deterministic, rngs={"dropout": rng})
+                         deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
     loss, aux = losses.sft_loss(logits, batch["targets"], batch["loss_mask"])
     return loss, {"accuracy": aux["accuracy"], "weight": aux["num_tokens"]}
 
@@ -32,7 +32,7 @@ def train_step(state, batch, rng, *, model, tx, grad_accum=1):
     loss, aux, grads = train_lib.accumulate_gradients(loss_fn, state["params"], batch, rng, grad_accum)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": _global_norm(grads),
+    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": train_lib.global_norm(grads),
                "tokens": aux["weight"]}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -41,10 +41,6 @@ def eval_step(params, batch, *, model):
     """Summed token loss and token count (summed over batches by the caller for an exact mean)."""
     loss, aux = lm_loss_fn(params, batch, None, model=model, deterministic=True)
     return {"loss_sum": loss * aux["weight"], "tokens": aux["weight"], "acc_sum": aux["accuracy"] * aux["weight"]}
-
-
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def init_state(model, tx, config, mesh, rng, init_from=None):
@@ -61,16 +57,11 @@ def init_state(model, tx, config, mesh, rng, init_from=None):
 
 
 def evaluate(eval_fn, params, batches, mesh, max_batches: int = 0) -> dict:
-    totals = None
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        out = eval_fn(params, sharding.host_to_global(batch, mesh))
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    if totals is None:
+    totals = train_lib.sum_over_batches(eval_fn, params, batches, mesh, max_batches)
+    if not totals:
         return {}
-    n = max(float(totals["tokens"]), 1.0)
-    return {"eval_loss": float(totals["loss_sum"]) / n, "eval_accuracy": float(totals["acc_sum"]) / n}
+    n = max(totals["tokens"], 1.0)
+    return {"eval_loss": totals["loss_sum"] / n, "eval_accuracy": totals["acc_sum"] / n}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -100,7 +91,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if manager.latest_step() is not None:
         state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))
         train_iter.set_state(data_state)
-    start = int(state["step"])
 
     # --- step
     repl = sharding.replicated(mesh)
@@ -108,35 +98,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       in_shardings=(state_shardings, None, repl), out_shardings=(state_shardings, repl),
                       donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)
-    schedule = train_lib.lr_schedule(config.optim, config.train.num_steps)
 
     # --- loop
-    writer = train_lib.MetricWriter(workdir, resume_step=start)
-    progress = train_lib.Progress(config.train.num_steps, start, config.stage, config.train.progress)
-    speed = train_lib.Throughput()
-    metrics, last = {}, {}
-    with sharding.use(mesh):
-        for step in range(start + 1, config.train.num_steps + 1):
-            batch = sharding.host_to_global(next(train_iter), mesh)
-            state, metrics = step_fn(state, batch, rng)
-            speed.add(config.train.batch_size * batch["tokens"].shape[-1])
-            progress.update(1)
-            is_last = step == config.train.num_steps
-            if step % config.train.log_every == 0 or is_last:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                train_lib.check_finite(step, last)
-                last.update(lr=float(schedule(step - 1)), tokens_per_sec=speed.rate())
-                if config.train.eval_every and (step % config.train.eval_every == 0 or is_last) or is_last:
-                    last.update(evaluate(eval_fn, state["params"], data.eval_iterator(), mesh,
-                                         config.train.eval_batches))
-                writer.write(step, last)
-                progress.update(0, loss=last["loss"])
-            if step % config.train.checkpoint_every == 0 or is_last:
-                train_lib.check_finite(step, jax.device_get(metrics))
-                manager.save(step, state, train_iter.get_state(), force=is_last)
-    progress.close()
-    manager.close()
-    writer.close()
+    state, last = train_lib.fit(
+        config=config, workdir=workdir, mesh=mesh, manager=manager, state=state, step_fn=step_fn,
+        train_iter=train_iter, rng=rng, tokens_per_step=config.train.batch_size * config.data.seq_len,
+        evaluate_fn=lambda params: evaluate(eval_fn, params, data.eval_iterator(), mesh, config.train.eval_batches))
 
     # --- save: params-only export for the next stage
     checkpoints.export(workdir, state["params"], meta={"stage": config.stage, "model": config.model.to_dict(),

@@ -103,8 +103,9 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
     specs = nn.get_partition_spec(abstract)
     shapes = nn.unbox(abstract)
     shardings = logical_to_shardings(specs, shapes, mesh)
-    with use(mesh):
-        params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    # Not under `use(mesh)`: flax's DenseGeneral re-boxes a reshaped kernel during init, which a
+    # logical constraint would reject; out_shardings place every param anyway.
+    params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return params, shardings
 
 
@@ -142,6 +143,16 @@ def host_to_global(batch: dict, mesh: Mesh) -> dict:
         if v.dtype == object:  # strings etc. stay on the host
             continue
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return out
+
+
+def global_from_full(batch: dict, mesh: Mesh) -> dict:
+    """A batch every process holds in full (numpy) -> global arrays sharded over the batch axes."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.dtype != object:
+            out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
     return out
 
 

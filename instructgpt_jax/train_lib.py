@@ -84,6 +84,22 @@ def accumulate_gradients(loss_fn: Callable, params: Any, batch: dict, rng: jax.A
     return loss / w_safe, aux, jax.tree.map(lambda a: a / w_safe, g)
 
 
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def sum_over_batches(eval_fn, params, batches, mesh, max_batches: int = 0) -> dict:
+    """Add up `eval_fn(params, batch)` dicts of sums over an eval iterator (first `max_batches`)."""
+    from instructgpt_jax import sharding
+    totals = None
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        out = eval_fn(params, sharding.host_to_global(batch, mesh))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    return {} if totals is None else {k: float(v) for k, v in jax.device_get(totals).items()}
+
+
 # ----------------------------------------------------------------------------- metrics
 
 class MetricWriter:
@@ -166,3 +182,42 @@ def check_finite(step: int, metrics: dict, keys=("loss",)) -> None:
             raise FloatingPointError(
                 f"{k} is {float(np.asarray(metrics[k]))} at step {step}; stopping. The last good checkpoint "
                 f"is kept; lower config.optim.lr or check the data.")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def fit(*, config, workdir: str, mesh, manager, state, step_fn, train_iter, evaluate_fn, rng,
+        tokens_per_step: int):
+    """The supervised loop shared by pretrain / SFT / RM: step, log, evaluate, checkpoint.
+
+    `step_fn(state, global_batch, rng) -> (state, metrics)` is jitted with donated state;
+    `evaluate_fn(params) -> dict` returns eval metrics. Returns (final state, last logged metrics).
+    """
+    from instructgpt_jax import sharding  # local: sharding imports nothing from here
+    start, total = int(state["step"]), config.train.num_steps
+    schedule = lr_schedule(config.optim, total)
+    writer = MetricWriter(workdir, resume_step=start)
+    progress = Progress(total, start, config.stage, config.train.progress)
+    speed = Throughput()
+    last = {}
+    with sharding.use(mesh):
+        for step in range(start + 1, total + 1):
+            state, metrics = step_fn(state, sharding.host_to_global(next(train_iter), mesh), rng)
+            speed.add(tokens_per_step)
+            progress.update(1)
+            is_last = step == total
+            if step % config.train.log_every == 0 or is_last:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(step, last)
+                last.update(lr=float(schedule(step - 1)), tokens_per_sec=speed.rate())
+                if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
+                    last.update(evaluate_fn(state["params"]))
+                writer.write(step, last)
+                progress.update(0, loss=last["loss"])
+            if step % config.train.checkpoint_every == 0 or is_last:
+                check_finite(step, jax.device_get(metrics))  # never save a NaN state
+                manager.save(step, state, train_iter.get_state(), force=is_last)
+    progress.close()
+    manager.close()
+    writer.close()
+    return state, last

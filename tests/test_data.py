@@ -91,6 +91,9 @@ def test_tokenizer_rejects_other_special_ids(corpus, tmp_path):
                                  vocab_size=30, minloglevel=2)
   with pytest.raises(ValueError, match=r"default\.model has special ids .*pad_id.*-1"):
     data.Tokenizer.load(prefix + ".model")
+  (tmp_path / "junk.model").write_text("not a model")
+  with pytest.raises(ValueError, match="junk.model: not a SentencePiece model"):
+    data.Tokenizer.load(str(tmp_path / "junk.model"))
 
 
 # ---------------------------------------------------------------------------
@@ -140,6 +143,18 @@ def test_rebuild_is_noop_and_new_files_get_new_dir(tmp_path):
   # max_k is part of the fingerprint.
   cpath = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
   assert data.build("comparisons", {"train": cpath}, d) != data.build("comparisons", {"train": cpath}, d, max_k=4)
+  assert len(data.load("comparisons", d, "train", max_k=4)) == 1
+  with pytest.raises(ValueError, match="has max_k=4, not 9"):
+    data.load("comparisons", d, "train", max_k=9)
+
+
+def test_load_takes_tfds_split_slices(tmp_path):
+  d = str(tmp_path / "data")
+  data.build("prompts", {"train": write_jsonl(tmp_path / "p.jsonl", [{"prompt": str(i)} for i in range(40)])}, d)
+  head, tail = data.load("prompts", d, "train[:-5%]"), data.load("prompts", d, "train[-5%:]")
+  assert (len(head), len(tail)) == (38, 2) and tail[0] == {"prompt": "38"}
+  with pytest.raises(ValueError, match="no split 'eval'"):
+    data.load("prompts", d, "eval[:10]")
 
 
 COMPARE_OK = {"prompt": "p", "completions": ["a", "b"], "ranks": [0, 1]}
@@ -162,7 +177,7 @@ COMPARE_OK = {"prompt": "p", "completions": ["a", "b"], "ranks": [0, 1]}
      r"'ranks' has 3 entries but 'completions' has 2"),
     ("comparisons", '{"prompt": "p", "completions": ["a", "b", "c", "d"], "ranks": [0, 1, 2, 3]}',
      r"4 completions exceed max_k=3"),
-    ("comparisons", '{"prompt": "p", "completions": ["a"], "ranks": [0]}', r"at least 2 completions, got 1"),
+    ("comparisons", '{"prompt": "p", "completions": ["a"], "ranks": [0]}', r"a comparison needs at least 2 completions, got 1"),
     ("comparisons", '{"prompt": "p", "chosen": "a"}', r"missing field 'rejected'"),
     ("comparisons", '{"prompt": "p"}', r"missing field 'completions'"),
 ])
@@ -174,7 +189,7 @@ def test_bad_input_names_file_line_and_field(tmp_path, kind, bad, message):
   with pytest.raises(ValueError, match=rf"bad\.jsonl:3: {message}"):
     data.build(kind, {"train": path}, d, max_k=3)
   # Nothing was written.
-  assert not any("dataset_info.json" in fs for _, _, fs in os.walk(d))
+  assert not os.path.exists(d)  # validated before TFDS wrote anything
 
 
 def test_bad_utf8_names_line(tmp_path):
@@ -397,9 +412,11 @@ def test_eval_covers_each_example_once():
   kept = sum(len(set(r["ranks"])) > 1 for r in comps)
   assert sum(int(b["valid"].any(1).sum()) for b in batches) == kept
   assert len(batches) == -(-kept // 4)
-  demos = list(pipeline.eval_batches(make_rows("demonstrations", n=5), TOK, kind="demonstrations",
-                                     global_batch_size=4, seq_len=12, pack=False))
-  assert len(demos) == 2 and demos[-1]["loss_mask"][-1].sum() == 0
+  demos = [{"prompt": "p", "response": str(i)} for i in range(5)]
+  batches = list(pipeline.eval_batches(demos, TOK, kind="demonstrations", global_batch_size=4,
+                                       seq_len=12, pack=False))
+  assert len(batches) == 2 and batches[-1]["loss_mask"][1:].sum() == 0
+  assert batches[-1]["segment_ids"][1:].sum() == 0 and batches[-1]["loss_mask"][0].sum() == 2
 
 
 def test_built_dataset_feeds_pipeline(tmp_path, sp_tok, corpus):

@@ -43,52 +43,52 @@ def tiny(request):
     arch = request.param
     cfg = ModelConfig(arch=arch, tie_embeddings=arch == "gpt", num_kv_heads=2 if arch == "llama" else 4)
     model = Transformer(cfg)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
-    return cfg, model, params
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    return cfg, jax.jit(model.apply), params
 
 
 def test_packed_examples_do_not_see_each_other(tiny):
-    cfg, model, params = tiny
+    cfg, apply, params = tiny
     rng = np.random.default_rng(0)
     a, b = rng.integers(4, cfg.vocab_size, 5), rng.integers(4, cfg.vocab_size, 7)
     packed = np.concatenate([a, b, [0, 0]])[None]
     seg = np.array([[1] * 5 + [2] * 7 + [0, 0]])
     pos = np.array([list(range(5)) + list(range(7)) + [0, 0]])
-    out = model.apply({"params": params}, packed, pos, seg)
-    out_a = model.apply({"params": params}, a[None])
-    out_b = model.apply({"params": params}, b[None])
+    out = apply({"params": params}, packed, pos, seg)
+    out_a = apply({"params": params}, a[None])
+    out_b = apply({"params": params}, b[None])
     np.testing.assert_allclose(out[0, :5], out_a[0], atol=1e-5)
     np.testing.assert_allclose(out[0, 5:12], out_b[0], atol=1e-5)
 
 
 def test_left_padding_is_invisible(tiny):
-    cfg, model, params = tiny
+    cfg, apply, params = tiny
     x = np.random.default_rng(1).integers(4, cfg.vocab_size, 6)
     padded = np.concatenate([[0, 0, 0], x])[None]
     seg = np.array([[0, 0, 0] + [1] * 6])
     pos = np.array([[0, 0, 0] + list(range(6))])
-    np.testing.assert_allclose(model.apply({"params": params}, padded, pos, seg)[0, 3:],
-                               model.apply({"params": params}, x[None])[0], atol=1e-5)
+    np.testing.assert_allclose(apply({"params": params}, padded, pos, seg)[0, 3:],
+                               apply({"params": params}, x[None])[0], atol=1e-5)
 
 
 def test_scalar_head_shares_trunk_and_shape(tiny):
-    cfg, model, params = tiny
+    cfg, apply, params = tiny
     scalar = Transformer(cfg, head="scalar")
-    sp = nn.unbox(scalar.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32)))["params"]
+    sp = nn.unbox(jax.jit(scalar.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32)))["params"]
     assert set(sp) - set(params) == {"scalar_head"}
     assert sp["scalar_head"]["kernel"].shape == (cfg.d_model, 1)
     np.testing.assert_array_equal(sp["scalar_head"]["bias"], 0.0)
-    out = scalar.apply({"params": sp}, jnp.ones((2, 5), jnp.int32))
+    out = jax.jit(scalar.apply)({"params": sp}, jnp.ones((2, 5), jnp.int32))
     assert out.shape == (2, 5) and out.dtype == jnp.float32
 
 
 def test_bfloat16_compute_keeps_float32_params():
     cfg = ModelConfig(dtype="bfloat16")
     model = Transformer(cfg)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    f32 = Transformer(ModelConfig()).apply({"params": params}, jnp.ones((1, 8), jnp.int32))
-    bf16 = model.apply({"params": params}, jnp.ones((1, 8), jnp.int32))
+    f32 = jax.jit(Transformer(ModelConfig()).apply)({"params": params}, jnp.ones((1, 8), jnp.int32))
+    bf16 = jax.jit(model.apply)({"params": params}, jnp.ones((1, 8), jnp.int32))
     assert bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(bf16, np.float32), f32, atol=0.05)
 
@@ -97,10 +97,11 @@ def test_dropout_only_in_training():
     cfg = ModelConfig(dropout=0.5)
     model = Transformer(cfg)
     x = jnp.ones((1, 8), jnp.int32)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), x))["params"]
-    a = model.apply({"params": params}, x)
-    np.testing.assert_array_equal(a, model.apply({"params": params}, x))
-    b = model.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x))["params"]
+    apply = jax.jit(model.apply, static_argnames="deterministic")
+    a = apply({"params": params}, x)
+    np.testing.assert_array_equal(a, apply({"params": params}, x))
+    b = apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.allclose(a, b)
 
 
@@ -109,8 +110,8 @@ def test_remat_gives_same_gradients():
     grads = []
     for remat in ("none", "full"):
         model = Transformer(ModelConfig(remat=remat))
-        params = nn.unbox(model.init(jax.random.PRNGKey(0), x))["params"]
-        grads.append(jax.grad(lambda p: model.apply({"params": p}, x).sum())(params))
+        params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x))["params"]
+        grads.append(jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum()))(params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
 
 

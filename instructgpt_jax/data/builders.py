@@ -207,7 +207,7 @@ def build(kind: str, splits: Mapping[str, str], data_dir: str, *, max_k: int = 9
   done = builder.data_path / "dataset_info.json"
   if not done.exists():
     for name, path in splits.items():  # validate everything before TFDS writes
-      if not any(True for _ in read_jsonl(path, kind, max_k)):
+      if sum(1 for _ in read_jsonl(path, kind, max_k)) == 0:
         raise ValueError(f"{path}: no examples (only blank lines)")
     with tempfile.TemporaryDirectory() as dl_dir:
       try:
@@ -263,8 +263,13 @@ class Source:
     return f"Source(kind={self.kind!r}, split={self.split!r}, len={len(self)}, path={self.path!r})"
 
 
-def load(kind: str, data_dir: str, split: str, *, config: str | None = None) -> Source:
-  """Opens `split` of the latest `kind` build in `data_dir` (or of build `config`)."""
+def load(kind: str, data_dir: str, split: str, *, config: str | None = None,
+         max_k: int | None = None) -> Source:
+  """Opens `split` of the latest `kind` build in `data_dir` (or of build `config`).
+
+  `split` takes TFDS's split syntax too, e.g. 'train[:-5%]' or 'train[-5%:]'.
+  `max_k`, when given, must match the build's (it is part of the fingerprint).
+  """
   _check_kind(kind)
   base = os.path.join(data_dir, BUILDERS[kind].name)
   if config is None:
@@ -272,12 +277,18 @@ def load(kind: str, data_dir: str, split: str, *, config: str | None = None) -> 
     if not os.path.exists(pointer):
       raise FileNotFoundError(f"no {kind} dataset built in {data_dir} (missing {pointer}); run build() first")
     with open(pointer) as f:
-      config = json.load(f)["config"]
+      latest = json.load(f)
+    config = latest["config"]
+    if max_k is not None and latest["max_k"] != max_k:
+      raise ValueError(f"the latest {kind} build in {data_dir} has max_k={latest['max_k']}, "
+                       f"not {max_k}; rebuild with max_k={max_k}")
   path = os.path.join(base, config, str(_JsonlBuilder.VERSION))
   if not os.path.exists(os.path.join(path, "dataset_info.json")):
     raise FileNotFoundError(f"no {kind} dataset at {path}")
   builder = tfds.builder_from_directory(path)
-  if split not in builder.info.splits:
-    raise ValueError(f"{kind} dataset at {path} has no split {split!r}; "
-                     f"valid splits: {', '.join(sorted(builder.info.splits))}")
+  names = sorted(builder.info.splits.keys())
+  for base_split in re.findall(r"(?:^|\+)\s*(\w+)", split):
+    if base_split not in names:
+      raise ValueError(f"{kind} dataset at {path} has no split {base_split!r}; "
+                       f"valid splits: {', '.join(names)}")
   return Source(builder.as_data_source(split), kind, path, split)

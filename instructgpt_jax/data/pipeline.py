@@ -13,8 +13,8 @@ and the iterator state does not depend on the process count.
 
 Per-example counters (skips, crops, truncations) travel inside the elements and are
 summed when a batch is emitted, so `stats` only counts data that reached a batch
-and is restored exactly with the state. Examples skipped after the last emitted
-batch of a finite pass are not counted.
+and is restored exactly with the state. At the end of a finite pass, examples in a
+dropped partial batch (training) or skipped after the last batch are not counted.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ STAT_KEYS = (
     "chunked_texts",           # texts longer than seq_len + 1, split in chunks
 )
 _S = {k: i for i, k in enumerate(STAT_KEYS)}
-_READ = grain.ReadOptions(num_threads=8, prefetch_buffer_size=256)
 
 
 def _stats(**counts) -> np.ndarray:
@@ -113,6 +112,25 @@ def _pad_lm(piece: dict, seq_len: int) -> dict:
   return out
 
 
+def _scored_sequence(prompt: list[int], completion, tok, room: int) -> tuple[list[int], bool]:
+  """BOS + prompt + completion + EOS with the completion cut to `room` tokens (EOS always kept)."""
+  ids = tok.encode(_text(completion))
+  truncated = len(ids) > room
+  return prompt + ids[:room] + [tok.eos_id], truncated
+
+
+def scoring_example(prompt: str, completion: str, tok, *, seq_len: int, max_prompt_len: int) -> dict:
+  """One (prompt, completion) formatted exactly as in reward-model training, right-padded to
+  seq_len: tokens, segment_ids, positions [seq_len] and last_index (the EOS) for scoring."""
+  prompt_ids, _ = _crop_prompt(tok, prompt, max_prompt_len)
+  seq, _ = _scored_sequence(prompt_ids, completion, tok, seq_len - len(prompt_ids) - 1)
+  n = len(seq)
+  return {"tokens": np.pad(np.asarray(seq, np.int32), (0, seq_len - n)),
+          "segment_ids": (np.arange(seq_len) < n).astype(np.int32),
+          "positions": np.where(np.arange(seq_len) < n, np.arange(seq_len), 0).astype(np.int32),
+          "last_index": np.int32(n - 1)}
+
+
 def comparison_example(row: dict, tok, *, seq_len: int, max_prompt_len: int, max_k: int) -> dict:
   """One prompt with its K completions -> [max_k, seq_len] arrays.
 
@@ -136,10 +154,8 @@ def comparison_example(row: dict, tok, *, seq_len: int, max_prompt_len: int, max
          "valid": np.zeros(max_k, np.float32)}
   n_trunc = 0
   for i, c in enumerate(completions):
-    ids = tok.encode(_text(c))
-    if len(ids) > room:
-      ids, n_trunc = ids[:room], n_trunc + 1
-    seq = prompt + ids + [tok.eos_id]
+    seq, truncated = _scored_sequence(prompt, c, tok, room)
+    n_trunc += truncated
     out["tokens"][i, :len(seq)] = seq
     out["segment_ids"][i, :len(seq)] = 1
     out["positions"][i, :len(seq)] = np.arange(len(seq))
@@ -288,6 +304,10 @@ class BatchIterator:
     self._iter.set_state(state["grain"])
     self.stats = {k: int(v) for k, v in state["stats"].items()}
 
+  def close(self) -> None:
+    """Stops grain's read-ahead threads."""
+    self._iter.close()
+
 
 def _make(source, example_fn: Callable[[dict], dict], *, global_batch_size: int, seed: int,
           process_index: int, process_count: int, num_epochs: int | None, shuffle: bool,
@@ -304,7 +324,9 @@ def _make(source, example_fn: Callable[[dict], dict], *, global_batch_size: int,
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)  # re-shuffled differently in each epoch by repeat()
-  ds = ds.repeat(num_epochs).map(example_fn).to_iter_dataset(_READ)
+  # Threads tokenise ahead of the consumer, about two global batches' worth.
+  read = grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(32, 2 * global_batch_size))
+  ds = ds.repeat(num_epochs).map(example_fn).to_iter_dataset(read)
   ds = _UnrollIterDataset(ds, max_consecutive_skips=len(source))
   if pack_len is not None:
     lengths = {"tokens": pack_len, "targets": pack_len, "loss_mask": pack_len}

@@ -75,6 +75,7 @@ class StageData:
     eval_source: object
     make_train: Callable
     make_eval: Callable
+    extra_sources: dict = dataclasses.field(default_factory=dict)
     _train_iter: object = None
 
     def train_iterator(self):
@@ -88,10 +89,9 @@ class StageData:
         return dict(getattr(self._train_iter, "stats", {}) or {})
 
 
-def build_sources(config, workdir: str, kind: str):
+def build_sources(config, workdir: str, kind: str, train_path: str, eval_path: str):
     """Build (or reuse) the TFDS datasets; returns (train_source, eval_source, texts_fn)."""
     data_dir = config.data.dir or os.path.join(workdir, "tfds")
-    train_path, eval_path = config.data.train, config.data.eval
     if not train_path:  # built-in corpus, written once by process 0
         root = os.path.join(workdir, "builtin_data")
         train_path, eval_path = os.path.join(root, f"{kind}_train.jsonl"), os.path.join(root, f"{kind}_eval.jsonl")
@@ -124,7 +124,7 @@ def build_sources(config, workdir: str, kind: str):
 
 def prepare(config, workdir: str, kind: str) -> StageData:
     """Tokenizer + iterators for an LM stage ('text' = pretraining, 'demonstrations' = SFT)."""
-    train_src, eval_src, texts = build_sources(config, workdir, kind)
+    train_src, eval_src, texts = build_sources(config, workdir, kind, config.data.train, config.data.eval)
     tok_path = resolve_tokenizer(config, workdir, texts)
     tokenizer = Tokenizer.load(tok_path)
     d = config.data
@@ -134,3 +134,41 @@ def prepare(config, workdir: str, kind: str) -> StageData:
     make_train = lambda src: pipeline.lm_batches(src, tokenizer, seed=config.seed, pack=d.pack, **common)  # noqa: E731
     make_eval = lambda src: pipeline.eval_batches(src, tokenizer, pack=d.pack, **common)  # noqa: E731
     return StageData(tokenizer, tok_path, train_src, eval_src, make_train, make_eval)
+
+
+def _demonstrations_path(config) -> str:
+    """SFT demonstrations for the RM bias: config.data.demonstrations, else the SFT stage's own."""
+    if config.data.demonstrations:
+        return config.data.demonstrations
+    if config.init.from_workdir:
+        import json
+        sft_dir = os.path.abspath(config.init.from_workdir)
+        if os.path.basename(sft_dir) == checkpoints.EXPORT_DIR:
+            sft_dir = os.path.dirname(sft_dir)
+        cfg_path = os.path.join(sft_dir, "config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                train = json.load(f).get("data", {}).get("train", "")
+            if train:
+                return train
+        builtin = os.path.join(sft_dir, "builtin_data", "demonstrations_train.jsonl")
+        if os.path.exists(builtin):
+            return builtin
+    return ""  # the built-in synthetic demonstrations
+
+
+def prepare_comparisons(config, workdir: str) -> StageData:
+    """Tokenizer + iterators for the reward model, plus the demonstrations that fix its bias."""
+    train_src, eval_src, texts = build_sources(config, workdir, "comparisons", config.data.train, config.data.eval)
+    demo_src, _, _ = build_sources(config, workdir, "demonstrations", _demonstrations_path(config), "")
+    tok_path = resolve_tokenizer(config, workdir, texts)
+    tokenizer = Tokenizer.load(tok_path)
+    d = config.data
+    common = dict(seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, process_index=jax.process_index(),
+                  process_count=jax.process_count(), global_batch_size=config.train.batch_size)
+    make_train = lambda src: pipeline.comparison_batches(src, tokenizer, seed=config.seed, max_k=d.max_k,  # noqa: E731
+                                                         **common)
+    make_eval = lambda src: pipeline.eval_batches(src, tokenizer, kind="comparisons", max_k=d.max_k,  # noqa: E731
+                                                  **common)
+    return StageData(tokenizer, tok_path, train_src, eval_src, make_train, make_eval,
+                     extra_sources={"demonstrations": demo_src})

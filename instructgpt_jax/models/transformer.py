@@ -125,6 +125,30 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_pos_in_kv: Array) ->
     return (causal & same & (kv_segments[:, None, :] != 0))[:, None]
 
 
+class Proj(nn.Module):
+    """x[..., *in_shape] @ kernel[*in_shape, *out_shape] (+ bias[*out_shape]), params float32.
+
+    Used instead of nn.DenseGeneral so that kernels are created in their final rank: DenseGeneral
+    reshapes a boxed kernel, which clashes with logical sharding constraints under a mesh.
+    """
+    in_shape: tuple
+    out_shape: tuple
+    names: tuple
+    use_bias: bool
+    dtype: Any
+    scale: float = 0.02
+
+    @nn.compact
+    def __call__(self, x):
+        n_in = len(self.in_shape)
+        kernel = self.param("kernel", _init(self.names, self.scale), (*self.in_shape, *self.out_shape), jnp.float32)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", _zeros(self.names[n_in:]), self.out_shape, jnp.float32).astype(self.dtype)
+        return y
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -136,9 +160,8 @@ class Attention(nn.Module):
         out_scale = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
 
         def proj(name, heads, axis_name):
-            return nn.DenseGeneral((heads, cfg.head_dim), dtype=dt, use_bias=bias, name=name,
-                                   kernel_init=_init(("embed", axis_name, "head_dim")),
-                                   bias_init=_zeros((axis_name, "head_dim")))(x)
+            return Proj((cfg.d_model,), (heads, cfg.head_dim), ("embed", axis_name, "head_dim"), bias, dt,
+                        name=name)(x)
 
         q = proj("query", cfg.num_heads, "heads")
         k = proj("key", cfg.num_kv_heads, "kv_heads")
@@ -152,9 +175,8 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
             new_cache = {"k": k, "v": v}
         out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask)
-        out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=dt, use_bias=bias, name="out",
-                              kernel_init=_init(("heads", "head_dim", "embed"), out_scale),
-                              bias_init=_zeros(("embed",)))(out)
+        out = Proj((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"), bias, dt,
+                   out_scale, name="out")(out)
         return out, new_cache
 
 

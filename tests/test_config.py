@@ -1,0 +1,59 @@
+"""Configs: presets, overrides from the command line, clear errors."""
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from instructgpt_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE_CONFIGS = [f for f in ("pretrain", "sft", "rm", "ppo") if os.path.exists(os.path.join(ROOT, "configs", f"{f}.py"))]
+
+
+def _parse(*args):
+    fv = flags.FlagValues()
+    argv = ["prog", *args]  # config_flags finds --config.* overrides in argv when the flag is defined
+    config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("stage", STAGE_CONFIGS)
+def test_every_stage_config_loads_for_every_preset(stage):
+    for preset in ("tiny", "1.3b", "175b"):
+        config = _parse(f"--config={ROOT}/configs/{stage}.py:{preset}")
+        assert config.stage in (stage, "pretrain")
+        assert config.model.preset == preset
+        assert set(config.mesh) == {"data", "fsdp", "tensor"}
+
+
+def test_override_from_command_line():
+    config = _parse(f"--config={ROOT}/configs/sft.py:tiny", "--config.train.num_steps=7", "--config.mesh.fsdp=2",
+                    "--config.model.dtype=bfloat16")
+    assert (config.train.num_steps, config.mesh.fsdp, config.model.dtype) == (7, 2, "bfloat16")
+
+
+def test_unknown_override_key_is_an_error():
+    with pytest.raises(Exception, match="nope"):
+        _parse(f"--config={ROOT}/configs/sft.py:tiny", "--config.train.nope=1")
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid presets: .*tiny.*175b"):
+        config_lib.model_config("176b")
+    with pytest.raises(Exception, match="valid presets"):
+        _parse(f"--config={ROOT}/configs/sft.py:huge")
+
+
+def test_paper_defaults_for_full_size_sft():
+    config = _parse(f"--config={ROOT}/configs/sft.py:1.3b")
+    assert config.optim.lr == 9.65e-6 and config.optim.b2 == 0.95 and config.optim.end_lr_frac == 0.1
+    assert config.model.dropout == 0.2 and config.train.batch_size == 32
+
+
+def test_replace_rejects_unknown_keys():
+    config = _parse(f"--config={ROOT}/configs/sft.py:tiny")
+    assert config_lib.replace(config, **{"train.num_steps": 3}).train.num_steps == 3
+    with pytest.raises(KeyError, match="valid keys here"):
+        config_lib.replace(config, **{"train.num_stepz": 3})

@@ -1,0 +1,174 @@
+"""Tests for instructgpt_jax.sampling: cached decoding == full recompute, filters, EOS handling, mesh."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instructgpt_jax import sampling, sharding
+from instructgpt_jax.models import ModelConfig, Transformer
+
+EOS, PAD, N = 1, 0, 12
+# Left-padded prompts of lengths 8, 5, 1, 3.
+MASK = np.array([[1] * 8, [0, 0, 0] + [1] * 5, [0] * 7 + [1], [0] * 5 + [1] * 3], np.int32)
+B, P = MASK.shape
+PROMPTS = np.where(MASK == 1, np.random.RandomState(0).randint(2, 512, size=MASK.shape), 7).astype(np.int32)
+CONFIGS = {"gpt": ModelConfig(), "llama": ModelConfig(arch="llama", tie_embeddings=False, num_kv_heads=2)}
+
+
+def init_fn(cfg):
+    return lambda rng: Transformer(cfg).init(rng, jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+@functools.lru_cache
+def init_params(cfg):
+    return jax.jit(lambda rng: nn.unbox(init_fn(cfg)(rng)))(jax.random.PRNGKey(0))
+
+
+def boost_eos(params, cfg, logit_boost):
+    """Raise EOS's logit by about `logit_boost` for every input (gpt: shift the ln_final bias along
+    EOS's tied embedding)."""
+    if cfg.arch == "gpt":
+        e = params["embed"]["embedding"][EOS]
+        ln = params["ln_final"]["LayerNorm_0"]
+        return {**params, "ln_final": {"LayerNorm_0": {**ln, "bias": ln["bias"] + logit_boost * e / (e @ e)}}}
+    # llama (RMSNorm, no bias): a constant residual dimension 0 normalises to about sqrt(d_model) = 8.
+    return {**params, "embed": {"embedding": params["embed"]["embedding"].at[:, 0].add(1.0)},
+            "lm_head": {"kernel": params["lm_head"]["kernel"].at[0, EOS].add(logit_boost / 8.0)}}
+
+
+def full_forward_logits(cfg, params, tokens):
+    """Step logits [B, N, V] by one forward pass over prompt + response, no cache."""
+    segments = np.concatenate([MASK, np.ones((B, N), np.int32)], axis=1)
+    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0)
+    return np.asarray(_forward(cfg)(params, tokens, positions, segments))[:, P - 1:-1]
+
+
+@functools.lru_cache
+def _forward(cfg):
+    return jax.jit(lambda params, *args: Transformer(cfg).apply({"params": params}, *args))
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def sampled(request):
+    """Temperature-0.7 samples with step logits; EOS made likely enough (~10 %/step) that rows end at
+    different steps."""
+    cfg = CONFIGS[request.param]
+    model = Transformer(cfg)
+    params = boost_eos(init_params(cfg), cfg, 4.0)
+    sampler = sampling.make_sampler(model, max_new_tokens=N, eos_id=EOS, pad_id=PAD, temperature=0.7,
+                                    return_logits=True)
+    out = jax.device_get(sampler(params, PROMPTS, MASK, jax.random.PRNGKey(1)))
+    return dict(cfg=cfg, model=model, params=params, sampler=sampler, out=out)
+
+
+@pytest.fixture(scope="module")
+def greedy_sample():
+    cfg = CONFIGS["gpt"]
+    params = init_params(cfg)
+    sampler = sampling.make_sampler(Transformer(cfg), max_new_tokens=N, eos_id=EOS, pad_id=PAD, greedy=True)
+    return params, sampler, jax.device_get(sampler(params, PROMPTS, MASK, jax.random.PRNGKey(0)))
+
+
+def test_cached_logits_equal_full_recompute(sampled):
+    out = sampled["out"]
+    ref = full_forward_logits(sampled["cfg"], sampled["params"], out["tokens"])
+    valid = out["response_mask"] == 1
+    assert valid.sum() > B  # some rows decode several tokens
+    np.testing.assert_allclose(out["logits"][valid], ref[valid], atol=1e-5, rtol=0)
+
+
+def test_logprobs_are_tempered_log_softmax_of_recomputed_logits(sampled):
+    out = sampled["out"]
+    ref = full_forward_logits(sampled["cfg"], sampled["params"], out["tokens"])
+    ref_lp = np.take_along_axis(jax.nn.log_softmax(ref / 0.7), out["response"][..., None], -1)[..., 0]
+    np.testing.assert_allclose(out["logprobs"], np.where(out["response_mask"] == 1, ref_lp, 0.0), atol=1e-5)
+
+
+def test_output_layout_and_eos(sampled):
+    out = sampled["out"]
+    np.testing.assert_array_equal(out["tokens"][:, :P], np.where(MASK == 1, PROMPTS, PAD))
+    np.testing.assert_array_equal(out["tokens"][:, P:], out["response"])
+    assert out["ended"].any() and (out["lengths"] > 1).any()  # the fixture exercises both
+    for row, length, ended, mask in zip(out["response"], out["lengths"], out["ended"], out["response_mask"]):
+        eos_at = np.flatnonzero(row == EOS)
+        assert ended == (eos_at.size > 0)
+        assert length == (eos_at[0] + 1 if ended else N)  # stops at the first EOS, EOS included
+        np.testing.assert_array_equal(mask, np.arange(N) < length)
+        assert (row[length:] == PAD).all()
+
+
+def test_all_rows_end_at_once_stops_the_loop(sampled):
+    params = boost_eos(sampled["params"], sampled["cfg"], 100.0)
+    out = jax.device_get(sampled["sampler"](params, PROMPTS, MASK, jax.random.PRNGKey(3)))
+    np.testing.assert_array_equal(out["response"], np.array([[EOS] + [PAD] * (N - 1)] * B))
+    np.testing.assert_array_equal(out["lengths"], 1)
+    assert out["ended"].all()
+    np.testing.assert_allclose(out["logprobs"][:, 0], 0.0, atol=1e-4)  # EOS is certain at T = 0.7
+
+
+def test_temperature_sampling_reproducible_and_rng_dependent(sampled):
+    again = sampled["sampler"](sampled["params"], PROMPTS, MASK, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(again["tokens"], sampled["out"]["tokens"])
+    other = sampled["sampler"](sampled["params"], PROMPTS, MASK, jax.random.PRNGKey(2))
+    assert (np.asarray(other["tokens"]) != sampled["out"]["tokens"]).any()
+
+
+def test_greedy_is_deterministic_and_ignores_rng(greedy_sample):
+    params, sampler, out = greedy_sample
+    other = sampler(params, PROMPTS, MASK, jax.random.PRNGKey(42))
+    np.testing.assert_array_equal(other["tokens"], out["tokens"])
+    # and it is the argmax of a full forward pass at every step
+    ref = full_forward_logits(CONFIGS["gpt"], params, out["tokens"])
+    valid = out["response_mask"] == 1
+    np.testing.assert_array_equal(np.argmax(ref, -1)[valid], out["response"][valid])
+
+
+@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=0.0),
+                                     dict(greedy=True, use_cache=False)], ids=str)
+def test_equal_to_greedy(greedy_sample, options):
+    params, _, greedy = greedy_sample
+    sampler = sampling.make_sampler(Transformer(CONFIGS["gpt"]), max_new_tokens=N, eos_id=EOS, pad_id=PAD,
+                                    **options)
+    out = jax.device_get(sampler(params, PROMPTS, MASK, jax.random.PRNGKey(5)))
+    np.testing.assert_array_equal(out["tokens"], greedy["tokens"])
+    np.testing.assert_array_equal(out["response_mask"], greedy["response_mask"])
+
+
+def test_filter_logits_hand():
+    logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3]]))
+    assert np.isfinite(sampling.filter_logits(logits, top_k=2)).tolist() == [[False, True, False, True]]
+    # nucleus: 0.4 (< 0.5 so far), then 0.3 reaches 0.7 >= 0.5 -> {0.4, 0.3}
+    assert np.isfinite(sampling.filter_logits(logits, top_p=0.5)).tolist() == [[False, True, False, True]]
+    assert np.isfinite(sampling.filter_logits(logits, top_p=0.75)).tolist() == [[False, True, True, True]]
+    assert np.isfinite(sampling.filter_logits(logits, top_k=3, top_p=0.5)).all(axis=-1).tolist() == [False]
+
+
+def test_left_pad_positions():
+    np.testing.assert_array_equal(sampling.left_pad_positions(jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])),
+                                  [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+
+
+def test_prompt_too_long_for_position_table():
+    with pytest.raises(ValueError, match="max_len"):
+        sampling.sample(init_params(CONFIGS["gpt"]), PROMPTS, MASK, jax.random.PRNGKey(0),
+                        model=Transformer(CONFIGS["gpt"]), max_new_tokens=200, eos_id=EOS, pad_id=PAD)
+
+
+def test_sharded_params_on_a_mesh(greedy_sample):
+    """Params and batch sharded on a (1-device) mesh: the cache gets its constraints, samples are unchanged."""
+    params, _, greedy = greedy_sample
+    cfg = CONFIGS["gpt"]
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    _, shardings = sharding.param_shardings(init_fn(cfg), mesh)
+    params = jax.device_put(params, shardings)
+    prompts, mask = (jax.device_put(x, sharding.batch_sharding(mesh, 2)) for x in (PROMPTS, MASK))
+    with sharding.use(mesh):
+        sampler = sampling.make_sampler(Transformer(cfg), max_new_tokens=N, eos_id=EOS, pad_id=PAD, greedy=True)
+        hlo = sampler.lower(params, prompts, mask, jax.random.PRNGKey(0)).as_text()
+        out = sampler(params, prompts, mask, jax.random.PRNGKey(0))
+    assert "sharding_constraint" in hlo or "@Sharding" in hlo
+    np.testing.assert_array_equal(out["tokens"], greedy["tokens"])
+    np.testing.assert_allclose(out["logprobs"], greedy["logprobs"], atol=1e-6)
