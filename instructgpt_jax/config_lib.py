@@ -41,6 +41,8 @@ NOMINAL_PARAMS = {
     "gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1.5e9,
     "tinyllama-1.1b": 1.1e9, "llama2-7b": 6.74e9, "llama3-8b": 8.03e9,
 }
+# RoPE base where a family departs from the default 10000 (llama arch only).
+ROPE_THETA = {"llama3-8b": 500000.0}
 # Presets small enough to train on a laptop CPU: stage configs give them fast schedules.
 CPU_PRESETS = ("tiny", "mini", "small")
 
@@ -71,9 +73,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         dtype="float32",         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
         tie_embeddings=not llama,  # LM head reuses the token embedding
         norm_eps=1e-5,           # LayerNorm / RMSNorm epsilon
-        rope_theta=10000.0,      # RoPE base (llama arch only)
+        rope_theta=ROPE_THETA.get(preset, 10000.0),  # RoPE base (llama arch only)
         remat="none",            # activation rematerialisation per block: 'none', 'full', 'dots'
-        scan_layers=True,        # one nn.scan over blocks: compile time independent of depth
     ))
 
 

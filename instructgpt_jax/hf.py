@@ -315,6 +315,7 @@ def load_pretrained(path, *, mesh=None, dtype="float32", head: str = "lm"):
         if "{i}" not in spec.hf:
             return jax.make_array_from_callback(  # np.array copies just this device's slice
                 shape, shardings[p], lambda idx: np.array(_from_hf(spec, tensors[spec.hf], j, shape)[idx], dt))
+
         def layers(idx):  # idx[0] picks layers, the rest slices within a layer
             return np.stack([np.asarray(_from_hf(spec, tensors[spec.hf.format(i=i)], j, shape[1:])[idx[1:]], dt)
                              for i in range(shape[0])[idx[0]]])

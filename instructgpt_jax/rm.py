@@ -129,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     resuming = manager.latest_step() is not None
     params, _ = init_params(rm_model, lm_model, mesh, rng, None if resuming else sft_export)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state, state_shardings = sharding.place(state, mesh)
     if resuming:
         state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))
         train_iter.set_state(data_state)
@@ -152,7 +152,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with sharding.use(mesh):
         bias, n_demos = demonstration_bias(state["params"], rm_model, data, config, mesh)
     last.update(bias=bias)
-    train_lib.MetricWriter(workdir, resume_step=config.train.num_steps).write(config.train.num_steps, last)
+    writer = train_lib.MetricWriter(workdir, resume_step=config.train.num_steps)
+    writer.write(config.train.num_steps, {"bias": bias})
+    writer.close()
 
     # --- save
     checkpoints.export(workdir, state["params"], tokenizer_path=data.tokenizer_path, meta={

@@ -87,7 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init_from = prepare.init_source(config)
     rng = jax.random.PRNGKey(config.seed)
     state = init_state(model, tx, config, mesh, rng, init_from if manager.latest_step() is None else None)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state, state_shardings = sharding.place(state, mesh)
     if manager.latest_step() is not None:
         state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))
         train_iter.set_state(data_state)

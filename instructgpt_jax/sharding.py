@@ -116,6 +116,15 @@ def param_shardings(init_fn: Callable[[jax.Array], Any], mesh: Mesh):
     return shapes, logical_to_shardings(nn.get_partition_spec(abstract), shapes, mesh)
 
 
+def place(tree: Any, mesh: Mesh):
+    """Put a train state on the mesh: leaves already on a NamedSharding keep it, the rest (step
+    counters, optimizer counts) are replicated. Returns (tree, shardings). Without this, scalars
+    made outside the mesh have a different type from the step's outputs and the step compiles twice."""
+    shardings = jax.tree.map(lambda x: x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding)
+                             else replicated(mesh), tree)
+    return jax.device_put(tree, shardings), shardings
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) dimension over ('data', 'fsdp'); the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

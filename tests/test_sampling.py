@@ -126,8 +126,8 @@ def test_greedy_is_deterministic_and_ignores_rng(greedy_sample):
     np.testing.assert_array_equal(np.argmax(ref, -1)[valid], out["response"][valid])
 
 
-@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=0.0),
-                                     dict(greedy=True, use_cache=False)], ids=str)
+@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(greedy=True, use_cache=False)],
+                         ids=str)
 def test_equal_to_greedy(greedy_sample, options):
     params, _, greedy = greedy_sample
     sampler = sampling.make_sampler(Transformer(CONFIGS["gpt"]), max_new_tokens=N, eos_id=EOS, pad_id=PAD,
@@ -146,6 +146,13 @@ def test_filter_logits_hand():
     assert np.isfinite(sampling.filter_logits(logits, top_k=3, top_p=0.5)).all(axis=-1).tolist() == [False]
 
 
+def test_sample_token_temperature_zero_is_argmax():
+    logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3], [0.5, 0.1, 0.2, 0.2]]))
+    tokens, logprobs = sampling.sample_token(logits, jax.random.PRNGKey(0), temperature=0.0)
+    np.testing.assert_array_equal(tokens, [1, 0])
+    np.testing.assert_allclose(logprobs, np.log([0.4, 0.5]), rtol=1e-6)  # under the untempered model
+
+
 def test_left_pad_positions():
     np.testing.assert_array_equal(sampling.left_pad_positions(jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])),
                                   [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
@@ -158,17 +165,19 @@ def test_prompt_too_long_for_position_table():
 
 
 def test_sharded_params_on_a_mesh(greedy_sample):
-    """Params and batch sharded on a (1-device) mesh: the cache gets its constraints, samples are unchanged."""
+    """Params sharded by their logical axes and the batch over the batch axes on a (1-device) mesh:
+    the KV cache is constrained to its logical axes and the samples are unchanged."""
     params, _, greedy = greedy_sample
     cfg = CONFIGS["gpt"]
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     _, shardings = sharding.param_shardings(init_fn(cfg), mesh)
-    params = jax.device_put(params, shardings)
-    prompts, mask = (jax.device_put(x, sharding.batch_sharding(mesh, 2)) for x in (PROMPTS, MASK))
+    args = (jax.device_put(params, shardings), *(jax.device_put(x, sharding.batch_sharding(mesh, 2))
+                                                 for x in (PROMPTS, MASK)), jax.random.PRNGKey(0))
     with sharding.use(mesh):
         sampler = sampling.make_sampler(Transformer(cfg), max_new_tokens=N, eos_id=EOS, pad_id=PAD, greedy=True)
-        hlo = sampler.lower(params, prompts, mask, jax.random.PRNGKey(0)).as_text()
-        out = sampler(params, prompts, mask, jax.random.PRNGKey(0))
-    assert "sharding_constraint" in hlo or "@Sharding" in hlo
+        hlo = sampler.lower(*args).as_text()
+        out = sampler(*args)
+    cache_shape = f"tensor<{cfg.num_layers}x{B}x{P + N}x{cfg.num_kv_heads}x{cfg.head_dim}xf32>"
+    assert any("sharding_constraint" in line and cache_shape in line for line in hlo.splitlines())
     np.testing.assert_array_equal(out["tokens"], greedy["tokens"])
     np.testing.assert_allclose(out["logprobs"], greedy["logprobs"], atol=1e-6)

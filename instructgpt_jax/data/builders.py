@@ -209,6 +209,7 @@ def build(kind: str, splits: Mapping[str, str], data_dir: str, *, max_k: int = 9
     for name, path in splits.items():  # validate everything before TFDS writes
       if sum(1 for _ in read_jsonl(path, kind, max_k)) == 0:
         raise ValueError(f"{path}: no examples (only blank lines)")
+    tfds.disable_progress_bar()  # the stage's own progress bar is the one to watch
     with tempfile.TemporaryDirectory() as dl_dir:
       try:
         builder.download_and_prepare(download_dir=dl_dir)
