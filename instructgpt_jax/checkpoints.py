@@ -107,10 +107,10 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def export(workdir: str, params: Any, meta: dict, tokenizer_path: Optional[str] = None) -> str:
+def export(workdir: str, params: Any, meta: dict, tokenizer_path: Optional[str] = None, name: str = EXPORT_DIR) -> str:
     """Params-only export (plus meta.json) that the next stage loads. Written to a temporary
     directory and renamed, so an interrupted export never leaves a half-written one."""
-    final = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
+    final = os.path.join(os.path.abspath(workdir), name)
     tmp = final + ".tmp"
     if jax.process_index() == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)

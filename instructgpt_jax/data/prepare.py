@@ -172,3 +172,36 @@ def prepare_comparisons(config, workdir: str) -> StageData:
                                                   **common)
     return StageData(tokenizer, tok_path, train_src, eval_src, make_train, make_eval,
                      extra_sources={"demonstrations": demo_src})
+
+
+@dataclasses.dataclass
+class PPOData:
+    """Tokenizer, rollout prompts (train / eval) and pretraining text for the ptx term."""
+    tokenizer: Tokenizer
+    tokenizer_path: str
+    prompts: object
+    eval_prompts_source: object
+    make_eval_prompts: Callable
+    ptx: Optional[object]
+
+    def eval_prompts(self):
+        return self.make_eval_prompts(self.eval_prompts_source)
+
+
+def prepare_ppo(config, workdir: str) -> PPOData:
+    d = config.data
+    train_src, eval_src, texts = build_sources(config, workdir, "prompts", d.train, d.eval)
+    tok_path = resolve_tokenizer(config, workdir, texts)
+    tokenizer = Tokenizer.load(tok_path)
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    prompts = pipeline.prompt_batches(train_src, tokenizer, global_batch_size=config.train.batch_size,
+                                      seed=config.seed, max_prompt_len=d.max_prompt_len, **proc)
+    make_eval = lambda src: pipeline.eval_batches(src, tokenizer, kind="prompts",  # noqa: E731
+                                                  global_batch_size=config.train.batch_size,
+                                                  max_prompt_len=d.max_prompt_len, **proc)
+    ptx = None
+    if config.ppo.ptx_coef > 0:
+        ptx_src, _, _ = build_sources(config, workdir, "text", d.ptx, "")
+        ptx = pipeline.lm_batches(ptx_src, tokenizer, kind="text", global_batch_size=config.ppo.ptx_batch_size,
+                                  seed=config.seed + 1, seq_len=d.ptx_seq_len, **proc)
+    return PPOData(tokenizer, tok_path, prompts, eval_src, make_eval, ptx)

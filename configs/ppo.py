@@ -1,0 +1,67 @@
+"""PPO / PPO-ptx against a frozen reward model: `--config=configs/ppo.py:<preset>`.
+
+Start from the SFT stage (policy and frozen reference: `--config.init.from_workdir=SFT_DIR`) and
+the RM stage (frozen reward model, and the value model's init: `--config.ppo.rm_workdir=RM_DIR`).
+Paper (Ouyang et al. 2022, appendix C.4): beta 0.02, gamma_ptx 27.8, batch 512, minibatch 64,
+1 inner epoch, clip 0.2, temperature 1, value lr 9e-6, 10-iteration warmup from 1/10 of the peak,
+policy EMA 0.992, 256k episodes, 8x as many pretraining examples as RL episodes.
+`--config.ppo.ptx_coef=0` gives plain PPO.
+"""
+import ml_collections
+
+from instructgpt_jax import config_lib
+
+
+def get_config(preset: str = "tiny"):
+    preset = config_lib.check_preset(preset)
+    cpu = config_lib.is_cpu_preset(preset)
+    config = config_lib.base_config("ppo", preset)
+    config.model.dropout = 0.0  # the first PPO ratio must be exactly 1: no dropout in the policy
+    # train.num_steps counts PPO iterations (one rollout batch + its updates); 256k episodes / 512.
+    config.train = config_lib.train_config(num_steps=30 if cpu else 500, batch_size=32 if cpu else 512, cpu=cpu)
+    config.train.log_every = 1
+    config.train.eval_every = 10 if cpu else 50
+    config.train.eval_batches = 2 if cpu else 8
+    config.train.checkpoint_every = 10 if cpu else 50
+    config.optim = config_lib.optim_config(3e-4 if cpu else 9.65e-6, warmup_steps=10)
+    config.optim.warmup_init_frac = 0.1   # paper: warm up from 1/10 of the peak over 10 iterations
+    config.optim.end_lr_frac = 1.0        # then constant
+    config.value_optim = config_lib.optim_config(3e-4 if cpu else 9e-6, warmup_steps=10)
+    config.value_optim.warmup_init_frac = 0.1
+    config.value_optim.end_lr_frac = 1.0
+    ctx = config.model.max_len
+    config.data = ml_collections.ConfigDict(dict(
+        train="",            # JSONL of {prompt} for rollouts ('' = built-in synthetic prompts)
+        eval="",             # held-out prompts JSONL ('' = the last 5 % of the training split)
+        ptx="",              # pretraining text JSONL {text} for PPO-ptx ('' = built-in synthetic corpus)
+        dir="",              # where TFDS writes ArrayRecord files ('' = WORKDIR/tfds)
+        tokenizer="",        # SentencePiece .model ('' = the SFT stage's)
+        max_prompt_len=ctx // 2,        # prompts are cropped from the left to this many tokens
+        ptx_seq_len=ctx,     # tokens per pretraining row
+        builtin_size=4000,   # built-in prompts / pretraining documents when the paths are ''
+    ))
+    config.ppo = ml_collections.ConfigDict(dict(
+        rm_workdir="",           # reward-model stage workdir (or its export): frozen RM, value init
+        max_new_tokens=ctx // 2,  # response length limit
+        temperature=1.0,         # sampling temperature (paper: 1)
+        top_k=0,                 # 0 = no top-k filter
+        top_p=1.0,               # 1 = no nucleus filter
+        minibatch_size=8 if cpu else 64,  # episodes per gradient step
+        ppo_epochs=1 if not cpu else 2,   # passes over each rollout batch
+        clip_eps=0.2,            # policy ratio clip
+        value_clip_eps=0.2,      # value clip around the rollout values
+        gamma=1.0,               # discount (paper: 1)
+        gae_lambda=0.95,         # GAE lambda
+        kl_coef=0.02,            # beta: per-token KL penalty against the SFT model
+        kl_target=0.0,           # > 0: adaptive beta towards this KL per sequence (Ziegler et al. 2019)
+        kl_horizon=10000,        # adaptive controller horizon, in episodes
+        kl_estimator="k1",       # per-token KL estimate: k1 (log ratio, the paper's) or k3
+        ptx_coef=0.0 if cpu else 27.8,   # gamma: pretraining log-likelihood weight (0 = plain PPO)
+        ptx_batch_size=32 if cpu else 512,  # pretraining rows per minibatch (paper: 8x the episodes)
+        whiten_rewards=False,    # whiten per-token rewards over the batch before GAE
+        no_eos_score=0.0,        # score given to responses without EOS when penalize_no_eos
+        penalize_no_eos=False,   # replace the RM score of unfinished responses by no_eos_score
+        ema_decay=0.992,         # EMA of policy weights kept for evaluation
+        value_coef=1.0,          # weight of the value loss (separate network and optimizer)
+    ))
+    return config
