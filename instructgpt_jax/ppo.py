@@ -156,6 +156,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config.train.batch_size={config.train.batch_size} is not a multiple of "
                          f"config.ppo.minibatch_size={cfg.minibatch_size}")
 
+    manager = checkpoints.Manager(workdir, config)  # refuses an incompatible workdir before any work
+
     # --- data
     data = prepare.prepare_ppo(config, workdir)
     p, n = config.data.max_prompt_len, cfg.max_new_tokens
@@ -165,7 +167,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     policy, rm_model = m["policy"], m["rm_model"]
     policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps)
-    manager = checkpoints.Manager(workdir, config)
     state, state_shardings = sharding.place(init_state(m, policy_tx, value_tx, config), mesh)
     if manager.latest_step() is not None:
         state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))
@@ -207,43 +208,45 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = train_lib.Progress(total, start, "ppo", config.train.progress)
     n_mb = config.train.batch_size // cfg.minibatch_size
     last = {}
-    with sharding.use(mesh):
-        for step in range(start + 1, total + 1):
-            it_rng = jax.random.fold_in(rng, step)
-            t0 = time.perf_counter()
-            batch, r_metrics = rollout(state, next(data.prompts), jax.random.fold_in(it_rng, 0))
-            r_metrics = jax.device_get(r_metrics)
-            t1 = time.perf_counter()
-            u_metrics = []
-            for epoch in range(cfg.ppo_epochs):
-                perm = jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch), config.train.batch_size)
-                for j in range(n_mb):
-                    ptx = sharding.host_to_global(next(data.ptx), mesh) if data.ptx is not None else no_ptx
-                    idx = perm[j * cfg.minibatch_size:(j + 1) * cfg.minibatch_size]
-                    state, mb_metrics = update_fn(state, batch, idx, ptx, jax.random.fold_in(it_rng, 100 + j))
-                    u_metrics.append(mb_metrics)
-            u_metrics = {k: float(np.mean([x[k] for x in jax.device_get(u_metrics)])) for k in u_metrics[0]}
-            t2 = time.perf_counter()
-            state["kl_beta"] = kl_update(state["kl_beta"], r_metrics["kl"], config.train.batch_size)
-            state["step"] = increment(state["step"])
-            tokens = config.train.batch_size * (p + n)
-            last = {**{k: float(v) for k, v in r_metrics.items()}, **u_metrics, "beta": float(state["kl_beta"]),
-                    "explained_variance": float(rl.explained_variance(batch["old_values"], batch["returns"],
-                                                                      batch["mask"])),
-                    "rollout_tokens_per_sec": tokens / (t1 - t0),
-                    "update_tokens_per_sec": tokens * cfg.ppo_epochs / (t2 - t1)}
-            train_lib.check_finite(step, last, keys=("pg_loss", "value_loss", "score"))
-            is_last = step == total
-            if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
-                last.update(evaluate(rollout, state, data, config))
-            if step % config.train.log_every == 0 or is_last:
-                writer.write(step, last)
-            progress.update(1, score=last["score"], kl=last["kl"])
-            if step % config.train.checkpoint_every == 0 or is_last:
-                manager.save(step, state, data_state(), force=is_last)
-    progress.close()
-    manager.close()
-    writer.close()
+    try:
+        with sharding.use(mesh):
+            for step in range(start + 1, total + 1):
+                it_rng = jax.random.fold_in(rng, step)
+                t0 = time.perf_counter()
+                batch, r_metrics = rollout(state, next(data.prompts), jax.random.fold_in(it_rng, 0))
+                r_metrics = jax.device_get(r_metrics)
+                t1 = time.perf_counter()
+                u_metrics = []
+                for epoch in range(cfg.ppo_epochs):
+                    perm = jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch), config.train.batch_size)
+                    for j in range(n_mb):
+                        ptx = sharding.host_to_global(next(data.ptx), mesh) if data.ptx is not None else no_ptx
+                        idx = perm[j * cfg.minibatch_size:(j + 1) * cfg.minibatch_size]
+                        state, mb_metrics = update_fn(state, batch, idx, ptx, jax.random.fold_in(it_rng, 100 + j))
+                        u_metrics.append(mb_metrics)
+                u_metrics = {k: float(np.mean([x[k] for x in jax.device_get(u_metrics)])) for k in u_metrics[0]}
+                t2 = time.perf_counter()
+                state["kl_beta"] = kl_update(state["kl_beta"], r_metrics["kl"], config.train.batch_size)
+                state["step"] = increment(state["step"])
+                tokens = config.train.batch_size * (p + n)
+                last = {**{k: float(v) for k, v in r_metrics.items()}, **u_metrics, "beta": float(state["kl_beta"]),
+                        "explained_variance": float(rl.explained_variance(batch["old_values"], batch["returns"],
+                                                                          batch["mask"])),
+                        "rollout_tokens_per_sec": tokens / (t1 - t0),
+                        "update_tokens_per_sec": tokens * cfg.ppo_epochs / (t2 - t1)}
+                train_lib.check_finite(step, last, keys=("pg_loss", "value_loss", "score"))
+                is_last = step == total
+                if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
+                    last.update(evaluate(rollout, state, data, config))
+                if step % config.train.log_every == 0 or is_last:
+                    writer.write(step, last)
+                progress.update(1, score=last["score"], kl=last["kl"])
+                if step % config.train.checkpoint_every == 0 or is_last:
+                    manager.save(step, state, data_state(), force=is_last)
+    finally:  # finish in-flight async saves, also on Ctrl-C / errors
+        progress.close()
+        manager.close()
+        writer.close()
 
     # --- save: the policy (and its EMA, for evaluation) for the next stage / evaluation
     meta = {"stage": "ppo", "model": config.model.to_dict(), "step": int(state["step"]),

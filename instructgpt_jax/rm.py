@@ -113,6 +113,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     sharding.batch_size_per_process(config.train.batch_size, mesh)
 
+    manager = checkpoints.Manager(workdir, config)  # refuses an incompatible workdir before any work
+
     # --- data
     data = prepare.prepare_comparisons(config, workdir)
     train_iter = data.train_iterator()
@@ -124,7 +126,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- init: resume -> SFT export -> scratch
     rm_model, lm_model = Transformer(model_cfg, head="scalar"), Transformer(model_cfg)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
-    manager = checkpoints.Manager(workdir, config)
     rng = jax.random.PRNGKey(config.seed)
     resuming = manager.latest_step() is not None
     params, _ = init_params(rm_model, lm_model, mesh, rng, None if resuming else sft_export)

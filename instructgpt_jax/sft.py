@@ -71,6 +71,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local_batch = sharding.batch_size_per_process(config.train.batch_size, mesh)
     del local_batch  # the pipeline derives the same split; this call validates it early
 
+    manager = checkpoints.Manager(workdir, config)  # refuses an incompatible workdir before any work
+
     # --- data
     kind = "text" if config.stage == "pretrain" else "demonstrations"
     data = prepare.prepare(config, workdir, kind)
@@ -83,7 +85,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- init: resume from this workdir -> previous stage's export -> scratch
     model = Transformer(model_cfg)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
-    manager = checkpoints.Manager(workdir, config)
     init_from = prepare.init_source(config)
     rng = jax.random.PRNGKey(config.seed)
     state = init_state(model, tx, config, mesh, rng, init_from if manager.latest_step() is None else None)

@@ -200,24 +200,26 @@ def fit(*, config, workdir: str, mesh, manager, state, step_fn, train_iter, eval
     progress = Progress(total, start, config.stage, config.train.progress)
     speed = Throughput()
     last = {}
-    with sharding.use(mesh):
-        for step in range(start + 1, total + 1):
-            state, metrics = step_fn(state, sharding.host_to_global(next(train_iter), mesh), rng)
-            speed.add(tokens_per_step)
-            progress.update(1)
-            is_last = step == total
-            if step % config.train.log_every == 0 or is_last:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(step, last)
-                last.update(lr=float(schedule(step - 1)), tokens_per_sec=speed.rate())
-                if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
-                    last.update(evaluate_fn(state["params"]))
-                writer.write(step, last)
-                progress.update(0, loss=last["loss"])
-            if step % config.train.checkpoint_every == 0 or is_last:
-                check_finite(step, jax.device_get(metrics))  # never save a NaN state
-                manager.save(step, state, train_iter.get_state(), force=is_last)
-    progress.close()
-    manager.close()
-    writer.close()
+    try:
+        with sharding.use(mesh):
+            for step in range(start + 1, total + 1):
+                state, metrics = step_fn(state, sharding.host_to_global(next(train_iter), mesh), rng)
+                speed.add(tokens_per_step)
+                progress.update(1)
+                is_last = step == total
+                if step % config.train.log_every == 0 or is_last:
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    check_finite(step, last)
+                    last.update(lr=float(schedule(step - 1)), tokens_per_sec=speed.rate())
+                    if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
+                        last.update(evaluate_fn(state["params"]))
+                    writer.write(step, last)
+                    progress.update(0, loss=last["loss"])
+                if step % config.train.checkpoint_every == 0 or is_last:
+                    check_finite(step, jax.device_get(metrics))  # never save a NaN state
+                    manager.save(step, state, train_iter.get_state(), force=is_last)
+    finally:  # also on Ctrl-C / errors: finish in-flight async saves so the last good one is complete
+        progress.close()
+        manager.close()
+        writer.close()
     return state, last

@@ -136,19 +136,16 @@ def error_of(fn):
 def main(ckpt_dir):
     results = {"devices": jax.device_count(), "sft": {}, "rm": {}, "sampler": {}, "params_diff": {},
                "init_diff": {}}
-    finals = {}
+    finals = {}  # mesh -> (final state, its shardings, init params on the host)
     for name in MESHES:
         mesh = mesh_for(name)
-        out, state, shardings, init_params = run_sft(mesh)
-        results["sft"][name] = out
-        finals[name] = (state, shardings)
-        ref_init = finals["ref"][2] if name != "ref" else init_params
-        finals[name] += (init_params,)
-        results["init_diff"][name] = max_diff(init_params, ref_init)  # sharded init == unsharded init
-        results["params_diff"][name] = max_diff(jax.device_get(state["params"]),
-                                                jax.device_get(finals["ref"][0]["params"]))
+        results["sft"][name], *finals[name] = run_sft(mesh)
+        ref_state, _, ref_init = finals["ref"]
+        results["init_diff"][name] = max_diff(finals[name][2], ref_init)  # sharded init == unsharded init
+        results["params_diff"][name] = max_diff(jax.device_get(finals[name][0]["params"]),
+                                                jax.device_get(ref_state["params"]))
         results["rm"][name] = run_rm(mesh)
-        results["sampler"][name] = run_sampler(mesh, finals["ref"][2])
+        results["sampler"][name] = run_sampler(mesh, ref_init)
 
     # Checkpoint saved on (8,1,1), restored onto (1,4,2) shardings through the stage's Manager.
     config = ml_collections.ConfigDict({"train": {"keep_checkpoints": 1}})

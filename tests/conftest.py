@@ -1,0 +1,48 @@
+"""Shared tiny runs: one SFT and one RM workdir per test session, reused by the stage tests
+(JAX compilation dominates on CPU, so every stage is trained once and inspected many times)."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+from instructgpt_jax import config_lib  # noqa: E402
+
+
+def stage_config(stage: str, **overrides):
+    """configs/<stage>.py:tiny shrunk for tests (short rows, small built-in data, no progress bar)."""
+    module = __import__(stage)
+    config = module.get_config("tiny")
+    small = {"train.progress": False, "data.builtin_size": 400}
+    if stage in ("sft", "pretrain"):
+        small.update({"data.seq_len": 64, "data.max_prompt_len": 32, "data.max_response_len": 32,
+                      "train.batch_size": 8, "train.num_steps": 30, "train.log_every": 1, "train.eval_every": 0,
+                      "train.checkpoint_every": 5})
+    elif stage == "rm":
+        small.update({"data.seq_len": 48, "data.max_prompt_len": 24, "train.batch_size": 8, "train.num_steps": 40,
+                      "train.log_every": 5, "train.eval_every": 0, "train.eval_batches": 0,
+                      "rm.bias_examples": 64})
+    elif stage == "ppo":
+        small.update({"data.max_prompt_len": 24, "ppo.max_new_tokens": 16, "train.batch_size": 8,
+                      "ppo.minibatch_size": 4, "train.num_steps": 2, "train.eval_every": 0, "train.eval_batches": 1,
+                      "ppo.ptx_batch_size": 4, "data.ptx_seq_len": 32})
+    small.update(overrides)
+    return config_lib.replace(config, **small)
+
+
+@pytest.fixture(scope="session")
+def sft_workdir(tmp_path_factory):
+    from instructgpt_jax import sft
+    workdir = str(tmp_path_factory.mktemp("sft"))
+    sft.train(stage_config("sft"), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def rm_workdir(tmp_path_factory, sft_workdir):
+    from instructgpt_jax import rm
+    workdir = str(tmp_path_factory.mktemp("rm"))
+    rm.train(stage_config("rm", **{"init.from_workdir": sft_workdir}), workdir)
+    return workdir
