@@ -13,6 +13,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -114,6 +115,17 @@ def param_shardings(init_fn: Callable[[jax.Array], Any], mesh: Mesh):
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shapes = nn.unbox(abstract)
     return shapes, logical_to_shardings(nn.get_partition_spec(abstract), shapes, mesh)
+
+
+def init_optimizer(tx: optax.GradientTransformation, params: Any):
+    """`tx.init(params)` with every params-shaped part of the state (Adam mu and nu) sharded like the
+    params and the rest (step counts) replicated. A plain `jax.jit(tx.init)` leaves those zeros
+    replicated on every device, so the optimizer state (2x the params) would not be sharded at all."""
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    repl = replicated(jax.tree.leaves(shardings)[0].mesh)
+    out = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings,
+                                transform_non_params=lambda _: repl)
+    return jax.jit(tx.init, out_shardings=out)(params)
 
 
 def place(tree: Any, mesh: Mesh):

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sys
+import time
 import traceback
 
 import jax
@@ -25,6 +26,10 @@ B, T, K, STEPS = 8, 16, 3, 3
 TX = train_lib.make_optimizer(config_lib.optim_config(1e-3), num_steps=10)
 REPORTED = {"embed": ("params", "embed", "embedding"), "wi": ("params", "layers", "mlp", "wi", "kernel"),
             "query": ("params", "layers", "attn", "query", "kernel")}  # params whose shards are reported
+
+
+def log(what, t0=time.perf_counter()):
+    print(f"[{time.perf_counter() - t0:6.1f}s] {what}", file=sys.stderr, flush=True)
 
 
 def mesh_for(name):
@@ -88,7 +93,7 @@ def run_sft(mesh, model_cfg=CFG, grad_accum=1, batches=None, steps=STEPS):
 def run_rm(mesh):
     rm_model, lm_model = Transformer(CFG, head="scalar"), Transformer(CFG)
     params, _ = rm.init_params(rm_model, lm_model, mesh, jax.random.PRNGKey(0))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(TX.init)(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": sharding.init_optimizer(TX, params)}
     state, shardings = sharding.place(state, mesh)
     shapes = shard_shapes(state)
     step = functools.partial(rm.train_step, model=rm_model, tx=TX)
@@ -140,12 +145,15 @@ def main(ckpt_dir):
     for name in MESHES:
         mesh = mesh_for(name)
         results["sft"][name], *finals[name] = run_sft(mesh)
+        log(f"sft {name}")
         ref_state, _, ref_init = finals["ref"]
         results["init_diff"][name] = max_diff(finals[name][2], ref_init)  # sharded init == unsharded init
         results["params_diff"][name] = max_diff(jax.device_get(finals[name][0]["params"]),
                                                 jax.device_get(ref_state["params"]))
         results["rm"][name] = run_rm(mesh)
+        log(f"rm {name}")
         results["sampler"][name] = run_sampler(mesh, ref_init)
+        log(f"sampler {name}")
 
     # Checkpoint saved on (8,1,1), restored onto (1,4,2) shardings through the stage's Manager.
     config = ml_collections.ConfigDict({"train": {"keep_checkpoints": 1}})
@@ -161,6 +169,7 @@ def main(ckpt_dir):
         "same_shardings": all(r.sharding == t for r, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target))),
         "shards": shard_shapes(restored), "data_state": data_state}
 
+    log("restore")
     # Gradient accumulation: 2 microbatches == the full batch (one step on a 16-row batch).
     mesh = mesh_for("2,2,2")
     big = [sft_batch(7, b=16)]
@@ -170,12 +179,14 @@ def main(ckpt_dir):
                              "params_diff": max_diff(jax.device_get(full_state["params"]),
                                                      jax.device_get(accum_state["params"]))}
 
+    log("grad_accum")
     # bfloat16 compute, float32 master params and optimizer state.
     bf16, state, _, _ = run_sft(mesh_for("1,4,2"), model_cfg=ModelConfig(max_len=32, dtype="bfloat16"), steps=2)
     results["bf16"] = {"losses": bf16["losses"], "f32_losses": results["sft"]["ref"]["losses"][:2],
                        "dtypes": sorted({str(x.dtype) for x in jax.tree.leaves((state["params"], state["opt_state"]))
                                          if jnp.issubdtype(x.dtype, jnp.floating)})}
 
+    log("bf16")
     # Bad meshes: clear errors.
     results["errors"] = {
         "product": error_of(lambda: sharding.make_mesh({"data": 3, "fsdp": 1, "tensor": 1})),

@@ -56,12 +56,11 @@ def sampled(request):
     """Temperature-0.7 samples with step logits; EOS made likely enough (~10 %/step) that rows end at
     different steps."""
     cfg = CONFIGS[request.param]
-    model = Transformer(cfg)
     params = boost_eos(init_params(cfg), cfg, 4.0)
-    sampler = sampling.make_sampler(model, max_new_tokens=N, eos_id=EOS, pad_id=PAD, temperature=0.7,
+    sampler = sampling.make_sampler(Transformer(cfg), max_new_tokens=N, eos_id=EOS, pad_id=PAD, temperature=0.7,
                                     return_logits=True)
     out = jax.device_get(sampler(params, PROMPTS, MASK, jax.random.PRNGKey(1)))
-    return dict(cfg=cfg, model=model, params=params, sampler=sampler, out=out)
+    return dict(cfg=cfg, params=params, sampler=sampler, out=out)
 
 
 @pytest.fixture(scope="module")
