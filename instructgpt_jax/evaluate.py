@@ -200,6 +200,11 @@ def _index_batches(n: int, batch_size: int):
 
 # ----------------------------------------------------------------------------- reports
 
+def _ordered(models: dict) -> list[str]:
+    """The paper's order (base, SFT, PPO, PPO-ptx), whatever order a JSON file kept."""
+    return sorted(models, key=lambda n: MODELS.index(n) if n in MODELS else len(MODELS))
+
+
 def acceptance(results: dict) -> dict:
     """The paper's headline findings as booleans (issue item 4)."""
     m = results["models"]
@@ -217,7 +222,8 @@ def acceptance(results: dict) -> dict:
 def markdown_table(results: dict) -> str:
     rows = ["| model | win rate vs SFT (95% CI) | labeler utility | correct | RM score | KL to SFT | harmless "
             "| held-out LM loss (tax) |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in results["models"].items():
+    for name in _ordered(results["models"]):
+        r = results["models"][name]
         lo, hi = r["win_ci"]
         rows.append(f"| {LABELS.get(name, name)} | {100 * r['win_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
                     f"| {r['utility']:.3f} | {100 * r['correct']:.1f}% | {r['rm_score']:+.3f} | {r['kl_to_sft']:.2f} "
@@ -251,7 +257,7 @@ def plot(results: dict, ppo_metrics: dict[str, list[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     m = results["models"]
-    names = list(m)
+    names = _ordered(m)
     x = np.arange(len(names))
     fig, ax = plt.subplots(2, 3, figsize=(15, 8))
     win = np.array([m[n]["win_rate"] for n in names])

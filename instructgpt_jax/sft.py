@@ -43,11 +43,31 @@ def eval_step(params, batch, *, model):
     return {"loss_sum": loss * aux["weight"], "tokens": aux["weight"], "acc_sum": aux["accuracy"] * aux["weight"]}
 
 
+def from_hf_checkpoint(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.init.hf_path set: config.model follows the checkpoint's config.json, and its SentencePiece
+    tokenizer.model (LLaMA-family checkpoints ship one) becomes the tokenizer unless one is given."""
+    from instructgpt_jax import hf
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.update(hf.model_config_dict(config.init.hf_path))
+    if not config.data.tokenizer:
+        tok = hf.load_tokenizer(config.init.hf_path)
+        if tok is None:
+            raise ValueError(f"{config.init.hf_path} has no SentencePiece tokenizer.model (GPT-2 checkpoints ship "
+                             f"a BPE tokenizer.json, which this project does not read); set config.data.tokenizer "
+                             f"to a SentencePiece model whose ids match the checkpoint's vocabulary")
+        config.data.tokenizer = tok
+    return config
+
+
 def init_state(model, tx, config, mesh, rng, init_from=None):
-    """Sharded train state. Params: from `init_from` (an export path) if given, else scratch."""
+    """Sharded train state. Params: from `init_from` (an export path) if given, else from
+    config.init.hf_path (a Hugging Face directory) if given, else scratch."""
     dummy = jnp.zeros((1, 8), jnp.int32)
     init_fn = lambda r: model.init(r, dummy)["params"]  # noqa: E731
-    if init_from:
+    if init_from == "hf":
+        from instructgpt_jax import hf
+        _, params = hf.load_pretrained(config.init.hf_path, mesh=mesh)
+    elif init_from:
         shapes, shardings = sharding.param_shardings(init_fn, mesh)
         params = checkpoints.load_export(init_from, checkpoints.abstract_like(shapes, shardings))
     else:
@@ -66,6 +86,8 @@ def evaluate(eval_fn, params, batches, mesh, max_batches: int = 0) -> dict:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run the stage; returns the final metrics. Resumes from `workdir` if it holds checkpoints."""
+    if config.init.hf_path:
+        config = from_hf_checkpoint(config)
     # --- mesh
     mesh = sharding.make_mesh(config.mesh)
     local_batch = sharding.batch_size_per_process(config.train.batch_size, mesh)
@@ -85,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- init: resume from this workdir -> previous stage's export -> scratch
     model = Transformer(model_cfg)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
-    init_from = prepare.init_source(config)
+    init_from = "hf" if config.init.hf_path else prepare.init_source(config)
     rng = jax.random.PRNGKey(config.seed)
     state = init_state(model, tx, config, mesh, rng, init_from if manager.latest_step() is None else None)
     state, state_shardings = sharding.place(state, mesh)
