@@ -26,7 +26,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # torch (CPU build) and transformers are references for the parity tests only.
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0", "transformers"],
         "bench": ["torch==2.13.0", "transformers"],
         "hf": ["torch==2.13.0", "transformers"],
     },
