@@ -1,7 +1,8 @@
 """Size presets (the one table) and the config pieces every stage shares.
 
-Config files under `configs/` import only this module: `get_config("tiny")` there is
-`config_lib.stage_config(stage, "tiny")` plus that stage's own keys.
+Config files under `configs/` import only this module: their `get_config(preset)` starts from
+`base_config(stage, preset)` and adds the `train`, `optim`, `data` blocks built here plus the
+stage's own keys.
 """
 from __future__ import annotations
 

@@ -201,6 +201,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     increment = jax.jit(lambda x: x + 1, out_shardings=repl)
     no_ptx = {"tokens": jnp.zeros((1, 1), jnp.int32)}  # placeholder when ptx_coef == 0
 
+    def iteration(state, step):
+        """Rollout a batch, then `ppo_epochs` shuffled passes of minibatch updates; returns metrics."""
+        it_rng = jax.random.fold_in(rng, step)
+        t0 = time.perf_counter()
+        batch, r_metrics = rollout(state, next(data.prompts), jax.random.fold_in(it_rng, 0))
+        r_metrics = jax.device_get(r_metrics)
+        t1 = time.perf_counter()
+        u_metrics = []
+        for epoch in range(cfg.ppo_epochs):
+            perm = jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch), config.train.batch_size)
+            for j in range(n_mb):
+                ptx = sharding.host_to_global(next(data.ptx), mesh) if data.ptx is not None else no_ptx
+                idx = perm[j * cfg.minibatch_size:(j + 1) * cfg.minibatch_size]
+                state, mb_metrics = update_fn(state, batch, idx, ptx, jax.random.fold_in(it_rng, 100 + j))
+                u_metrics.append(mb_metrics)
+        u_metrics = {k: float(np.mean([x[k] for x in jax.device_get(u_metrics)])) for k in u_metrics[0]}
+        t2 = time.perf_counter()
+        state["kl_beta"] = kl_update(state["kl_beta"], r_metrics["kl"], config.train.batch_size)
+        state["step"] = increment(state["step"])
+        tokens = config.train.batch_size * (p + n)
+        metrics = {**{k: float(v) for k, v in r_metrics.items()}, **u_metrics, "beta": float(state["kl_beta"]),
+                   "explained_variance": float(rl.explained_variance(batch["old_values"], batch["returns"],
+                                                                     batch["mask"])),
+                   "rollout_tokens_per_sec": tokens / (t1 - t0),
+                   "update_tokens_per_sec": tokens * cfg.ppo_epochs / (t2 - t1)}
+        return state, metrics
+
     # --- loop
     rng = jax.random.PRNGKey(config.seed)
     start, total = int(state["step"]), config.train.num_steps
@@ -211,29 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with sharding.use(mesh):
             for step in range(start + 1, total + 1):
-                it_rng = jax.random.fold_in(rng, step)
-                t0 = time.perf_counter()
-                batch, r_metrics = rollout(state, next(data.prompts), jax.random.fold_in(it_rng, 0))
-                r_metrics = jax.device_get(r_metrics)
-                t1 = time.perf_counter()
-                u_metrics = []
-                for epoch in range(cfg.ppo_epochs):
-                    perm = jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch), config.train.batch_size)
-                    for j in range(n_mb):
-                        ptx = sharding.host_to_global(next(data.ptx), mesh) if data.ptx is not None else no_ptx
-                        idx = perm[j * cfg.minibatch_size:(j + 1) * cfg.minibatch_size]
-                        state, mb_metrics = update_fn(state, batch, idx, ptx, jax.random.fold_in(it_rng, 100 + j))
-                        u_metrics.append(mb_metrics)
-                u_metrics = {k: float(np.mean([x[k] for x in jax.device_get(u_metrics)])) for k in u_metrics[0]}
-                t2 = time.perf_counter()
-                state["kl_beta"] = kl_update(state["kl_beta"], r_metrics["kl"], config.train.batch_size)
-                state["step"] = increment(state["step"])
-                tokens = config.train.batch_size * (p + n)
-                last = {**{k: float(v) for k, v in r_metrics.items()}, **u_metrics, "beta": float(state["kl_beta"]),
-                        "explained_variance": float(rl.explained_variance(batch["old_values"], batch["returns"],
-                                                                          batch["mask"])),
-                        "rollout_tokens_per_sec": tokens / (t1 - t0),
-                        "update_tokens_per_sec": tokens * cfg.ppo_epochs / (t2 - t1)}
+                state, last = iteration(state, step)
                 train_lib.check_finite(step, last, keys=("pg_loss", "value_loss", "score"))
                 is_last = step == total
                 if is_last or (config.train.eval_every and step % config.train.eval_every == 0):

@@ -10,7 +10,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from instructgpt_jax import checkpoints, losses, sharding, train_lib
 from instructgpt_jax.data import prepare

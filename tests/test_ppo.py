@@ -91,3 +91,42 @@ def test_ptx_coef_changes_the_policy_gradient_and_zero_removes_it(rollout):
     assert np.abs(leaves(plain) - leaves(with_ptx)).max() > 1e-6
     assert "ptx_loss" in met1 and "ptx_loss" not in met0
     assert met0["approx_kl"] == pytest.approx(0.0, abs=1e-8) and met0["clipfrac"] == 0.0  # first ratio is 1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_ppo_resume_continues_exactly(tmp_path, ppo_run, monkeypatch):
+    """Interrupted after iteration 1 (checkpointed), rerun: iteration 2 equals the uninterrupted run's
+    (both optimizers, EMA, KL controller, data positions and RNG come back)."""
+    from instructgpt_jax.data import prepare
+    config, straight_dir = ppo_run
+    config = config.copy_and_resolve_references()
+    config.train.checkpoint_every = 1
+    workdir = str(tmp_path / "ppo")
+    original = prepare.prepare_ppo
+
+    def interrupted(*args, **kwargs):
+        data = original(*args, **kwargs)
+        prompts, calls = data.prompts, [0]
+
+        class Wrapped:
+            def __next__(self):
+                calls[0] += 1
+                if calls[0] > 1:
+                    raise _Interrupt
+                return next(prompts)
+            get_state, set_state = prompts.get_state, prompts.set_state
+        data.prompts = Wrapped()
+        return data
+
+    monkeypatch.setattr(prepare, "prepare_ppo", interrupted)
+    with pytest.raises(_Interrupt):
+        ppo.train(config, workdir)
+    monkeypatch.setattr(prepare, "prepare_ppo", original)
+    ppo.train(config, workdir)
+    resumed, straight = train_lib.read_metrics(workdir), train_lib.read_metrics(straight_dir)
+    assert [r["step"] for r in resumed] == [1, 2]
+    for key in ("score", "kl", "pg_loss", "value_loss", "ptx_loss", "beta", "eval_score"):
+        assert resumed[1][key] == pytest.approx(straight[1][key], rel=1e-5, abs=1e-6), key

@@ -16,6 +16,7 @@ summed when a batch is emitted, so `stats` only counts data that reached a batch
 and is restored exactly with the state. At the end of a finite pass, examples in a
 dropped partial batch (training) or skipped after the last batch are not counted.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -25,36 +26,36 @@ import grain
 import numpy as np
 
 STAT_KEYS = (
-    "examples",                # source rows read (including skipped ones)
+    "examples",  # source rows read (including skipped ones)
     "skipped_empty_response",  # demonstrations with an empty response
-    "skipped_no_room",         # the prompt leaves no room for a response in seq_len
+    "skipped_no_room",  # the prompt leaves no room for a response in seq_len
     "skipped_no_untied_pair",  # comparisons whose ranks are all equal
-    "cropped_prompts",         # prompts cropped from the left to max_prompt_len
-    "truncated_responses",     # responses cut on the right (no EOS then)
-    "truncated_completions",   # completions cut on the right (EOS kept)
-    "chunked_texts",           # texts longer than seq_len + 1, split in chunks
+    "cropped_prompts",  # prompts cropped from the left to max_prompt_len
+    "truncated_responses",  # responses cut on the right (no EOS then)
+    "truncated_completions",  # completions cut on the right (EOS kept)
+    "chunked_texts",  # texts longer than seq_len + 1, split in chunks
 )
 _S = {k: i for i, k in enumerate(STAT_KEYS)}
 
 
 def _stats(**counts) -> np.ndarray:
-  v = np.zeros(len(STAT_KEYS), np.int64)
-  for k, n in counts.items():
-    v[_S[k]] = n
-  return v
+    v = np.zeros(len(STAT_KEYS), np.int64)
+    for k, n in counts.items():
+        v[_S[k]] = n
+    return v
 
 
 def _text(x) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else x
+    return x.decode("utf-8") if isinstance(x, bytes) else x
 
 
 def _crop_prompt(tok, prompt: str, max_prompt_len: int | None) -> tuple[list[int], bool]:
-  """BOS + prompt, cropped from the LEFT so it has at most max_prompt_len tokens
-  (the end of a prompt, next to the response, matters most)."""
-  ids = tok.encode(_text(prompt))
-  if max_prompt_len is not None and 1 + len(ids) > max_prompt_len:
-    return [tok.bos_id] + ids[len(ids) - (max_prompt_len - 1):], True
-  return [tok.bos_id] + ids, False
+    """BOS + prompt, cropped from the LEFT so it has at most max_prompt_len tokens
+    (the end of a prompt, next to the response, matters most)."""
+    ids = tok.encode(_text(prompt))
+    if max_prompt_len is not None and 1 + len(ids) > max_prompt_len:
+        return [tok.bos_id] + ids[len(ids) - (max_prompt_len - 1) :], True
+    return [tok.bos_id] + ids, False
 
 
 # ---------------------------------------------------------------------------
@@ -63,119 +64,125 @@ def _crop_prompt(tok, prompt: str, max_prompt_len: int | None) -> tuple[list[int
 
 
 def _lm_piece(seq: list[int], first_target: int) -> dict:
-  """Inputs/targets of one sequence; loss on targets whose index >= first_target.
-  Shifting per example (not per packed row) means no target crosses a boundary."""
-  seq = np.asarray(seq, np.int32)
-  mask = (np.arange(len(seq) - 1) >= first_target).astype(np.float32)
-  return {"tokens": seq[:-1], "targets": seq[1:], "loss_mask": mask}
+    """Inputs/targets of one sequence; loss on targets whose index >= first_target.
+    Shifting per example (not per packed row) means no target crosses a boundary."""
+    seq = np.asarray(seq, np.int32)
+    mask = (np.arange(len(seq) - 1) >= first_target).astype(np.float32)
+    return {"tokens": seq[:-1], "targets": seq[1:], "loss_mask": mask}
 
 
-def lm_example(row: dict, tok, *, kind: str, seq_len: int, max_prompt_len: int | None = None,
-               max_response_len: int | None = None) -> dict:
-  """One source row -> LM pieces (unpadded) and its counters.
+def lm_example(
+    row: dict, tok, *, kind: str, seq_len: int, max_prompt_len: int | None = None, max_response_len: int | None = None
+) -> dict:
+    """One source row -> LM pieces (unpadded) and its counters.
 
-  text: BOS + text + EOS, cut into pieces of seq_len + 1 tokens that overlap by one
-  (so every token is predicted once); loss on all targets.
-  demonstrations: BOS + prompt + response + EOS; prompt cropped from the left to
-  max_prompt_len (BOS included), response (EOS included) cut on the right to
-  max_response_len and to what fits in seq_len + 1 tokens, in which case the EOS
-  is dropped (the model never learns to stop mid-answer); loss on response + EOS.
-  """
-  bos, eos = tok.bos_id, tok.eos_id
-  if kind == "text":
-    seq = [bos] + tok.encode(_text(row["text"])) + [eos]
-    pieces = [_lm_piece(seq[s:s + seq_len + 1], 0) for s in range(0, len(seq) - 1, seq_len)]
-    return {"pieces": pieces, "stats": _stats(examples=1, chunked_texts=int(len(pieces) > 1))}
-  response = tok.encode(_text(row["response"]))
-  if not response:
-    return {"pieces": [], "stats": _stats(examples=1, skipped_empty_response=1)}
-  prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
-  room = seq_len + 1 - len(prompt)
-  if room < 1:
-    return {"pieces": [], "stats": _stats(examples=1, skipped_no_room=1)}
-  limit = room if max_response_len is None else min(room, max_response_len)
-  body = response + [eos]
-  truncated = len(body) > limit
-  if truncated:
-    body = response[:limit]
-  piece = _lm_piece(prompt + body, len(prompt) - 1)
-  return {"pieces": [piece], "stats": _stats(examples=1, cropped_prompts=int(cropped),
-                                             truncated_responses=int(truncated))}
+    text: BOS + text + EOS, cut into pieces of seq_len + 1 tokens that overlap by one
+    (so every token is predicted once); loss on all targets.
+    demonstrations: BOS + prompt + response + EOS; prompt cropped from the left to
+    max_prompt_len (BOS included), response (EOS included) cut on the right to
+    max_response_len and to what fits in seq_len + 1 tokens, in which case the EOS
+    is dropped (the model never learns to stop mid-answer); loss on response + EOS.
+    """
+    bos, eos = tok.bos_id, tok.eos_id
+    if kind == "text":
+        seq = [bos] + tok.encode(_text(row["text"])) + [eos]
+        pieces = [_lm_piece(seq[s : s + seq_len + 1], 0) for s in range(0, len(seq) - 1, seq_len)]
+        return {"pieces": pieces, "stats": _stats(examples=1, chunked_texts=int(len(pieces) > 1))}
+    response = tok.encode(_text(row["response"]))
+    if not response:
+        return {"pieces": [], "stats": _stats(examples=1, skipped_empty_response=1)}
+    prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
+    room = seq_len + 1 - len(prompt)
+    if room < 1:
+        return {"pieces": [], "stats": _stats(examples=1, skipped_no_room=1)}
+    limit = room if max_response_len is None else min(room, max_response_len)
+    body = response + [eos]
+    truncated = len(body) > limit
+    if truncated:
+        body = response[:limit]
+    piece = _lm_piece(prompt + body, len(prompt) - 1)
+    return {
+        "pieces": [piece],
+        "stats": _stats(examples=1, cropped_prompts=int(cropped), truncated_responses=int(truncated)),
+    }
 
 
 def _pad_lm(piece: dict, seq_len: int) -> dict:
-  """Unpacked row: one example, right-padded (PAD = 0, masks 0)."""
-  n = len(piece["tokens"])
-  out = {k: np.pad(v, (0, seq_len - n)) for k, v in piece.items()}
-  out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
-  out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
-  return out
+    """Unpacked row: one example, right-padded (PAD = 0, masks 0)."""
+    n = len(piece["tokens"])
+    out = {k: np.pad(v, (0, seq_len - n)) for k, v in piece.items()}
+    out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
+    out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
+    return out
 
 
 def _scored_sequence(prompt: list[int], completion, tok, room: int) -> tuple[list[int], bool]:
-  """BOS + prompt + completion + EOS with the completion cut to `room` tokens (EOS always kept)."""
-  ids = tok.encode(_text(completion))
-  truncated = len(ids) > room
-  return prompt + ids[:room] + [tok.eos_id], truncated
+    """BOS + prompt + completion + EOS with the completion cut to `room` tokens (EOS always kept)."""
+    ids = tok.encode(_text(completion))
+    truncated = len(ids) > room
+    return prompt + ids[:room] + [tok.eos_id], truncated
 
 
 def scoring_example(prompt: str, completion: str, tok, *, seq_len: int, max_prompt_len: int) -> dict:
-  """One (prompt, completion) formatted exactly as in reward-model training, right-padded to
-  seq_len: tokens, segment_ids, positions [seq_len] and last_index (the EOS) for scoring."""
-  prompt_ids, _ = _crop_prompt(tok, prompt, max_prompt_len)
-  seq, _ = _scored_sequence(prompt_ids, completion, tok, seq_len - len(prompt_ids) - 1)
-  n = len(seq)
-  return {"tokens": np.pad(np.asarray(seq, np.int32), (0, seq_len - n)),
-          "segment_ids": (np.arange(seq_len) < n).astype(np.int32),
-          "positions": np.where(np.arange(seq_len) < n, np.arange(seq_len), 0).astype(np.int32),
-          "last_index": np.int32(n - 1)}
+    """One (prompt, completion) formatted exactly as in reward-model training, right-padded to
+    seq_len: tokens, segment_ids, positions [seq_len] and last_index (the EOS) for scoring."""
+    prompt_ids, _ = _crop_prompt(tok, prompt, max_prompt_len)
+    seq, _ = _scored_sequence(prompt_ids, completion, tok, seq_len - len(prompt_ids) - 1)
+    n = len(seq)
+    return {
+        "tokens": np.pad(np.asarray(seq, np.int32), (0, seq_len - n)),
+        "segment_ids": (np.arange(seq_len) < n).astype(np.int32),
+        "positions": np.where(np.arange(seq_len) < n, np.arange(seq_len), 0).astype(np.int32),
+        "last_index": np.int32(n - 1),
+    }
 
 
 def comparison_example(row: dict, tok, *, seq_len: int, max_prompt_len: int, max_k: int) -> dict:
-  """One prompt with its K completions -> [max_k, seq_len] arrays.
+    """One prompt with its K completions -> [max_k, seq_len] arrays.
 
-  Each completion is BOS + prompt + completion + EOS, right-padded; a long
-  completion is cut on the right so that the EOS (where the reward is read,
-  `last_index`) is always kept. Rows K..max_k-1 are padding with valid = 0.
-  """
-  completions, ranks = row["completions"], np.asarray(row["ranks"], np.int32)
-  k = len(completions)
-  if k > max_k:
-    raise ValueError(f"a comparison has {k} completions but max_k={max_k}")
-  if len(np.unique(ranks)) < 2:
-    return {"pieces": [], "stats": _stats(examples=1, skipped_no_untied_pair=1)}
-  prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
-  room = seq_len - len(prompt) - 1  # completion tokens that fit before the EOS
-  out = {"tokens": np.zeros((max_k, seq_len), np.int32),
-         "segment_ids": np.zeros((max_k, seq_len), np.int32),
-         "positions": np.zeros((max_k, seq_len), np.int32),
-         "last_index": np.zeros(max_k, np.int32),
-         "ranks": np.zeros(max_k, np.int32),
-         "valid": np.zeros(max_k, np.float32)}
-  n_trunc = 0
-  for i, c in enumerate(completions):
-    seq, truncated = _scored_sequence(prompt, c, tok, room)
-    n_trunc += truncated
-    out["tokens"][i, :len(seq)] = seq
-    out["segment_ids"][i, :len(seq)] = 1
-    out["positions"][i, :len(seq)] = np.arange(len(seq))
-    out["last_index"][i] = len(seq) - 1
-  out["ranks"][:k] = ranks
-  out["valid"][:k] = 1.0
-  return {"pieces": [out], "stats": _stats(examples=1, cropped_prompts=int(cropped),
-                                           truncated_completions=n_trunc)}
+    Each completion is BOS + prompt + completion + EOS, right-padded; a long
+    completion is cut on the right so that the EOS (where the reward is read,
+    `last_index`) is always kept. Rows K..max_k-1 are padding with valid = 0.
+    """
+    completions, ranks = row["completions"], np.asarray(row["ranks"], np.int32)
+    k = len(completions)
+    if k > max_k:
+        raise ValueError(f"a comparison has {k} completions but max_k={max_k}")
+    if len(np.unique(ranks)) < 2:
+        return {"pieces": [], "stats": _stats(examples=1, skipped_no_untied_pair=1)}
+    prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
+    room = seq_len - len(prompt) - 1  # completion tokens that fit before the EOS
+    out = {
+        "tokens": np.zeros((max_k, seq_len), np.int32),
+        "segment_ids": np.zeros((max_k, seq_len), np.int32),
+        "positions": np.zeros((max_k, seq_len), np.int32),
+        "last_index": np.zeros(max_k, np.int32),
+        "ranks": np.zeros(max_k, np.int32),
+        "valid": np.zeros(max_k, np.float32),
+    }
+    n_trunc = 0
+    for i, c in enumerate(completions):
+        seq, truncated = _scored_sequence(prompt, c, tok, room)
+        n_trunc += truncated
+        out["tokens"][i, : len(seq)] = seq
+        out["segment_ids"][i, : len(seq)] = 1
+        out["positions"][i, : len(seq)] = np.arange(len(seq))
+        out["last_index"][i] = len(seq) - 1
+    out["ranks"][:k] = ranks
+    out["valid"][:k] = 1.0
+    return {"pieces": [out], "stats": _stats(examples=1, cropped_prompts=int(cropped), truncated_completions=n_trunc)}
 
 
 def prompt_example(row: dict, tok, *, max_prompt_len: int) -> dict:
-  """BOS + prompt, cropped from the left and LEFT-padded to max_prompt_len, so
-  that generation continues every row from the same position."""
-  prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
-  tokens = np.zeros(max_prompt_len, np.int32)
-  mask = np.zeros(max_prompt_len, np.int32)
-  tokens[max_prompt_len - len(prompt):] = prompt
-  mask[max_prompt_len - len(prompt):] = 1
-  piece = {"prompt_tokens": tokens, "prompt_mask": mask, "prompt_text": _text(row["prompt"])}
-  return {"pieces": [piece], "stats": _stats(examples=1, cropped_prompts=int(cropped))}
+    """BOS + prompt, cropped from the left and LEFT-padded to max_prompt_len, so
+    that generation continues every row from the same position."""
+    prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
+    tokens = np.zeros(max_prompt_len, np.int32)
+    mask = np.zeros(max_prompt_len, np.int32)
+    tokens[max_prompt_len - len(prompt) :] = prompt
+    mask[max_prompt_len - len(prompt) :] = 1
+    piece = {"prompt_tokens": tokens, "prompt_mask": mask, "prompt_text": _text(row["prompt"])}
+    return {"pieces": [piece], "stats": _stats(examples=1, cropped_prompts=int(cropped))}
 
 
 # ---------------------------------------------------------------------------
@@ -183,276 +190,409 @@ def prompt_example(row: dict, tok, *, max_prompt_len: int) -> dict:
 
 
 class _UnrollIterDataset(grain.IterDataset):
-  """Emits the pieces of each element (none for skipped ones). The counters of
-  skipped elements ride on the next emitted piece, so they are counted exactly
-  when that piece reaches a batch."""
+    """Emits the pieces of each element (none for skipped ones). The counters of
+    skipped elements ride on the next emitted piece, so they are counted exactly
+    when that piece reaches a batch."""
 
-  def __init__(self, parent: grain.IterDataset, max_consecutive_skips: int):
-    super().__init__(parent)
-    self._max_skips = max_consecutive_skips
+    def __init__(self, parent: grain.IterDataset, max_consecutive_skips: int):
+        super().__init__(parent)
+        self._max_skips = max_consecutive_skips
 
-  def __iter__(self):
-    return _UnrollIterator(self._parent.__iter__(), self._max_skips)
+    def __iter__(self):
+        return _UnrollIterator(self._parent.__iter__(), self._max_skips)
 
 
 class _UnrollIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, max_skips: int):
+        super().__init__(parent)
+        self._max_skips = max_skips
+        self._pending: list = []  # pieces of the current element not yet emitted
+        self._offset = 0  # pieces of it already emitted
+        self._element_state = None  # parent state before the current element
 
-  def __init__(self, parent: grain.DatasetIterator, max_skips: int):
-    super().__init__(parent)
-    self._max_skips = max_skips
-    self._pending: list = []      # pieces of the current element not yet emitted
-    self._offset = 0              # pieces of it already emitted
-    self._element_state = None    # parent state before the current element
+    def __next__(self):
+        stats = _stats()
+        skips = 0
+        while not self._pending:
+            self._element_state = self._parent.get_state()
+            element = next(self._parent)
+            stats = stats + element["stats"]
+            if element["pieces"]:
+                self._pending, self._offset = list(element["pieces"]), 0
+            else:
+                skips += 1
+                if skips > self._max_skips:
+                    counts = {k: int(v) for k, v in zip(STAT_KEYS, stats) if v}
+                    raise ValueError(
+                        f"every example of the source was skipped ({counts}); check the length limits and the data"
+                    )
+        piece = dict(self._pending.pop(0), stats=stats)
+        self._offset += 1
+        return piece
 
-  def __next__(self):
-    stats = _stats()
-    skips = 0
-    while not self._pending:
-      self._element_state = self._parent.get_state()
-      element = next(self._parent)
-      stats = stats + element["stats"]
-      if element["pieces"]:
-        self._pending, self._offset = list(element["pieces"]), 0
-      else:
-        skips += 1
-        if skips > self._max_skips:
-          counts = {k: int(v) for k, v in zip(STAT_KEYS, stats) if v}
-          raise ValueError(f"every example of the source was skipped ({counts}); "
-                           "check the length limits and the data")
-    piece = dict(self._pending.pop(0), stats=stats)
-    self._offset += 1
-    return piece
+    def get_state(self):
+        if self._pending:  # part-way through an element: replay it, skip `offset` pieces
+            return {"parent": self._element_state, "offset": self._offset}
+        return {"parent": self._parent.get_state(), "offset": 0}
 
-  def get_state(self):
-    if self._pending:  # part-way through an element: replay it, skip `offset` pieces
-      return {"parent": self._element_state, "offset": self._offset}
-    return {"parent": self._parent.get_state(), "offset": 0}
-
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    self._pending, self._offset = [], 0
-    if state["offset"]:
-      self._element_state = state["parent"]
-      element = next(self._parent)
-      self._pending = list(element["pieces"])[state["offset"]:]
-      self._offset = state["offset"]
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._pending, self._offset = [], 0
+        if state["offset"]:
+            self._element_state = state["parent"]
+            element = next(self._parent)
+            self._pending = list(element["pieces"])[state["offset"] :]
+            self._offset = state["offset"]
 
 
 def _from_packed(row: dict) -> dict:
-  """grain's packer names its outputs per feature; keep one set, sum the counters."""
-  return {"tokens": row["tokens"], "targets": row["targets"], "loss_mask": row["loss_mask"],
-          "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"],
-          "stats": np.sum(np.stack(list(row["stats"])), axis=0)}
+    """grain's packer names its outputs per feature; keep one set, sum the counters."""
+    return {
+        "tokens": row["tokens"],
+        "targets": row["targets"],
+        "loss_mask": row["loss_mask"],
+        "segment_ids": row["tokens_segment_ids"],
+        "positions": row["tokens_positions"],
+        "stats": np.sum(np.stack(list(row["stats"])), axis=0),
+    }
 
 
 def _stack(rows: Sequence[dict], batch_size: int, pad: bool) -> dict:
-  """Stacks rows into a batch; when `pad`, fills it up with all-zero rows (every
-  mask 0, PAD tokens, empty prompt text) so a final partial batch keeps its shape."""
-  rows = list(rows)
-  if pad and len(rows) < batch_size:
-    blank = {k: ("" if k == "prompt_text" else np.zeros_like(v)) for k, v in rows[0].items()}
-    rows += [blank] * (batch_size - len(rows))
-  out = {}
-  for k in rows[0]:
-    if k == "stats":
-      out[k] = np.sum([r[k] for r in rows], axis=0)
-    elif k == "prompt_text":
-      out[k] = np.empty(len(rows), object)
-      out[k][:] = [r[k] for r in rows]
-    else:
-      out[k] = np.stack([r[k] for r in rows])
-  return out
+    """Stacks rows into a batch; when `pad`, fills it up with all-zero rows (every
+    mask 0, PAD tokens, empty prompt text) so a final partial batch keeps its shape."""
+    rows = list(rows)
+    if pad and len(rows) < batch_size:
+        blank = {k: ("" if k == "prompt_text" else np.zeros_like(v)) for k, v in rows[0].items()}
+        rows += [blank] * (batch_size - len(rows))
+    out = {}
+    for k in rows[0]:
+        if k == "stats":
+            out[k] = np.sum([r[k] for r in rows], axis=0)
+        elif k == "prompt_text":
+            out[k] = np.empty(len(rows), object)
+            out[k][:] = [r[k] for r in rows]
+        else:
+            out[k] = np.stack([r[k] for r in rows])
+    return out
 
 
 class BatchIterator:
-  """Iterator over this process's rows of each global batch.
+    """Iterator over this process's rows of each global batch.
 
-  `stats` holds cumulative counters (STAT_KEYS + 'batches') over emitted global
-  batches. `get_state()` is a JSON-able dict; `set_state` on a fresh iterator
-  built with the same arguments continues exactly where the saved one stopped.
-  """
+    `stats` holds cumulative counters (STAT_KEYS + 'batches') over emitted global
+    batches. `get_state()` is a JSON-able dict; `set_state` on a fresh iterator
+    built with the same arguments continues exactly where the saved one stopped.
+    """
 
-  def __init__(self, dataset: grain.IterDataset, *, global_batch_size: int,
-               process_index: int, process_count: int, description: dict):
-    self._dataset = dataset
-    self._iter = iter(dataset)
-    self.global_batch_size = global_batch_size
-    self.local_batch_size = global_batch_size // process_count
-    self._lo = process_index * self.local_batch_size
-    self.description = description  # arguments that must match on restore
-    self.stats = dict.fromkeys(STAT_KEYS + ("batches",), 0)
+    def __init__(
+        self,
+        dataset: grain.IterDataset,
+        *,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+        description: dict,
+    ):
+        self._dataset = dataset
+        self._iter = iter(dataset)
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self._lo = process_index * self.local_batch_size
+        self.description = description  # arguments that must match on restore
+        self.stats = dict.fromkeys(STAT_KEYS + ("batches",), 0)
 
-  def __iter__(self):
-    return self
+    def __iter__(self):
+        return self
 
-  def __next__(self) -> dict:
-    batch = next(self._iter)
-    for k, v in zip(STAT_KEYS, batch.pop("stats")):
-      self.stats[k] += int(v)
-    self.stats["batches"] += 1
-    return {k: v[self._lo:self._lo + self.local_batch_size] for k, v in batch.items()}
+    def __next__(self) -> dict:
+        batch = next(self._iter)
+        for k, v in zip(STAT_KEYS, batch.pop("stats")):
+            self.stats[k] += int(v)
+        self.stats["batches"] += 1
+        return {k: v[self._lo : self._lo + self.local_batch_size] for k, v in batch.items()}
 
-  def get_state(self) -> dict:
-    return {"grain": self._iter.get_state(), "stats": dict(self.stats),
-            "description": self.description}
+    def get_state(self) -> dict:
+        return {"grain": self._iter.get_state(), "stats": dict(self.stats), "description": self.description}
 
-  def set_state(self, state: dict) -> None:
-    saved = state.get("description")
-    if saved is not None and saved != self.description:
-      diff = {k: (saved.get(k), v) for k, v in self.description.items() if saved.get(k) != v}
-      raise ValueError(f"data iterator state was saved with different settings (saved, now): {diff}")
-    self._iter.set_state(state["grain"])
-    self.stats = {k: int(v) for k, v in state["stats"].items()}
+    def set_state(self, state: dict) -> None:
+        saved = state.get("description")
+        if saved is not None and saved != self.description:
+            diff = {k: (saved.get(k), v) for k, v in self.description.items() if saved.get(k) != v}
+            raise ValueError(f"data iterator state was saved with different settings (saved, now): {diff}")
+        self._iter.set_state(state["grain"])
+        self.stats = {k: int(v) for k, v in state["stats"].items()}
 
-  def close(self) -> None:
-    """Stops grain's read-ahead threads."""
-    self._iter.close()
+    def close(self) -> None:
+        """Stops grain's read-ahead threads."""
+        self._iter.close()
 
 
-def _make(source, example_fn: Callable[[dict], dict], *, global_batch_size: int, seed: int,
-          process_index: int, process_count: int, num_epochs: int | None, shuffle: bool,
-          pack_len: int | None = None, pad_final: bool = False, description: dict) -> BatchIterator:
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"process_count={process_count}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-  if len(source) == 0:
-    raise ValueError("the data source is empty")
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
-  ds = grain.MapDataset.source(source)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)  # re-shuffled differently in each epoch by repeat()
-  # Threads tokenise ahead of the consumer, about two global batches' worth.
-  read = grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(32, 2 * global_batch_size))
-  ds = ds.repeat(num_epochs).map(example_fn).to_iter_dataset(read)
-  ds = _UnrollIterDataset(ds, max_consecutive_skips=len(source))
-  if pack_len is not None:
-    lengths = {"tokens": pack_len, "targets": pack_len, "loss_mask": pack_len}
-    # One packing round fills exactly one global batch of bins.
-    ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=lengths, num_packing_bins=global_batch_size, shuffle_bins=False,
-        meta_features=("stats",))
-    ds = ds.map(_from_packed)
-  ds = ds.batch(global_batch_size, drop_remainder=not pad_final,
-                batch_fn=functools.partial(_stack, batch_size=global_batch_size, pad=pad_final))
-  description = dict(description, global_batch_size=global_batch_size, seed=seed,
-                     num_epochs=num_epochs, shuffle=shuffle, num_examples=len(source))
-  return BatchIterator(ds, global_batch_size=global_batch_size, process_index=process_index,
-                       process_count=process_count, description=description)
+def _make(
+    source,
+    example_fn: Callable[[dict], dict],
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    num_epochs: int | None,
+    shuffle: bool,
+    pack_len: int | None = None,
+    pad_final: bool = False,
+    description: dict,
+) -> BatchIterator:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if len(source) == 0:
+        raise ValueError("the data source is empty")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)  # re-shuffled differently in each epoch by repeat()
+    # Threads tokenise ahead of the consumer, about two global batches' worth.
+    read = grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(32, 2 * global_batch_size))
+    ds = ds.repeat(num_epochs).map(example_fn).to_iter_dataset(read)
+    ds = _UnrollIterDataset(ds, max_consecutive_skips=len(source))
+    if pack_len is not None:
+        lengths = {"tokens": pack_len, "targets": pack_len, "loss_mask": pack_len}
+        # One packing round fills exactly one global batch of bins.
+        ds = grain.experimental.FirstFitPackIterDataset(
+            ds, length_struct=lengths, num_packing_bins=global_batch_size, shuffle_bins=False, meta_features=("stats",)
+        )
+        ds = ds.map(_from_packed)
+    ds = ds.batch(
+        global_batch_size,
+        drop_remainder=not pad_final,
+        batch_fn=functools.partial(_stack, batch_size=global_batch_size, pad=pad_final),
+    )
+    description = dict(
+        description,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+        num_examples=len(source),
+    )
+    return BatchIterator(
+        ds,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        description=description,
+    )
 
 
 def _check_row(source, fields: Sequence[str], what: str):
-  row = source[0]
-  missing = [f for f in fields if f not in row]
-  if missing:
-    raise ValueError(f"{what} needs rows with fields {list(fields)}; the source's rows "
-                     f"have {sorted(row)} (missing {missing})")
+    row = source[0]
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise ValueError(
+            f"{what} needs rows with fields {list(fields)}; the source's rows have {sorted(row)} (missing {missing})"
+        )
 
 
 # ---------------------------------------------------------------------------
 # Public iterators.
 
 
-def lm_batches(source, tokenizer, *, global_batch_size: int, seed: int, seq_len: int,
-               kind: str = "text", max_prompt_len: int | None = None,
-               max_response_len: int | None = None, pack: bool = True,
-               process_index: int = 0, process_count: int = 1,
-               num_epochs: int | None = None, shuffle: bool = True,
-               _pad_final: bool = False) -> BatchIterator:
-  """Language-model batches for pretraining ('text') or SFT ('demonstrations').
+def lm_batches(
+    source,
+    tokenizer,
+    *,
+    global_batch_size: int,
+    seed: int,
+    seq_len: int,
+    kind: str = "text",
+    max_prompt_len: int | None = None,
+    max_response_len: int | None = None,
+    pack: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    _pad_final: bool = False,
+) -> BatchIterator:
+    """Language-model batches for pretraining ('text') or SFT ('demonstrations').
 
-  Yields {tokens, targets, segment_ids, positions: int32[b, seq_len],
-  loss_mask: float32[b, seq_len]}, b = global_batch_size // process_count.
-  targets[t] is the label of tokens[t]; with `pack`, several examples share a row
-  (segment_ids 1, 2, ..., 0 = padding; positions restart at 0 per example) and no
-  target or position crosses an example boundary. See `lm_example` for truncation.
-  """
-  if kind not in ("text", "demonstrations"):
-    raise ValueError(f"lm_batches kind must be 'text' or 'demonstrations', got {kind!r}")
-  if seq_len < 1:
-    raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-  if max_prompt_len is not None and max_prompt_len < 1:
-    raise ValueError(f"max_prompt_len must be >= 1 (it counts BOS), got {max_prompt_len}")
-  if max_response_len is not None and max_response_len < 1:
-    raise ValueError(f"max_response_len must be >= 1, got {max_response_len}")
-  _check_row(source, ["text"] if kind == "text" else ["prompt", "response"], f"lm_batches(kind={kind!r})")
-  example = functools.partial(lm_example, tok=tokenizer, kind=kind, seq_len=seq_len,
-                              max_prompt_len=max_prompt_len, max_response_len=max_response_len)
-  if pack:
-    fn = example
-  else:
-    def fn(row):
-      out = example(row)
-      return dict(out, pieces=[_pad_lm(p, seq_len) for p in out["pieces"]])
-  return _make(source, fn, global_batch_size=global_batch_size, seed=seed,
-               process_index=process_index, process_count=process_count,
-               num_epochs=num_epochs, shuffle=shuffle, pack_len=seq_len if pack else None,
-               pad_final=_pad_final,
-               description=dict(kind=kind, seq_len=seq_len, max_prompt_len=max_prompt_len,
-                                max_response_len=max_response_len, pack=pack,
-                                vocab_size=tokenizer.vocab_size))
+    Yields {tokens, targets, segment_ids, positions: int32[b, seq_len],
+    loss_mask: float32[b, seq_len]}, b = global_batch_size // process_count.
+    targets[t] is the label of tokens[t]; with `pack`, several examples share a row
+    (segment_ids 1, 2, ..., 0 = padding; positions restart at 0 per example) and no
+    target or position crosses an example boundary. See `lm_example` for truncation.
+    """
+    if kind not in ("text", "demonstrations"):
+        raise ValueError(f"lm_batches kind must be 'text' or 'demonstrations', got {kind!r}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if max_prompt_len is not None and max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be >= 1 (it counts BOS), got {max_prompt_len}")
+    if max_response_len is not None and max_response_len < 1:
+        raise ValueError(f"max_response_len must be >= 1, got {max_response_len}")
+    _check_row(source, ["text"] if kind == "text" else ["prompt", "response"], f"lm_batches(kind={kind!r})")
+    example = functools.partial(
+        lm_example,
+        tok=tokenizer,
+        kind=kind,
+        seq_len=seq_len,
+        max_prompt_len=max_prompt_len,
+        max_response_len=max_response_len,
+    )
+    if pack:
+        fn = example
+    else:
 
+        def fn(row):
+            out = example(row)
+            return dict(out, pieces=[_pad_lm(p, seq_len) for p in out["pieces"]])
 
-def comparison_batches(source, tokenizer, *, global_batch_size: int, seed: int, seq_len: int,
-                       max_prompt_len: int, max_k: int = 9, process_index: int = 0,
-                       process_count: int = 1, num_epochs: int | None = None,
-                       shuffle: bool = True, _pad_final: bool = False) -> BatchIterator:
-  """Reward-model batches, one prompt with all its completions per row.
-
-  Yields tokens, segment_ids, positions: int32[b, max_k, seq_len];
-  last_index, ranks: int32[b, max_k]; valid: float32[b, max_k].
-  Prompts whose ranks are all equal (no untied pair) are skipped and counted.
-  """
-  if not 1 <= max_prompt_len < seq_len:
-    raise ValueError(f"need 1 <= max_prompt_len < seq_len (room for the EOS), got "
-                     f"max_prompt_len={max_prompt_len}, seq_len={seq_len}")
-  if max_k < 2:
-    raise ValueError(f"max_k must be >= 2, got {max_k}")
-  _check_row(source, ["prompt", "completions", "ranks"], "comparison_batches")
-  fn = functools.partial(comparison_example, tok=tokenizer, seq_len=seq_len,
-                         max_prompt_len=max_prompt_len, max_k=max_k)
-  return _make(source, fn, global_batch_size=global_batch_size, seed=seed,
-               process_index=process_index, process_count=process_count,
-               num_epochs=num_epochs, shuffle=shuffle, pad_final=_pad_final,
-               description=dict(kind="comparisons", seq_len=seq_len, max_prompt_len=max_prompt_len,
-                                max_k=max_k, vocab_size=tokenizer.vocab_size))
-
-
-def prompt_batches(source, tokenizer, *, global_batch_size: int, seed: int, max_prompt_len: int,
-                   process_index: int = 0, process_count: int = 1,
-                   num_epochs: int | None = None, shuffle: bool = True,
-                   _pad_final: bool = False) -> BatchIterator:
-  """PPO / evaluation prompts: prompt_tokens, prompt_mask int32[b, max_prompt_len]
-  (LEFT-padded BOS + prompt, mask 1 on real tokens) and prompt_text object[b] (str)."""
-  if max_prompt_len < 1:
-    raise ValueError(f"max_prompt_len must be >= 1 (it counts BOS), got {max_prompt_len}")
-  _check_row(source, ["prompt"], "prompt_batches")
-  fn = functools.partial(prompt_example, tok=tokenizer, max_prompt_len=max_prompt_len)
-  return _make(source, fn, global_batch_size=global_batch_size, seed=seed,
-               process_index=process_index, process_count=process_count,
-               num_epochs=num_epochs, shuffle=shuffle, pad_final=_pad_final,
-               description=dict(kind="prompts", max_prompt_len=max_prompt_len,
-                                vocab_size=tokenizer.vocab_size))
+    return _make(
+        source,
+        fn,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+        pack_len=seq_len if pack else None,
+        pad_final=_pad_final,
+        description=dict(
+            kind=kind,
+            seq_len=seq_len,
+            max_prompt_len=max_prompt_len,
+            max_response_len=max_response_len,
+            pack=pack,
+            vocab_size=tokenizer.vocab_size,
+        ),
+    )
 
 
-_ITERATORS = {"prompts": prompt_batches, "comparisons": comparison_batches,
-              "demonstrations": functools.partial(lm_batches, kind="demonstrations"),
-              "text": functools.partial(lm_batches, kind="text")}
+def comparison_batches(
+    source,
+    tokenizer,
+    *,
+    global_batch_size: int,
+    seed: int,
+    seq_len: int,
+    max_prompt_len: int,
+    max_k: int = 9,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    _pad_final: bool = False,
+) -> BatchIterator:
+    """Reward-model batches, one prompt with all its completions per row.
+
+    Yields tokens, segment_ids, positions: int32[b, max_k, seq_len];
+    last_index, ranks: int32[b, max_k]; valid: float32[b, max_k].
+    Prompts whose ranks are all equal (no untied pair) are skipped and counted.
+    """
+    if not 1 <= max_prompt_len < seq_len:
+        raise ValueError(
+            f"need 1 <= max_prompt_len < seq_len (room for the EOS), got "
+            f"max_prompt_len={max_prompt_len}, seq_len={seq_len}"
+        )
+    if max_k < 2:
+        raise ValueError(f"max_k must be >= 2, got {max_k}")
+    _check_row(source, ["prompt", "completions", "ranks"], "comparison_batches")
+    fn = functools.partial(
+        comparison_example, tok=tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len, max_k=max_k
+    )
+    return _make(
+        source,
+        fn,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+        pad_final=_pad_final,
+        description=dict(
+            kind="comparisons",
+            seq_len=seq_len,
+            max_prompt_len=max_prompt_len,
+            max_k=max_k,
+            vocab_size=tokenizer.vocab_size,
+        ),
+    )
 
 
-def eval_batches(source, tokenizer, *, global_batch_size: int, kind: str = "prompts",
-                 process_index: int = 0, process_count: int = 1, **lengths) -> BatchIterator:
-  """One ordered pass over `source` for evaluation, for any kind ('prompts',
-  'comparisons', 'demonstrations', 'text'; lengths as in the matching iterator).
+def prompt_batches(
+    source,
+    tokenizer,
+    *,
+    global_batch_size: int,
+    seed: int,
+    max_prompt_len: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    _pad_final: bool = False,
+) -> BatchIterator:
+    """PPO / evaluation prompts: prompt_tokens, prompt_mask int32[b, max_prompt_len]
+    (LEFT-padded BOS + prompt, mask 1 on real tokens) and prompt_text object[b] (str)."""
+    if max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be >= 1 (it counts BOS), got {max_prompt_len}")
+    _check_row(source, ["prompt"], "prompt_batches")
+    fn = functools.partial(prompt_example, tok=tokenizer, max_prompt_len=max_prompt_len)
+    return _make(
+        source,
+        fn,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+        pad_final=_pad_final,
+        description=dict(kind="prompts", max_prompt_len=max_prompt_len, vocab_size=tokenizer.vocab_size),
+    )
 
-  The final partial batch is filled with padding rows whose masks are all 0
-  (prompt_mask / valid / loss_mask and segment_ids), so every example is seen
-  exactly once (skipped ones excepted, as in training) and shapes never change.
-  """
-  if kind not in _ITERATORS:
-    raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(_ITERATORS)}")
-  return _ITERATORS[kind](source, tokenizer, global_batch_size=global_batch_size, seed=0,
-                          process_index=process_index, process_count=process_count,
-                          num_epochs=1, shuffle=False, _pad_final=True, **lengths)
+
+_ITERATORS = {
+    "prompts": prompt_batches,
+    "comparisons": comparison_batches,
+    "demonstrations": functools.partial(lm_batches, kind="demonstrations"),
+    "text": functools.partial(lm_batches, kind="text"),
+}
+
+
+def eval_batches(
+    source,
+    tokenizer,
+    *,
+    global_batch_size: int,
+    kind: str = "prompts",
+    process_index: int = 0,
+    process_count: int = 1,
+    **lengths,
+) -> BatchIterator:
+    """One ordered pass over `source` for evaluation, for any kind ('prompts',
+    'comparisons', 'demonstrations', 'text'; lengths as in the matching iterator).
+
+    The final partial batch is filled with padding rows whose masks are all 0
+    (prompt_mask / valid / loss_mask and segment_ids), so every example is seen
+    exactly once (skipped ones excepted, as in training) and shapes never change.
+    """
+    if kind not in _ITERATORS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(_ITERATORS)}")
+    return _ITERATORS[kind](
+        source,
+        tokenizer,
+        global_batch_size=global_batch_size,
+        seed=0,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=1,
+        shuffle=False,
+        _pad_final=True,
+        **lengths,
+    )
