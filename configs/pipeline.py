@@ -40,7 +40,10 @@ def get_config(arg: str = "default"):
     config.seed = 0            # one seed for the synthetic world, every stage, sampling and evaluation
 
     config.world = ml_collections.ConfigDict(dict(
-        labeler_noise=0.57,    # Gumbel scale of the labeler's rankings: ~73 % agreement (synthetic.DEFAULT_NOISE)
+        labeler_agreement=0.73,  # > 0: set the ranking noise so that the labeler agrees with its noiseless self
+                                 # on this fraction of the SFT sample pairs it ranks (paper: ~73 % inter-annotator)
+        labeler_noise=0.57,    # Gumbel scale of the rankings when labeler_agreement is 0 (synthetic.DEFAULT_NOISE:
+                               # ~73 % agreement on synthetic's mixed completion sets, ~62 % on SFT samples)
         harm_penalty=1.0,      # utility lost by an answer with a forbidden word (synthetic.HARM_PENALTY)
         k_min=4,               # fewest completions ranked per prompt (paper: K = 4..9)
         k_max=9,               # most completions ranked per prompt

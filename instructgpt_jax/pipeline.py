@@ -17,6 +17,7 @@ naming the step and the keys, and nothing is touched.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -109,6 +110,35 @@ def write_data(config, out: str) -> None:
     train_tokenizer(texts, path("tokenizer.model"), vocab_size=config.pretrain.model.vocab_size, seed=seed)
 
 
+def rank_all(labeler: synthetic.Labeler, utilities: list[list[float]], answers: list[list[str]], seed: int):
+    """The labeler's noisy ranks of each prompt's answers (given their noiseless utilities), and the pairwise
+    agreement with the noiseless labeler (over pairs it strictly orders; a noisy tie counts half), as
+    `synthetic.agreement_rate` measures it."""
+    rng = random.Random(f"ranks/{seed}")  # the same draws for every noise level: calibration is monotone
+    ranks, agree, total = [], 0.0, 0
+    for utils, ans in zip(utilities, answers):
+        clean, noisy = synthetic.dense_ranks(utils), synthetic.dense_ranks(labeler.noisy_utilities(utils, ans, rng))
+        ranks.append(noisy)
+        for i, j in itertools.combinations(range(len(ans)), 2):
+            if clean[i] != clean[j]:
+                total += 1
+                agree += 0.5 if noisy[i] == noisy[j] else float((clean[i] < clean[j]) == (noisy[i] < noisy[j]))
+    return ranks, agree / max(total, 1)
+
+
+def calibrate_noise(target: float, utilities, answers, seed: int) -> float:
+    """Gumbel scale at which the labeler agrees with its noiseless self on `target` of these pairs (bisection).
+    SFT samples differ less than `synthetic`'s mixed completion sets, so the same agreement needs less noise."""
+    lo, hi = 0.0, 4.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if rank_all(synthetic.Labeler(mid), utilities, answers, seed)[1] > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
     """K samples per prompt from the SFT model (K uniform in k_min..k_max), ranked by the noisy labeler on
     the parsed answers. The raw completions are stored: the RM must score what PPO will sample."""
@@ -118,23 +148,31 @@ def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
     model, params, tok = evaluate.load_lm(sft_dir, mesh)
     sampler = sampling.make_sampler(model, max_new_tokens=c.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                     temperature=c.temperature)
-    labeler = synthetic.Labeler(w.labeler_noise, seed=config.seed, harm_penalty=w.harm_penalty)
     rng = random.Random(f"comparisons/{config.seed}")
-    stats = {}
+    splits = {}
     for i, split in enumerate(("train", "eval")):
         prompts = [r["prompt"] for r in read_jsonl(os.path.join(data_dir, f"comparison_prompts_{split}.jsonl"))]
         tiled = [p for p in prompts for _ in range(w.k_max)]
         texts = evaluate.generate(sampler, params, tok, tiled, max_prompt_len=c.max_prompt_len,
                                   batch_size=c.batch_size, seed=config.seed + i, mesh=mesh)["texts"]
-        rows = []
-        for j, p in enumerate(prompts):
-            comps = texts[j * w.k_max: j * w.k_max + rng.randint(w.k_min, w.k_max)]
-            ranks = labeler.rank(p, [synthetic.parse_answer(x) for x in comps], rng)
-            rows.append({"prompt": p, "completions": comps, "ranks": ranks})
-        synthetic.write_jsonl(os.path.join(out, f"comparisons_{split}.jsonl"), rows)
-        stats[split] = {"prompts": len(rows), "all_tied": sum(len(set(r["ranks"])) < 2 for r in rows),
-                        "mean_k": sum(len(r["completions"]) for r in rows) / len(rows)}
+        comps = [texts[j * w.k_max: j * w.k_max + rng.randint(w.k_min, w.k_max)] for j in range(len(prompts))]
+        answers = [[synthetic.parse_answer(x) for x in cs] for cs in comps]
+        utils = [[synthetic.utility(p, a, w.harm_penalty) for a in ans] for p, ans in zip(prompts, answers)]
+        splits[split] = (prompts, comps, answers, utils)
+    noise = w.labeler_noise
+    if w.labeler_agreement > 0:
+        noise = calibrate_noise(w.labeler_agreement, splits["train"][3], splits["train"][2], config.seed)
+    labeler = synthetic.Labeler(noise, seed=config.seed, harm_penalty=w.harm_penalty)
+    stats = {"labeler_noise": noise}
+    for i, (split, (prompts, comps, answers, utils)) in enumerate(splits.items()):
+        ranks, agreement = rank_all(labeler, utils, answers, config.seed + i)
+        synthetic.write_jsonl(os.path.join(out, f"comparisons_{split}.jsonl"),
+                              [{"prompt": p, "completions": cs, "ranks": r} for p, cs, r in zip(prompts, comps, ranks)])
+        stats[split] = {"prompts": len(prompts), "agreement": agreement, "mean_k": sum(map(len, comps)) / len(comps),
+                        "all_tied": sum(len(set(r)) < 2 for r in ranks)}
     checkpoints.write_json_atomic(os.path.join(out, "stats.json"), stats)
+    log(f"comparisons: labeler noise {noise:.3f}, agreement with the noiseless labeler "
+        f"{stats['train']['agreement']:.1%} (train) / {stats['eval']['agreement']:.1%} (eval)")
 
 
 def run_eval(config, workdir: str) -> None:
@@ -144,10 +182,12 @@ def run_eval(config, workdir: str) -> None:
     exports = {"base": sub("pretrain"), "sft": sub("sft"), "ppo": os.path.join(sub("ppo"), policy),
                "ppo_ptx": os.path.join(sub("ppo_ptx"), policy)}
     w = config.world
+    with open(sub("comparisons/stats.json")) as f:
+        noise = json.load(f)["labeler_noise"]  # the comparisons' labeler, for config.eval.noisy_judge
     results = evaluate.evaluate(
         exports, sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))],
         heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))],
-        labeler=synthetic.Labeler(w.labeler_noise, seed=config.seed + 7, harm_penalty=w.harm_penalty),
+        labeler=synthetic.Labeler(noise, seed=config.seed + 7, harm_penalty=w.harm_penalty),
         cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh), seed=config.seed,
         rm_seq_len=config.rm.data.seq_len, rm_max_prompt_len=config.rm.data.max_prompt_len)
     evaluate.write_report(results, workdir, {n: train_lib.read_metrics(sub(n)) for n in ("ppo", "ppo_ptx")})

@@ -88,9 +88,10 @@ def logical_to_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, what: str 
             axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
             n = math.prod(mesh.shape[a] for a in axes)
             if size % n:
+                hint = (f" or round config.model.vocab_size up to a multiple of {n}" if spec[dim] == "vocab" else "")
                 raise ValueError(
                     f"{what}{jax.tree_util.keystr(path)}: dimension {dim} (logical axis {spec[dim]!r}) has size "
-                    f"{size}, which mesh axis {'x'.join(axes)} of size {n} does not divide; change config.mesh")
+                    f"{size}, which mesh axis {'x'.join(axes)} of size {n} does not divide; change config.mesh{hint}")
         return NamedSharding(mesh, mesh_spec)
     return jax.tree_util.tree_map_with_path(one, logical_specs, shapes, is_leaf=lambda x: isinstance(x, P) or x is None)
 

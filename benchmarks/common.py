@@ -1,0 +1,150 @@
+"""Pieces every benchmark shares: the machine line, thread settings, identical weights in both
+frameworks, alternating timing and the markdown table.
+
+Timing protocol (all benchmarks): every contender is compiled / warmed up first, then the
+contenders run alternately, one repetition each in turn (the order flips every repetition), so
+that drift in the machine's load hits all of them alike. Tables give the median and the min-max
+spread over the repetitions.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+def cpu_count() -> int:
+    """Cores this process may run on: XLA:CPU sizes its intra-op thread pool to this."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def set_torch_threads():
+    """Give torch the same number of intra-op threads as XLA uses (one per available core)."""
+    import torch
+    n = cpu_count()
+    torch.set_num_threads(n)
+    return n
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(torch_too: bool = True) -> str:
+    parts = [f"{cpu_model()}, {cpu_count()} cores", f"jax {jax.__version__} ({jax.devices()[0].platform})"]
+    if torch_too:
+        import torch
+        import transformers
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                     f"transformers {transformers.__version__}")
+    try:
+        parts.append(f"load avg {os.getloadavg()[0]:.1f}")
+    except OSError:
+        pass
+    return "machine: " + " | ".join(parts)
+
+
+def model_line(cfg) -> str:
+    return (f"{cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, mlp {cfg.mlp_dim}, "
+            f"vocab {cfg.vocab_size}, float32")
+
+
+# ----------------------------------------------------------------------------- models
+
+def model_config(preset: str, **overrides):
+    """Our ModelConfig for a preset name ('tiny' = the ModelConfig defaults' preset, 'gpt2' = GPT-2 124M)."""
+    import dataclasses
+    from instructgpt_jax import config_lib
+    from instructgpt_jax.models import ModelConfig
+    cfg = ModelConfig.from_config(config_lib.model_config(preset))
+    return dataclasses.replace(cfg, **overrides)
+
+
+def random_params(model, seed: int = 0):
+    """Plain (unboxed) float32 params of our model."""
+    import flax.linen as nn
+    return jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 4), jnp.int32))["params"]))(
+        jax.random.PRNGKey(seed))
+
+
+def to_transformers(model, params, tmpdir: str, head: str = "lm"):
+    """The same weights as a transformers model: `hf.save_pretrained` to `tmpdir`, then `from_pretrained`.
+
+    head 'lm': GPT2LMHeadModel. head 'scalar' (our reward / value model): GPT2ForSequenceClassification
+    with num_labels 1, whose `score` is a Linear(d_model, 1) *without* bias (our scalar head's bias is
+    dropped; it only shifts every value by a constant, which the benchmark does not care about).
+    """
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+    from instructgpt_jax import hf
+    if head == "lm":
+        hf.save_pretrained(model, params, tmpdir)
+        return transformers.GPT2LMHeadModel.from_pretrained(tmpdir, dtype=torch.float32)
+    hf.save_pretrained(model, params, tmpdir, trunk_only=True)
+    base = transformers.GPT2Model.from_pretrained(tmpdir, dtype=torch.float32)
+    config = transformers.GPT2Config.from_pretrained(tmpdir, num_labels=1, pad_token_id=0)
+    out = transformers.GPT2ForSequenceClassification(config)
+    out.transformer.load_state_dict(base.state_dict())
+    score = load_file(os.path.join(tmpdir, hf.SCORE_FILE))
+    with torch.no_grad():
+        out.score.weight.copy_(torch.from_numpy(score["score.weight"]))
+    return out.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_alternately(fns: dict[str, Callable[[int], object]], reps: int) -> dict[str, list[float]]:
+    """Run each `fn(rep)` `reps` times, one of each in turn (order reversed on odd repetitions).
+
+    Each fn must block until its work is done. Returns name -> list of wall seconds.
+    """
+    names = list(fns)
+    times = {n: [] for n in names}
+    for rep in range(reps):
+        for n in (names if rep % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[n](rep)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def cell(xs, fmt: str = "{:,.0f}") -> str:
+    """'median (min-max)'."""
+    return f"{fmt.format(median(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+
+
+def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def block(x):
+    return jax.block_until_ready(x)

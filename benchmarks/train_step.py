@@ -1,0 +1,151 @@
+"""SFT train-step throughput: our jitted step vs GPT2LMHeadModel + torch.optim.AdamW (eager, and torch.compile).
+
+    python benchmarks/train_step.py [--shapes tiny,gpt2] [--seq 128] [--batch tiny=32,gpt2=8] [--reps 5]
+                                    [--no-compile]
+
+Both frameworks train the same architecture from the SAME weights (ours are initialised randomly and
+written with `hf.save_pretrained`, then loaded by transformers): float32, dropout off, same batch of
+random tokens, loss = mean cross-entropy over the masked (response) tokens, Adam(b1 0.9, b2 0.95,
+eps 1e-8, no weight decay) with global-norm clipping at 1.0 on both sides. Ours is `sft.train_step`
+exactly as `sft.train` runs it: `jax.jit` with explicit shardings on the stage's mesh and donated
+state. torch runs with as many intra-op threads as XLA:CPU uses (one per available core).
+
+Tokens/s = batch * sequence length / step wall time. Every contender is warmed up first (for
+torch.compile that includes compilation), then they run alternately, one step each in turn.
+Prints a markdown table (median and min-max over the repetitions) and `ratio: X`, the smallest
+ours / eager ratio over the shapes.
+"""
+import argparse
+import functools
+import tempfile
+
+import common  # noqa: F401  (puts the checkout on sys.path)
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructgpt_jax import config_lib, sft, sharding, train_lib
+from instructgpt_jax.models import Transformer
+
+
+def make_batch(batch, seq, vocab, seed=0):
+    """Random rows; the first quarter of each row is 'prompt' (not trained on), the rest 'response'."""
+    rs = np.random.RandomState(seed)
+    rows = rs.randint(0, vocab, (batch, seq + 1)).astype(np.int32)
+    loss_mask = (np.arange(seq)[None] >= seq // 4).astype(np.int32).repeat(batch, 0)
+    return {"tokens": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": loss_mask,
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+            "segment_ids": np.ones((batch, seq), np.int32)}
+
+
+def ours(cfg, batch, optim_cfg):
+    """(step(rep) that blocks, params before the first step, first-step loss fn)."""
+    mesh = sharding.make_mesh(config_lib.mesh_config())
+    model = Transformer(cfg)
+    tx = train_lib.make_optimizer(optim_cfg, num_steps=10_000)
+    state = sft.init_state(model, tx, None, mesh, jax.random.PRNGKey(0))
+    state, shardings = sharding.place(state, mesh)
+    params0 = jax.tree.map(np.asarray, state["params"])  # host copy for transformers (state is donated)
+    repl = sharding.replicated(mesh)
+    step_fn = jax.jit(functools.partial(sft.train_step, model=model, tx=tx, grad_accum=1),
+                      in_shardings=(shardings, None, repl), out_shardings=(shardings, repl), donate_argnums=0)
+    gbatch = sharding.host_to_global(batch, mesh)
+    rng = jax.random.PRNGKey(1)
+    box = {"state": state}
+
+    def step(_rep):
+        with sharding.use(mesh):
+            box["state"], metrics = step_fn(box["state"], gbatch, rng)
+        return float(metrics["loss"])  # the host read blocks, as a training loop's logging would
+
+    return model, params0, step
+
+
+def theirs(model, params, batch, optim_cfg, tmpdir):
+    """(step(rep) for eager, step for torch.compile or the reason it failed) on a GPT2LMHeadModel."""
+    import torch
+    import torch.nn.functional as F
+    tmodel = common.to_transformers(model, params, tmpdir).train()
+    opt = torch.optim.AdamW(tmodel.parameters(), lr=optim_cfg.lr, betas=(optim_cfg.b1, optim_cfg.b2),
+                            eps=optim_cfg.eps, weight_decay=0.0)
+    x = torch.from_numpy(batch["tokens"]).long()
+    y = torch.from_numpy(np.where(batch["loss_mask"] == 1, batch["targets"], -100)).long()
+
+    def make_step(m):
+        def step(_rep):
+            opt.zero_grad(set_to_none=True)
+            logits = m(input_ids=x).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tmodel.parameters(), optim_cfg.grad_clip)
+            opt.step()
+            return float(loss)
+        return step
+
+    return make_step(tmodel), make_step, tmodel
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="tiny,gpt2", help="comma-separated presets (config_lib.PRESETS)")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", default="tiny=32,gpt2=8", help="per-shape batch, e.g. tiny=32,gpt2=8")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    args = parser.parse_args()
+    threads = common.set_torch_threads()
+    import torch
+    batches = dict(kv.split("=") for kv in args.batch.split(","))
+    optim_cfg = config_lib.optim_config(1e-4)
+
+    print(common.machine_line())
+    print(f"SFT train step, seq {args.seq}, float32, dropout off, {threads} threads each, {args.reps} reps "
+          f"(alternating), tokens/s = batch*seq/step time\n")
+    rows, ratios, notes = [], [], []
+    for shape in args.shapes.split(","):
+        b = int(batches.get(shape, 8))
+        cfg = common.model_config(shape, max_len=max(args.seq, common.model_config(shape).max_len))
+        batch = make_batch(b, args.seq, cfg.vocab_size)
+        model, params0, ours_step = ours(cfg, batch, optim_cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            eager_step, make_step, tmodel = theirs(model, params0, batch, optim_cfg, tmp)
+        del params0
+        # Same weights, same batch: the first losses agree (a check that both train the same model).
+        loss_ours, loss_eager = ours_step(-1), eager_step(-1)
+        fns = {"ours": ours_step, "eager": eager_step}
+        compile_note = "skipped (--no-compile)"
+        if not args.no_compile:
+            try:
+                compiled_step = make_step(torch.compile(tmodel))
+                compiled_step(-1)
+                fns["compile"] = compiled_step
+            except Exception as e:  # noqa: BLE001  (report why instead of failing the whole run)
+                compile_note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        for _ in range(args.warmup):
+            for f in fns.values():
+                f(-1)
+        times = common.time_alternately(fns, args.reps)
+        tok = b * args.seq
+        rate = {k: [tok / t for t in v] for k, v in times.items()}
+        r_eager = common.median(rate["ours"]) / common.median(rate["eager"])
+        ratios.append(r_eager)
+        comp = common.cell(rate["compile"]) if "compile" in rate else compile_note
+        r_comp = (f"{common.median(rate['ours']) / common.median(rate['compile']):.2f}x" if "compile" in rate
+                  else "n/a")
+        rows.append([f"{shape} ({cfg.num_layers}L d{cfg.d_model} V{cfg.vocab_size})", f"{b}x{args.seq}",
+                     common.cell(rate["ours"]), common.cell(rate["eager"]), comp, f"{r_eager:.2f}x", r_comp])
+        notes.append(f"{shape}: first-step loss ours {loss_ours:.5f} vs torch {loss_eager:.5f}; "
+                     f"step time ours {common.median(times['ours']) * 1e3:,.1f} ms, "
+                     f"eager {common.median(times['eager']) * 1e3:,.1f} ms")
+        del fns, ours_step, eager_step, tmodel
+    print(common.table(["shape", "batch", "ours tok/s", "torch eager tok/s", "torch.compile tok/s",
+                        "ours / eager", "ours / compile"], rows))
+    print()
+    for n in notes:
+        print("- " + n)
+    print(f"\nratio: {min(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()

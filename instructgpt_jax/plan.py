@@ -1,0 +1,303 @@
+"""Memory plan: per-device bytes of a stage on a mesh, from shapes alone (nothing is allocated).
+
+    python -m instructgpt_jax.plan --config=configs/ppo.py:175b --mesh=1,64,8 --device_memory_gb=80
+    python -m instructgpt_jax.plan --config=configs/sft.py:1.3b --mesh=1,8,1 --stage=rm
+    python -m instructgpt_jax.plan --table          # the README table
+
+Param shapes come from `jax.eval_shape(model.init)`, their per-device shards from the same
+logical-axis rules the stages use (`sharding.param_shardings`) on a `jax.sharding.AbstractMesh`,
+so any mesh can be planned on a laptop. What is counted, per device:
+
+  params       float32 (master copies; bf16 compute casts them on the fly)
+  optimizer    Adam mu + nu, float32, sharded like the params
+  gradients    float32, sharded like the params
+  kv_cache     PPO rollouts: rows x (prompt + response) x layers x 2 (k, v) x kv_heads x head_dim x
+               compute-dtype bytes; rows over the batch axes (data x fsdp), heads over tensor
+  activations  a rough estimate of what the backward pass keeps, per microbatch (see `activations`)
+               plus two layers of all-gathered params (FSDP gathers one layer at a time and prefetches)
+
+PPO-ptx holds policy (trainable), reference (params), optional policy EMA (params), reward model
+(params) and value model (trainable, RM-sized); rollout (kv_cache) and update (activations) are
+different phases, so its peak is the resident state plus the larger of the two.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import AbstractMesh
+
+from instructgpt_jax import config_lib, sharding
+from instructgpt_jax.models import ModelConfig, Transformer
+
+GIB = 2 ** 30
+HEADROOM = 0.9  # a plan fits when it needs at most 90 % of device memory (XLA scratch, fragmentation)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def stage_config(stage: str, preset: str) -> ml_collections.ConfigDict:
+    """`configs/<stage>.py:<preset>`, loaded from the repository's configs/ directory."""
+    path = os.path.join(CONFIG_DIR, f"{stage}.py")
+    spec = importlib.util.spec_from_file_location(f"_plan_config_{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def abstract_mesh(shape) -> AbstractMesh:
+    return AbstractMesh(tuple(int(s) for s in shape), sharding.MESH_AXES)
+
+
+@functools.cache
+def _abstract_params(cfg: ModelConfig, head: str):
+    """Boxed abstract params (shapes + logical axes) of a model: eval_shape once per model."""
+    model = Transformer(cfg, head=head)
+    return jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.PRNGKey(0))
+
+
+def param_shards(cfg: ModelConfig, head: str, mesh: AbstractMesh) -> tuple[int, int]:
+    """(total params, params held by one device) for `cfg` on `mesh`; raises the stages' own
+    divisibility error when a mesh axis does not divide a sharded dimension."""
+    abstract = _abstract_params(cfg, head)
+    shapes = nn.unbox(abstract)
+    shardings = sharding.logical_to_shardings(nn.get_partition_spec(abstract), shapes, mesh)
+    leaves = list(zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+    return (sum(math.prod(x.shape) for x, _ in leaves),
+            sum(math.prod(s.shard_shape(x.shape)) for x, s in leaves))
+
+
+def activations(cfg: ModelConfig, rows: int, seq: int, mesh: AbstractMesh, lm_head: bool = True) -> int:
+    """Rough bytes the backward pass keeps for `rows` sequences of `seq` tokens on one device.
+
+    Per layer and token, without remat: the two norms' inputs and outputs (4 d_model), q, k, v and
+    the attention output (4 d_model / tensor), the attention scores and probabilities
+    (2 heads x seq / tensor) and the MLP hidden before and after the activation (2 mlp / tensor),
+    in the compute dtype. remat='full' keeps only each block's input (d_model) plus one block being
+    recomputed; 'dots' keeps the projections' outputs (2 d_model + (3 d_model + mlp) / tensor) plus
+    one block. LM logits and their gradient add 2 x vocab / tensor float32 per token; with fsdp > 1,
+    two layers of all-gathered float32 params (still split over tensor) come on top.
+    """
+    t, e, h = mesh.shape["tensor"], jnp.dtype(cfg.dtype).itemsize, cfg.d_model
+    full_layer = 4 * h + (4 * h + 2 * cfg.mlp_dim + 2 * cfg.num_heads * seq) / t
+    kept = {"none": full_layer, "full": h, "dots": 2 * h + (3 * h + cfg.mlp_dim) / t}[cfg.remat]
+    layers = cfg.num_layers * kept + (0 if cfg.remat == "none" else full_layer)
+    attn = 2 * h * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)  # q, out + k, v
+    mlp = (3 if cfg.arch == "llama" else 2) * h * cfg.mlp_dim
+    gathered = 2 * 4 * (attn + mlp) / t if mesh.shape["fsdp"] > 1 else 0  # FSDP gathers a layer, prefetches the next
+    logits = 4 * 2 * cfg.vocab_size / t if lm_head else 0
+    return int(rows * seq * (e * layers + logits) + gathered)
+
+def kv_cache(cfg: ModelConfig, rows: int, length: int, tensor: int = 1) -> int:
+    """KV cache bytes on one device: `rows` sequences of `length` slots, kv heads split over `tensor`."""
+    return int(rows * length * cfg.num_layers * 2 * (cfg.num_kv_heads // tensor) * cfg.head_dim
+               * jnp.dtype(cfg.dtype).itemsize)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device bytes: `resident` parts are held throughout, `phases` at different times."""
+    stage: str
+    mesh: tuple
+    resident: dict
+    phases: dict
+    notes: list
+
+    @property
+    def total(self) -> int:
+        return sum(self.resident.values()) + max(self.phases.values(), default=0)
+
+    def fits(self, memory_gib: float) -> bool:
+        return self.total <= HEADROOM * memory_gib * GIB
+
+    def report(self, memory_gib: float) -> str:
+        d, f, t = self.mesh
+        lines = [f"{self.stage} on mesh data={d} fsdp={f} tensor={t} ({d * f * t} devices), per device:"]
+        for name, b in list(self.resident.items()) + list(self.phases.items()):
+            lines.append(f"  {name:<28} {b / GIB:10.2f} GiB")
+        verdict = "fits" if self.fits(memory_gib) else "does NOT fit"
+        lines.append(f"  {'peak':<28} {self.total / GIB:10.2f} GiB: {verdict} in {memory_gib:g} GiB "
+                     f"(using at most {HEADROOM:.0%})")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def _model(model_cfg, **overrides) -> ModelConfig:
+    return ModelConfig.from_config({**dict(model_cfg), **overrides})
+
+
+def _rows(n: int, mesh, what: str) -> int:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if n % shards:
+        raise ValueError(f"{what}={n} is not divisible by data x fsdp = {shards}: every device needs whole rows")
+    return n // shards
+
+
+def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None = None,
+         batch: int | None = None, seq_len: int | None = None, sample_batch: int | None = None,
+         micro_rows: int | None = None) -> Plan:
+    """Per-device memory of `stage` (default config.stage) for `config` on a (data, fsdp, tensor) mesh.
+
+    batch: global batch (prompts for RM and PPO); default config.train.batch_size.
+    micro_rows: rows per device per microbatch (default: the batch split over data x fsdp and
+      config.train.grad_accum). sample_batch: PPO prompts sampled at once (default the batch).
+    """
+    stage = stage or config.stage
+    stage = "sft" if stage == "pretrain" else stage
+    mesh = abstract_mesh(mesh_shape)
+    policy = _model(config.model)
+    batch = batch or config.train.batch_size
+    accum = config.train.get("grad_accum", 1)
+    resident, phases, notes = {}, {}, []
+
+    def trainable(name, cfg, head):
+        _, n = param_shards(cfg, head, mesh)
+        resident.update({f"{name} params": 4 * n, f"{name} gradients": 4 * n, f"{name} Adam mu+nu": 8 * n})
+
+    used = []
+
+    def micro(rows):  # rows per device per microbatch
+        n = -(-_rows(rows, mesh, "batch") // accum)  # checks the batch splits over data x fsdp
+        used.append(micro_rows or n)
+        return used[-1]
+
+    if stage == "sft":
+        seq = seq_len or config.data.seq_len
+        trainable("model", policy, "lm")
+        phases["activations"] = activations(policy, micro(batch), seq, mesh)
+    elif stage == "rm":
+        seq, k = seq_len or config.data.seq_len, config.data.get("max_k", 9)
+        trainable("reward model", policy, "scalar")
+        phases["activations"] = activations(policy, k * micro(batch), seq, mesh, lm_head=False)
+        notes.append(f"each prompt runs its {k} completions through the model: {k} rows per prompt")
+    elif stage == "ppo":
+        ppo = config.get("ppo", ml_collections.ConfigDict())
+        prompt = config.data.get("max_prompt_len", policy.max_len // 2)
+        seq = seq_len or prompt + ppo.get("max_new_tokens", policy.max_len - prompt)
+        rm_cfg = policy if not rm_preset else _model(  # same tokenizer, dtype and remat as the policy
+            config_lib.model_config(rm_preset), vocab_size=policy.vocab_size, dtype=policy.dtype, remat=policy.remat)
+        trainable("policy", policy, "lm")
+        resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
+        if ppo.get("ema_decay", 0.0) > 0:
+            resident["policy EMA params"] = resident["reference params"]
+        resident["reward model params"] = 4 * param_shards(rm_cfg, "scalar", mesh)[1]
+        trainable("value", rm_cfg, "scalar")
+        sample_rows = _rows(sample_batch or batch, mesh, "sample batch")
+        phases["kv_cache (rollout)"] = kv_cache(policy, sample_rows, seq, mesh.shape["tensor"])
+        minibatch, ptx = ppo.get("minibatch_size", batch), ppo.get("ptx_batch_size", 0) * (ppo.get("ptx_coef", 0) > 0)
+        phases["activations (update)"] = max(activations(policy, micro(minibatch + ptx), seq, mesh),
+                                             activations(rm_cfg, micro(minibatch), seq, mesh, lm_head=False))
+        notes.append(f"reward / value model: {rm_preset or config.model.preset}; rollout and update are "
+                     f"separate phases (peak = resident + the larger)")
+    else:
+        raise ValueError(f"stage {stage!r}: valid stages are sft, pretrain, rm, ppo")
+    notes.append(f"activations: {seq}-token rows, remat={policy.remat!r}, compute dtype {policy.dtype}, "
+                 f"batch rows per device per microbatch: {max(used)} (rough: see plan.activations)")
+    return Plan(stage, tuple(mesh_shape), resident, phases, notes)
+
+
+# ----------------------------------------------------------------------------- the README table
+
+DEVICES = {"80 GB GPU": 80, "TPU v4 (32 GiB)": 32, "TPU v5p (95 GiB)": 95}
+TABLE_STAGES = (("SFT", "sft"), ("RM", "rm"), ("PPO-ptx", "ppo"))
+
+
+def smallest_mesh(stage: str, preset: str, memory_gib: float, rm_preset: str = "6.7b", max_devices: int = 4096,
+                  max_tensor: int = 8, pad_vocab: int = 128):
+    """Smallest power-of-two (1, fsdp, tensor) mesh on which `stage` fits, preferring less tensor
+    parallelism; with remat='full', bfloat16 compute, one row (RM: one prompt) per device per microbatch
+    and PPO rollouts sampled one prompt per device at a time. Returns (mesh, plan) or None."""
+    config = stage_config(stage, preset)
+    config.model.remat, config.model.dtype = "full", "bfloat16"
+    if pad_vocab:  # tensor parallelism shards the vocab: GPT's 50257 must be padded (e.g. to 50304)
+        config.model.vocab_size = -(-config.model.vocab_size // pad_vocab) * pad_vocab
+    rm = rm_preset if stage == "ppo" else None
+    n = 1
+    while n <= max_devices:
+        for t in (1, 2, 4, 8, 16, 32):
+            if t > min(n, max_tensor):
+                break
+            f = n // t
+            try:
+                p = plan(config, (1, f, t), rm_preset=rm, micro_rows=1, sample_batch=f)
+            except ValueError:  # a dim the mesh does not divide, or the batch too small for fsdp
+                continue
+            if p.fits(memory_gib):
+                return (1, f, t), p
+        n *= 2
+    return None
+
+
+def table(presets=("1.3b", "6.7b", "175b"), rm_preset: str = "6.7b") -> str:
+    """Markdown: for each stage and policy size, the smallest mesh that fits each device."""
+    head = "| stage | policy | " + " | ".join(DEVICES) + " |"
+    lines = [head, "|" + "---|" * (2 + len(DEVICES))]
+    for label, stage in TABLE_STAGES:
+        for preset in presets:
+            cells = []
+            for mem in DEVICES.values():
+                found = smallest_mesh(stage, preset, mem, rm_preset)
+                if found is None:
+                    cells.append("does not fit")
+                else:
+                    (_, f, t), p = found
+                    cells.append(f"{f * t} = fsdp {f}" + (f" x tensor {t}" if t > 1 else "")
+                                 + f" ({p.total / GIB:.0f} GiB)")
+            model = preset + (f" (RM/value {rm_preset})" if stage == "ppo" else "")
+            lines.append(f"| {label} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if FLAGS.table:
+        print(table(rm_preset=FLAGS.rm_preset or "6.7b"))
+        return
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required (or --table)")
+    config = _CONFIG.value
+    stage = FLAGS.stage or config.stage
+    if stage != config.stage and (stage != "sft" or config.stage != "pretrain"):
+        other = stage_config(stage, config.model.preset)  # that stage's keys, this config's model
+        other.model = config.model
+        config = other
+    try:
+        mesh = tuple(int(x) for x in FLAGS.mesh.split(","))
+        if len(mesh) != 3 or min(mesh) < 1:
+            raise ValueError
+    except ValueError:
+        raise app.UsageError(f"--mesh={FLAGS.mesh!r}: expected data,fsdp,tensor, e.g. 1,64,8") from None
+    rm_preset = FLAGS.rm_preset or ("6.7b" if stage == "ppo" and not config_lib.is_cpu_preset(config.model.preset)
+                                    else None)
+    try:
+        p = plan(config, mesh, stage=stage, rm_preset=rm_preset, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
+                 sample_batch=FLAGS.sample_batch, micro_rows=FLAGS.micro_rows)
+    except ValueError as e:  # the stages' own error: this mesh would not run at all
+        raise SystemExit(f"{stage} cannot run on mesh {FLAGS.mesh}: {e}") from None
+    print(p.report(FLAGS.device_memory_gb))
+
+
+if __name__ == "__main__":  # flags only as a command: main.py defines --config too, and both get imported
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=False)
+    flags.DEFINE_string("mesh", "1,8,1", "data,fsdp,tensor mesh sizes")
+    flags.DEFINE_float("device_memory_gb", 80, "memory of one device, GiB")
+    flags.DEFINE_enum("stage", None, ["sft", "pretrain", "rm", "ppo"], "stage to plan (default config.stage)")
+    flags.DEFINE_string("rm_preset", None, "PPO: reward / value model preset (default 6.7b for full-size policies)")
+    flags.DEFINE_integer("batch", None, "global batch (prompts for RM / PPO); default config.train.batch_size")
+    flags.DEFINE_integer("seq_len", None, "tokens per row; default from config.data")
+    flags.DEFINE_integer("sample_batch", None, "PPO: prompts sampled at once (default the batch)")
+    flags.DEFINE_integer("micro_rows", None, "rows per device per microbatch (default from batch and grad_accum)")
+    flags.DEFINE_bool("table", False, "print the README table and exit")
+    app.run(main)
