@@ -27,8 +27,10 @@ Prints a markdown table (median, min-max seconds) and `ratio: X` = TRL / ours to
 at the last shape (> 1: ours is faster), or the ours-only total when TRL cannot run.
 """
 import argparse
+import contextlib
 import functools
 import importlib.util
+import io
 import os
 import tempfile
 import time
@@ -161,7 +163,8 @@ class Trl:
         data = datasets.Dataset.from_dict({"input_ids": tokens.tolist()})
 
         class Tokenizer:  # all PPOTrainer needs from a tokenizer here (no decoding: no sample generations)
-            pad_token_id, eos_token_id = 0, None
+            pad_token_id = 0
+            eos_token_id = m["policy"].cfg.vocab_size - 1  # only counted in its metrics (stop_token=None)
 
         collate = lambda rows: {"input_ids": torch.tensor([r["input_ids"] for r in rows])}  # noqa: E731
         self.trainer = PPOTrainer(args=args, processing_class=Tokenizer(), model=policy, ref_model=ref,
@@ -196,7 +199,8 @@ class Trl:
     def iteration(self, rep):
         self.marks.clear()
         t0 = time.perf_counter()
-        self.trainer.train()
+        with contextlib.redirect_stdout(io.StringIO()):  # its '===training policy===' banner
+            self.trainer.train()
         t1 = time.perf_counter()
         mk = self.marks
         if rep >= 0:
@@ -243,7 +247,7 @@ def main():
     print(f"PPO iteration: {args.batch} rollouts of prompt {args.prompt} + response {args.response} (full length), "
           f"minibatch {args.minibatch}, {args.epochs} epoch(s), no ptx, float32, {threads} threads each, "
           f"{args.reps} reps (alternating); seconds\n")
-    rows, ratio = [], None
+    rows, ratio, reasons = [], None, []
     for shape in args.shapes.split(","):
         config = ppo_config(shape, args)
         cfg = common.model_config(shape)
@@ -273,6 +277,7 @@ def main():
                                                                                       "total")])
             else:
                 rows.append([label, name, reason, "", "", ""])
+                reasons.append(f"{shape}: {reason}")
         if "TRL" in runners:
             ratio = common.median(runners["TRL"].phases["total"]) / common.median(ours.phases["total"])
             rows.append([label, "TRL / ours"] + [
@@ -283,8 +288,8 @@ def main():
     if ratio is not None:
         print(f"\nratio: {ratio:.2f}")
     else:
-        print(f"\nTRL: {trl_reason}")
-        print(f"ratio: n/a")
+        print("\nTRL: " + "; ".join(reasons))
+        print("ratio: n/a")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def get_config(arg: str = "default"):
     ))
 
     config.comparisons = ml_collections.ConfigDict(dict(
-        temperature=1.0,                  # SFT sampling temperature for the completions the labeler ranks
+        temperatures=(1.0,),              # SFT sampling temperatures, cycled over each prompt's K completions
         max_prompt_len=prompt_len,        # prompt tokens (left-padded)
         max_new_tokens=new_tokens,        # completion length limit
         batch_size=72 if smoke else 576,  # rows per sampler call (a multiple of k_max: whole prompts)

@@ -13,19 +13,21 @@ import ml_collections
 # heads * d_head == d_model and every width shards evenly over 8 devices:
 #   1.3B uses 16 heads of 128 (the paper lists 24 heads of 128 with d_model 2048);
 #   13B uses d_model 5120 (the paper lists 5140 = 4 * 5 * 257, with 40 heads of 128).
+# Their vocabulary (GPT-2's 50257 BPE tokens) is padded to 50304 = 393 * 128 so that tensor
+# parallelism can shard it; the gpt2* rows keep 50257 to match Hugging Face checkpoints.
 PRESETS = {
     # name        arch    L    d_model heads kv  d_head  mlp     ctx   vocab
     "tiny":      ("gpt",   2,     64,   4,   4,   16,     256,   128,   512),
     "mini":      ("gpt",   4,    128,   4,   4,   32,     512,   128,   512),
     "small":     ("gpt",   6,    256,   8,   8,   32,    1024,   128,   512),
-    "125m":      ("gpt",  12,    768,  12,  12,   64,    3072,  2048, 50257),
-    "350m":      ("gpt",  24,   1024,  16,  16,   64,    4096,  2048, 50257),
-    "760m":      ("gpt",  24,   1536,  16,  16,   96,    6144,  2048, 50257),
-    "1.3b":      ("gpt",  24,   2048,  16,  16,  128,    8192,  2048, 50257),
-    "2.7b":      ("gpt",  32,   2560,  32,  32,   80,   10240,  2048, 50257),
-    "6.7b":      ("gpt",  32,   4096,  32,  32,  128,   16384,  2048, 50257),
-    "13b":       ("gpt",  40,   5120,  40,  40,  128,   20480,  2048, 50257),
-    "175b":      ("gpt",  96,  12288,  96,  96,  128,   49152,  2048, 50257),
+    "125m":      ("gpt",  12,    768,  12,  12,   64,    3072,  2048, 50304),
+    "350m":      ("gpt",  24,   1024,  16,  16,   64,    4096,  2048, 50304),
+    "760m":      ("gpt",  24,   1536,  16,  16,   96,    6144,  2048, 50304),
+    "1.3b":      ("gpt",  24,   2048,  16,  16,  128,    8192,  2048, 50304),
+    "2.7b":      ("gpt",  32,   2560,  32,  32,   80,   10240,  2048, 50304),
+    "6.7b":      ("gpt",  32,   4096,  32,  32,  128,   16384,  2048, 50304),
+    "13b":       ("gpt",  40,   5120,  40,  40,  128,   20480,  2048, 50304),
+    "175b":      ("gpt",  96,  12288,  96,  96,  128,   49152,  2048, 50304),
     # Hugging Face shapes, for hf.load_pretrained checkpoints (GPT-2: Radford et al. 2019).
     "gpt2":        ("gpt",  12,    768,  12,  12,   64,    3072,  1024, 50257),
     "gpt2-medium": ("gpt",  24,   1024,  16,  16,   64,    4096,  1024, 50257),

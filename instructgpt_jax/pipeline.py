@@ -140,21 +140,28 @@ def calibrate_noise(target: float, utilities, answers, seed: int) -> float:
 
 
 def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
-    """K samples per prompt from the SFT model (K uniform in k_min..k_max), ranked by the noisy labeler on
-    the parsed answers. The raw completions are stored: the RM must score what PPO will sample."""
+    """K samples per prompt from the SFT model (K uniform in k_min..k_max; the i-th at temperature
+    temperatures[i % len]), ranked by the noisy labeler on the parsed answers. The raw completions are
+    stored: the RM must score what PPO will sample."""
     from instructgpt_jax import sampling, sharding
     w, c = config.world, config.comparisons
     mesh = sharding.make_mesh(config.sft.mesh)
     model, params, tok = evaluate.load_lm(sft_dir, mesh)
-    sampler = sampling.make_sampler(model, max_new_tokens=c.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                    temperature=c.temperature)
+    temps = list(c.temperatures)
+    samplers = [sampling.make_sampler(model, max_new_tokens=c.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                      temperature=t) for t in temps]
     rng = random.Random(f"comparisons/{config.seed}")
     splits = {}
     for i, split in enumerate(("train", "eval")):
         prompts = [r["prompt"] for r in read_jsonl(os.path.join(data_dir, f"comparison_prompts_{split}.jsonl"))]
-        tiled = [p for p in prompts for _ in range(w.k_max)]
-        texts = evaluate.generate(sampler, params, tok, tiled, max_prompt_len=c.max_prompt_len,
-                                  batch_size=c.batch_size, seed=config.seed + i, mesh=mesh)["texts"]
+        slots = [(p, j % len(temps)) for p in prompts for j in range(w.k_max)]  # k_max samples per prompt
+        texts = [""] * len(slots)
+        for t, sampler in enumerate(samplers):
+            idx = [n for n, (_, tt) in enumerate(slots) if tt == t]
+            out_t = evaluate.generate(sampler, params, tok, [slots[n][0] for n in idx], max_prompt_len=c.max_prompt_len,
+                                      batch_size=c.batch_size, seed=config.seed + 10 * i + t, mesh=mesh)["texts"]
+            for n, text in zip(idx, out_t):
+                texts[n] = text
         comps = [texts[j * w.k_max: j * w.k_max + rng.randint(w.k_min, w.k_max)] for j in range(len(prompts))]
         answers = [[synthetic.parse_answer(x) for x in cs] for cs in comps]
         utils = [[synthetic.utility(p, a, w.harm_penalty) for a in ans] for p, ans in zip(prompts, answers)]
@@ -200,6 +207,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Step]:
     stages = stage_configs(config, workdir)
     sub = lambda s: os.path.join(workdir, s)  # noqa: E731
     world = {"seed": config.seed, "world": config.world.to_dict()}
+    as_saved = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples come back from config.json as lists)
     trainers = {"pretrain": sft.train, "sft": sft.train, "rm": rm.train, "ppo": ppo.train, "ppo_ptx": ppo.train}
 
     def stage(name):
@@ -208,14 +216,14 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Step]:
                     "export_ema/meta.json" if name.startswith("ppo") else "export/meta.json", is_stage=True)
 
     return [
-        Step("data", sub("data"), dict(world, vocab_size=config.pretrain.model.vocab_size,
-                                       eval_prompts=config.eval.num_prompts),
+        Step("data", sub("data"), as_saved(dict(world, vocab_size=config.pretrain.model.vocab_size,
+                                                eval_prompts=config.eval.num_prompts)),
              lambda: write_data(config, sub("data")), "config.json"),
         stage("pretrain"), stage("sft"),
-        Step("comparisons", sub("comparisons"), dict(world, comparisons=config.comparisons.to_dict()),
+        Step("comparisons", sub("comparisons"), as_saved(dict(world, comparisons=config.comparisons.to_dict())),
              lambda: make_comparisons(config, sub("sft"), sub("data"), sub("comparisons")), "config.json"),
         stage("rm"), stage("ppo"), stage("ppo_ptx"),
-        Step("eval", sub("eval"), dict(world, eval=config.eval.to_dict()), lambda: run_eval(config, workdir),
+        Step("eval", sub("eval"), as_saved(dict(world, eval=config.eval.to_dict())), lambda: run_eval(config, workdir),
              "config.json"),
     ]
 

@@ -139,8 +139,8 @@ def init_state(m, policy_tx, value_tx, config):
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     policy, value = copy(m["sft_params"]), copy(m["rm_params"])
     return {"step": jnp.zeros((), jnp.int32),
-            "policy": {"params": policy, "opt_state": jax.jit(policy_tx.init)(policy)},
-            "value": {"params": value, "opt_state": jax.jit(value_tx.init)(value)},
+            "policy": {"params": policy, "opt_state": sharding.init_optimizer(policy_tx, policy)},
+            "value": {"params": value, "opt_state": sharding.init_optimizer(value_tx, value)},
             "ema": copy(policy), "kl_beta": rl.kl_controller_init(config.ppo.kl_coef)}
 
 

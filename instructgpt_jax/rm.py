@@ -129,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     resuming = manager.latest_step() is not None
     params, _ = init_params(rm_model, lm_model, mesh, rng, None if resuming else sft_export)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": sharding.init_optimizer(tx, params)}
     state, state_shardings = sharding.place(state, mesh)
     if resuming:
         state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))

@@ -71,7 +71,7 @@ def init_state(model, tx, config, mesh, rng, init_from=None):
         params = checkpoints.load_export(init_from, checkpoints.abstract_like(shapes, shardings))
     else:
         params, shardings = sharding.init_sharded(init_fn, rng, mesh)
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = sharding.init_optimizer(tx, params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
 
 

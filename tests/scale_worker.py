@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, config_lib, rm, sampling, sft, sharding, train_lib
+from instructgpt_jax import checkpoints, config_lib, ppo, rm, sampling, sft, sharding, train_lib
 from instructgpt_jax.models import ModelConfig, Transformer
 
 # (data, fsdp, tensor); "ref" is the one-device run every other mesh is compared with.
@@ -110,9 +110,58 @@ def sample(mesh, params):
     return {"tokens": out["tokens"].tolist(), "logits": out["logits"].tolist()}
 
 
-# --- PPO: the lead adds `run_ppo(mesh) -> {"losses": [...], "shards": shard_shapes(state)}` here and
-# `results["ppo"][name] = run_ppo(mesh)` in the mesh loop of main(); test_scale.py's parametrized
-# tests pick "ppo" up from the JSON.
+def _ppo_config():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ppo.py")
+    spec = importlib.util.spec_from_file_location("ppo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.ppo.ptx_coef = 0.5
+    return config
+
+
+def ppo_sample(seed, p=8, n=8):
+    """A fixed 'sampled' batch: left-padded prompts, responses of random lengths (what the sampler returns)."""
+    r = np.random.RandomState(seed)
+    prompt_mask = np.ones((B, p), np.int32)
+    prompt_mask[::2, :3] = 0
+    lengths = r.randint(1, n + 1, B).astype(np.int32)
+    response_mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+    tokens = r.randint(4, 512, (B, p + n)).astype(np.int32)
+    tokens[:, :p] *= prompt_mask
+    tokens[:, p:] = (tokens[:, p:] * response_mask).astype(np.int32)
+    return {"tokens": tokens, "prompt_mask": prompt_mask, "response_mask": response_mask, "lengths": lengths,
+            "ended": lengths < n}
+
+
+def run_ppo(mesh, host, lm, rm_model):
+    """PPO-ptx: rollout statistics and STEPS update steps (policy, value, ptx, EMA) on `mesh`."""
+    config = _ppo_config()
+    _, lm_shardings = sharding.param_shardings(init_fn(lm), mesh)
+    _, rm_shardings = sharding.param_shardings(init_fn(rm_model), mesh)
+    m = {"sft_params": jax.device_put(host["sft"], lm_shardings), "rm_params": jax.device_put(host["rm"], rm_shardings)}
+    state, shardings = sharding.place(ppo.init_state(m, TX, TX, config), mesh)
+    repl = sharding.replicated(mesh)
+    stats = jax.jit(functools.partial(ppo.rollout_stats, policy=lm, value_model=rm_model, rm_model=rm_model,
+                                      rm_bias=0.1, cfg=config.ppo))
+    update = jax.jit(functools.partial(ppo.update_step, policy=lm, value_model=rm_model, policy_tx=TX, value_tx=TX,
+                                       cfg=config.ppo, prompt_len=8),
+                     in_shardings=(shardings, None, None, None, repl), out_shardings=(shardings, repl),
+                     donate_argnums=0)
+    shards = shard_shapes(state["policy"])
+    losses = []
+    with sharding.use(mesh):
+        sample = sharding.global_from_full(ppo_sample(0), mesh)
+        batch, _ = stats(state["policy"]["params"], m["sft_params"], state["value"]["params"], m["rm_params"],
+                         sample, state["kl_beta"])
+        ptx = sharding.global_from_full(sft_batch(5), mesh)
+        for i in range(STEPS):
+            idx = jnp.asarray(np.random.RandomState(i).permutation(B))
+            state, met = update(state, batch, idx, ptx, jax.random.PRNGKey(i))
+            losses.append(float(met["pg_loss"]) + float(met["value_loss"]) + float(met["ptx_loss"]))
+    return {"losses": losses, "shards": shards}
 
 
 def max_diff(a, b):
@@ -129,7 +178,7 @@ def error_of(fn):
 
 
 def main(ckpt_dir):
-    results = {"devices": jax.device_count(), "sft": {}, "rm": {}, "sampler": {}, "params_diff": {},
+    results = {"devices": jax.device_count(), "sft": {}, "rm": {}, "ppo": {}, "sampler": {}, "params_diff": {},
                "init_diff": {}}
     lm, rm_model = Transformer(CFG), Transformer(CFG, head="scalar")
     sft_step = functools.partial(sft.train_step, model=lm, tx=TX)
@@ -158,7 +207,8 @@ def main(ckpt_dir):
         shards = shard_shapes(rm_state)
         _, losses = run_steps(rm_step, rm_state, [rm_batch(i) for i in range(STEPS)], mesh)
         results["rm"][name] = {"losses": losses, "shards": shards}
-        log(f"{name}: sft + rm")
+        results["ppo"][name] = run_ppo(mesh, host, lm, rm_model)
+        log(f"{name}: sft + rm + ppo")
 
     # A checkpoint saved on (8,1,1), restored by the stages' Manager onto (1,4,2)'s shardings.
     config = ml_collections.ConfigDict({"train": {"keep_checkpoints": 1}})

@@ -203,7 +203,7 @@ def test_plan_command_line():
     ok = run("--config=configs/ppo.py:tiny", "--mesh=1,2,2", "--device_memory_gb=1")
     assert ok.returncode == 0, ok.stderr
     assert "policy Adam mu+nu" in ok.stdout and "kv_cache (rollout)" in ok.stdout and ": fits in 1 GiB" in ok.stdout
-    bad = run("--config=configs/sft.py:175b", "--mesh=1,8,8")
+    bad = run("--config=configs/sft.py:175b", "--mesh=1,8,8", "--config.model.vocab_size=50257")
     assert bad.returncode != 0 and "vocab_size up to a multiple of 8" in bad.stderr
 
 
