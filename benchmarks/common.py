@@ -13,14 +13,14 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
 
 def cpu_count() -> int:
@@ -29,6 +29,27 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def pin_cores(n: int) -> int:
+    """Restrict this process to `n` of its available cores (0 = all), BEFORE jax or torch start
+    their thread pools: XLA:CPU sizes its pool from the affinity mask and `set_torch_threads`
+    follows it, so both frameworks then use exactly `n` threads. Returns the core count in use.
+
+    Why: on a machine shared with other jobs, an OpenMP runtime (torch) with as many threads as
+    cores degrades far more than XLA's pool when a core is taken away mid-region, so a
+    `--cores 1` run is the load-insensitive cross-check of a `--cores 2` run."""
+    if n:
+        avail = sorted(os.sched_getaffinity(0))
+        if n > len(avail):
+            raise SystemExit(f"--cores {n}: only {len(avail)} cores available")
+        os.sched_setaffinity(0, set(avail[:n]))
+    return cpu_count()
+
+
+def add_cores_flag(parser):
+    parser.add_argument("--cores", type=int, default=0,
+                        help="pin the process to this many cores (0 = all); both frameworks use one thread per core")
 
 
 def set_torch_threads():
@@ -74,6 +95,7 @@ def model_line(cfg) -> str:
 def model_config(preset: str, **overrides):
     """Our ModelConfig for a preset name ('tiny' = the ModelConfig defaults' preset, 'gpt2' = GPT-2 124M)."""
     import dataclasses
+
     from instructgpt_jax import config_lib
     from instructgpt_jax.models import ModelConfig
     cfg = ModelConfig.from_config(config_lib.model_config(preset))
@@ -97,7 +119,10 @@ def to_transformers(model, params, tmpdir: str, head: str = "lm"):
     import torch
     import transformers
     from safetensors.numpy import load_file
+
     from instructgpt_jax import hf
+    transformers.logging.set_verbosity_error()  # e.g. GPT-2's default bos/eos ids outside a tiny vocabulary
+    transformers.utils.logging.disable_progress_bar()
     if head == "lm":
         hf.save_pretrained(model, params, tmpdir)
         return transformers.GPT2LMHeadModel.from_pretrained(tmpdir, dtype=torch.float32)
@@ -136,6 +161,18 @@ def median(xs) -> float:
 def cell(xs, fmt: str = "{:,.0f}") -> str:
     """'median (min-max)'."""
     return f"{fmt.format(median(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+
+
+class Table:
+    """A markdown table printed as it fills: the header at once, then each row when it is measured."""
+
+    def __init__(self, header: list[str], align: str | None = None):
+        align = align or "l" + "r" * (len(header) - 1)
+        print("| " + " | ".join(header) + " |")
+        print("| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |", flush=True)
+
+    def row(self, cells: list) -> None:
+        print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
 def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:

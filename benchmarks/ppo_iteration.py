@@ -71,7 +71,8 @@ class Ours:
         dummy = jnp.zeros((1, 8), jnp.int32)
         sft_params, _ = sharding.init_sharded(lambda r: policy.init(r, dummy)["params"], jax.random.PRNGKey(0), mesh)
         rm_params, _ = sharding.init_sharded(lambda r: rm_model.init(r, dummy)["params"], jax.random.PRNGKey(1), mesh)
-        self.m = m = dict(policy=policy, rm_model=rm_model, sft_params=sft_params, rm_params=rm_params, rm_bias=0.0)
+        self.m = m = {"policy": policy, "rm_model": rm_model, "sft_params": sft_params, "rm_params": rm_params,
+                      "rm_bias": 0.0}
         policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
         value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps)
         self.state, shardings = sharding.place(ppo.init_state(m, policy_tx, value_tx, config), mesh)
@@ -140,8 +141,8 @@ class Trl:
         from trl.experimental.ppo import ppo_trainer as mod
 
         m, cfg_ppo = ours.m, config.ppo
-        lm = lambda: common.to_transformers(m["policy"], m["sft_params"], os.path.join(tmpdir, "lm"))  # noqa: E731
-        sc = lambda: common.to_transformers(m["rm_model"], m["rm_params"], os.path.join(tmpdir, "rm"),  # noqa: E731
+        lm = lambda: common.to_transformers(m["policy"], m["sft_params"], os.path.join(tmpdir, "lm"))
+        sc = lambda: common.to_transformers(m["rm_model"], m["rm_params"], os.path.join(tmpdir, "rm"),
                                             head="scalar")
         policy, ref, reward, value = lm(), lm(), sc(), sc()
         for model in (policy, ref):
@@ -166,7 +167,7 @@ class Trl:
             pad_token_id = 0
             eos_token_id = m["policy"].cfg.vocab_size - 1  # only counted in its metrics (stop_token=None)
 
-        collate = lambda rows: {"input_ids": torch.tensor([r["input_ids"] for r in rows])}  # noqa: E731
+        collate = lambda rows: {"input_ids": torch.tensor([r["input_ids"] for r in rows])}
         self.trainer = PPOTrainer(args=args, processing_class=Tokenizer(), model=policy, ref_model=ref,
                                   reward_model=reward, value_model=value, train_dataset=data, eval_dataset=data,
                                   data_collator=collate)
@@ -220,7 +221,9 @@ def main():
     parser.add_argument("--response", type=int, default=96)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-trl", action="store_true")
+    common.add_cores_flag(parser)
     args = parser.parse_args()
+    common.pin_cores(args.cores)
     try:
         threads = common.set_torch_threads()
         torch_ok = True
@@ -263,7 +266,7 @@ def main():
         for name, r in list(runners.items()):  # warm-up (compiles ours)
             try:
                 r.iteration(-1)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if name == "ours":
                     raise
                 reason = f"failed to run: {type(e).__name__}: {str(e).splitlines()[0][:150]}"

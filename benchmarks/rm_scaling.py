@@ -17,7 +17,7 @@ at the smallest K.
 import argparse
 import functools
 
-import common  # noqa: F401  (puts the checkout on sys.path)
+import common
 import jax
 import numpy as np
 
@@ -45,7 +45,9 @@ def main():
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--ks", default="2,3,4,5,6,7,8,9")
     parser.add_argument("--reps", type=int, default=5)
+    common.add_cores_flag(parser)
     args = parser.parse_args()
+    common.pin_cores(args.cores)
     ks = [int(k) for k in args.ks.split(",")]
 
     cfg = common.model_config(args.preset)
@@ -55,7 +57,7 @@ def main():
     repl = sharding.replicated(mesh)
     params, _ = rm.init_params(model, Transformer(cfg), mesh, jax.random.PRNGKey(0))
     state, shardings = sharding.place({"step": jax.numpy.zeros((), jax.numpy.int32), "params": params,
-                                       "opt_state": jax.jit(tx.init)(params)}, mesh)
+                                       "opt_state": sharding.init_optimizer(tx, params)}, mesh)
     step_fn = jax.jit(functools.partial(rm.train_step, model=model, tx=tx, grad_accum=1),
                       in_shardings=(shardings, None, repl), out_shardings=(shardings, repl), donate_argnums=0)
     rng = jax.random.PRNGKey(1)

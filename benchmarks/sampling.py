@@ -17,7 +17,7 @@ warmed up first, then called alternately. Prints a markdown table (median, min-m
 import argparse
 import tempfile
 
-import common  # noqa: F401  (puts the checkout on sys.path)
+import common
 import jax
 import numpy as np
 
@@ -40,7 +40,9 @@ def main():
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--response", type=int, default=96)
     parser.add_argument("--reps", type=int, default=3)
+    common.add_cores_flag(parser)
     args = parser.parse_args()
+    common.pin_cores(args.cores)
     threads = common.set_torch_threads()
     import torch
     p, n = args.prompt, args.response
@@ -48,7 +50,9 @@ def main():
     print(common.machine_line())
     print(f"sampling: prompt {p} (left-padded, P/2..P real tokens), response {n} (forced full length), "
           f"temperature 1, top_k 0, float32, {threads} threads each, {args.reps} reps (alternating)\n")
-    rows, ratios = [], []
+    table = common.Table(["shape", "batch", "ours tok/s", "generate tok/s", "ours / generate",
+                          "seconds per call (ours / generate)"])
+    ratios = []
     for shape in args.shapes.split(","):
         cfg = common.model_config(shape)
         if cfg.max_len < p + n:
@@ -65,12 +69,12 @@ def main():
             tokens, mask = prompts(b, p, cfg.vocab_size)
             t_tokens, t_mask = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
 
-            def ours(rep):
+            def ours(rep, sampler=sampler, params=params, tokens=tokens, mask=mask, b=b):
                 out = sampler(params, tokens, mask, jax.random.PRNGKey(rep + 1))
                 assert float(out["response_mask"].sum()) == b * n  # blocks; every row ran to full length
                 return out
 
-            def theirs(rep):
+            def theirs(rep, tmodel=tmodel, t_tokens=t_tokens, t_mask=t_mask, b=b):
                 torch.manual_seed(rep + 1)
                 with torch.no_grad():
                     out = tmodel.generate(input_ids=t_tokens, attention_mask=t_mask, do_sample=True, top_k=0,
@@ -86,12 +90,9 @@ def main():
             rate = {k: [b * n / t for t in v] for k, v in times.items()}
             ratio = common.median(rate["ours"]) / common.median(rate["generate"])
             ratios.append(ratio)
-            rows.append([f"{shape} ({cfg.num_layers}L d{cfg.d_model} V{cfg.vocab_size})", str(b),
-                         common.cell(rate["ours"]), common.cell(rate["generate"]), f"{ratio:.2f}x",
-                         f"{common.median(times['ours']):.2f} / {common.median(times['generate']):.2f}"])
-        del tmodel, params
-    print(common.table(["shape", "batch", "ours tok/s", "generate tok/s", "ours / generate",
-                        "seconds per call (ours / generate)"], rows))
+            table.row([f"{shape} ({cfg.num_layers}L d{cfg.d_model} V{cfg.vocab_size})", str(b),
+                       common.cell(rate["ours"]), common.cell(rate["generate"]), f"{ratio:.2f}x",
+                       f"{common.median(times['ours']):.2f} / {common.median(times['generate']):.2f}"])
     print(f"\nratio: {min(ratios):.2f}")
 
 

@@ -1,6 +1,6 @@
 """SFT train-step throughput: our jitted step vs GPT2LMHeadModel + torch.optim.AdamW (eager, and torch.compile).
 
-    python benchmarks/train_step.py [--shapes tiny,gpt2] [--seq 128] [--batch tiny=32,gpt2=8] [--reps 5]
+    python benchmarks/train_step.py [--shapes tiny,gpt2] [--seq 128] [--batch tiny=32,gpt2=8] [--reps 5] [--cores N]
                                     [--no-compile]
 
 Both frameworks train the same architecture from the SAME weights (ours are initialised randomly and
@@ -19,9 +19,8 @@ import argparse
 import functools
 import tempfile
 
-import common  # noqa: F401  (puts the checkout on sys.path)
+import common
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from instructgpt_jax import config_lib, sft, sharding, train_lib
@@ -79,7 +78,7 @@ def theirs(model, params, batch, optim_cfg, tmpdir):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tmodel.parameters(), optim_cfg.grad_clip)
             opt.step()
-            return float(loss)
+            return float(loss.detach())
         return step
 
     return make_step(tmodel), make_step, tmodel
@@ -93,7 +92,9 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    common.add_cores_flag(parser)
     args = parser.parse_args()
+    common.pin_cores(args.cores)
     threads = common.set_torch_threads()
     import torch
     batches = dict(kv.split("=") for kv in args.batch.split(","))
@@ -102,7 +103,9 @@ def main():
     print(common.machine_line())
     print(f"SFT train step, seq {args.seq}, float32, dropout off, {threads} threads each, {args.reps} reps "
           f"(alternating), tokens/s = batch*seq/step time\n")
-    rows, ratios, notes = [], [], []
+    table = common.Table(["shape", "batch", "ours tok/s", "torch eager tok/s", "torch.compile tok/s",
+                          "ours / eager", "ours / compile"])
+    ratios, notes = [], []
     for shape in args.shapes.split(","):
         b = int(batches.get(shape, 8))
         cfg = common.model_config(shape, max_len=max(args.seq, common.model_config(shape).max_len))
@@ -133,14 +136,12 @@ def main():
         comp = common.cell(rate["compile"]) if "compile" in rate else compile_note
         r_comp = (f"{common.median(rate['ours']) / common.median(rate['compile']):.2f}x" if "compile" in rate
                   else "n/a")
-        rows.append([f"{shape} ({cfg.num_layers}L d{cfg.d_model} V{cfg.vocab_size})", f"{b}x{args.seq}",
-                     common.cell(rate["ours"]), common.cell(rate["eager"]), comp, f"{r_eager:.2f}x", r_comp])
+        table.row([f"{shape} ({cfg.num_layers}L d{cfg.d_model} V{cfg.vocab_size})", f"{b}x{args.seq}",
+                   common.cell(rate["ours"]), common.cell(rate["eager"]), comp, f"{r_eager:.2f}x", r_comp])
         notes.append(f"{shape}: first-step loss ours {loss_ours:.5f} vs torch {loss_eager:.5f}; "
                      f"step time ours {common.median(times['ours']) * 1e3:,.1f} ms, "
                      f"eager {common.median(times['eager']) * 1e3:,.1f} ms")
         del fns, ours_step, eager_step, tmodel
-    print(common.table(["shape", "batch", "ours tok/s", "torch eager tok/s", "torch.compile tok/s",
-                        "ours / eager", "ours / compile"], rows))
     print()
     for n in notes:
         print("- " + n)

@@ -51,7 +51,11 @@ def main(argv):
         raise app.UsageError(f"config.stage={config.stage!r}; valid: {', '.join(STAGES)}")
     logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
     stage = importlib.import_module(f"instructgpt_jax.{STAGES[config.stage]}")
-    stage.train(config, _WORKDIR.value)
+    final = stage.train(config, _WORKDIR.value)
+    if jax.process_index() == 0 and isinstance(final, dict) and final:
+        shown = {k: v for k, v in final.items() if isinstance(v, float) and "per_sec" not in k}
+        print(f"{config.stage} finished in {_WORKDIR.value}: " +
+              ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_rm_train_step_compiles_once(mesh):
     tx = train_lib.make_optimizer(config_lib.optim_config(1e-3), 100)
     params, _ = rm.init_params(model, Transformer(CFG), mesh, jax.random.PRNGKey(0))
     state, shardings = sharding.place({"step": jnp.zeros((), jnp.int32), "params": params,
-                                       "opt_state": jax.jit(tx.init)(params)}, mesh)
+                                       "opt_state": sharding.init_optimizer(tx, params)}, mesh)
     step_fn = _jit_step(rm.train_step, model, tx, shardings, mesh)
 
     def batch(seed, b=2, k=3, t=12):
@@ -122,8 +122,8 @@ def rl_setup(mesh):
     sft_params, _ = sharding.init_sharded(lambda r: policy.init(r, dummy)["params"], jax.random.PRNGKey(0), mesh)
     rm_params, _ = sharding.init_sharded(lambda r: rm_model.init(r, dummy)["params"], jax.random.PRNGKey(1), mesh)
     sampler = sampling.make_sampler(policy, max_new_tokens=6, eos_id=1, pad_id=0, temperature=1.0, top_k=5)
-    return dict(policy=policy, rm_model=rm_model, sft_params=sft_params, rm_params=rm_params, rm_bias=0.0,
-                sampler=sampler)
+    return {"policy": policy, "rm_model": rm_model, "sft_params": sft_params, "rm_params": rm_params,
+            "rm_bias": 0.0, "sampler": sampler}
 
 
 def _prompts(seed, mesh, b=4, p=8):

@@ -14,7 +14,10 @@ recent build, which `load` reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
 import json
 import os
 import re
@@ -192,6 +195,20 @@ def fingerprint(kind: str, splits: Mapping[str, str], max_k: int = 9) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS announces every build on stdout and warns about 'custom data configurations' (ours are
+    content fingerprints, by design); keep both out of the stage's progress output."""
+    tfds_logger = logging.getLogger("absl")
+    level = tfds_logger.level
+    tfds_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds_logger.setLevel(level)
+
+
 def build(kind: str, splits: Mapping[str, str], data_dir: str, *, max_k: int = 9) -> str:
     """Builds (or reuses) the `kind` dataset from {split_name: jsonl_path}.
 
@@ -208,14 +225,16 @@ def build(kind: str, splits: Mapping[str, str], data_dir: str, *, max_k: int = 9
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{kind} split {name!r}: no such file {path}")
     config = tfds.core.BuilderConfig(name=fingerprint(kind, splits, max_k))
-    builder = BUILDERS[kind](splits=splits, max_k=max_k, data_dir=data_dir, config=config, file_format="array_record")
+    with _quiet_tfds():
+        builder = BUILDERS[kind](splits=splits, max_k=max_k, data_dir=data_dir, config=config,
+                                 file_format="array_record")
     done = builder.data_path / "dataset_info.json"
     if not done.exists():
         for name, path in splits.items():  # validate everything before TFDS writes
             if sum(1 for _ in read_jsonl(path, kind, max_k)) == 0:
                 raise ValueError(f"{path}: no examples (only blank lines)")
         tfds.disable_progress_bar()  # the stage's own progress bar is the one to watch
-        with tempfile.TemporaryDirectory() as dl_dir:
+        with tempfile.TemporaryDirectory() as dl_dir, _quiet_tfds():
             try:
                 builder.download_and_prepare(download_dir=dl_dir)
             except OSError:
