@@ -250,7 +250,8 @@ def main():
     print(f"PPO iteration: {args.batch} rollouts of prompt {args.prompt} + response {args.response} (full length), "
           f"minibatch {args.minibatch}, {args.epochs} epoch(s), no ptx, float32, {threads} threads each, "
           f"{args.reps} reps (alternating); seconds\n")
-    rows, ratio, reasons = [], None, []
+    table = common.Table(["shape", "", "rollout s", "scoring s", "update s", "iteration s"])
+    ratio, reasons = None, []
     for shape in args.shapes.split(","):
         config = ppo_config(shape, args)
         cfg = common.model_config(shape)
@@ -276,18 +277,17 @@ def main():
         for name in ("ours", "TRL"):
             if name in runners:
                 ph = runners[name].phases
-                rows.append([label, name] + [common.cell(ph[k], "{:.2f}") for k in ("rollout", "scoring", "update",
+                table.row([label, name] + [common.cell(ph[k], "{:.2f}") for k in ("rollout", "scoring", "update",
                                                                                       "total")])
             else:
-                rows.append([label, name, reason, "", "", ""])
+                table.row([label, name, reason, "", "", ""])
                 reasons.append(f"{shape}: {reason}")
         if "TRL" in runners:
             ratio = common.median(runners["TRL"].phases["total"]) / common.median(ours.phases["total"])
-            rows.append([label, "TRL / ours"] + [
+            table.row([label, "TRL / ours"] + [
                 f"{common.median(runners['TRL'].phases[k]) / common.median(ours.phases[k]):.2f}x"
                 for k in ("rollout", "scoring", "update", "total")])
         del runners, ours
-    print(common.table(["shape", "", "rollout s", "scoring s", "update s", "iteration s"], rows))
     if ratio is not None:
         print(f"\nratio: {ratio:.2f}")
     else:

@@ -6,7 +6,7 @@ stage configs (configs/<stage>.py:<preset>) with CPU-sized overrides; override t
 `--config.ppo.ppo.kl_coef=0.05`. The pipeline fills in, per stage: `seed` (= config.seed), the data paths
 (WORKDIR/data/*.jsonl, the tokenizer), `init.from_workdir` and `ppo.rm_workdir`.
 
-'default' finishes in about 15 minutes on 2 CPU cores; 'smoke' runs the same code path in under 2 minutes
+'default' takes about 5 minutes on 2 CPU cores (limit: 15); 'smoke' runs the same code path in under 2 minutes
 (plumbing only: its numbers mean nothing).
 """
 import importlib.util
@@ -45,6 +45,11 @@ def get_config(arg: str = "default"):
         labeler_noise=0.57,    # Gumbel scale of the rankings when labeler_agreement is 0 (synthetic.DEFAULT_NOISE:
                                # ~73 % agreement on synthetic's mixed completion sets, ~62 % on SFT samples)
         harm_penalty=1.0,      # utility lost by an answer with a forbidden word (synthetic.HARM_PENALTY)
+        tempt_rate=0.5,        # fraction of word-task prompts that contain a forbidden word (synthetic.TEMPT_RATE
+                               # is 0.25); every prompt set of the run (demonstrations, RM, PPO, eval) uses it
+        demo_literal_rate=0.5,  # chance that a demonstration of a tempting prompt keeps the forbidden word (an
+                                # imperfect demonstrator): SFT copies it, the comparisons penalise it, RLHF fixes
+                                # it. 0 = perfect demonstrations, and a tiny RM then gives PPO nothing to improve
         k_min=4,               # fewest completions ranked per prompt (paper: K = 4..9)
         k_max=9,               # most completions ranked per prompt
         pretrain_docs=200 if smoke else 6000,       # pretraining documents (70 % general, 25 % misaligned Q/A)
@@ -52,7 +57,7 @@ def get_config(arg: str = "default"):
         heldout_docs=32 if smoke else 400,          # held-out general-text documents: the alignment tax
         demonstrations=100 if smoke else 2000,      # labeler demonstrations (SFT data)
         demonstrations_eval=32 if smoke else 200,   # demonstrations on valid-split prompts (SFT eval loss)
-        comparison_prompts=16 if smoke else 1200,   # prompts whose SFT samples the labeler ranks (RM data)
+        comparison_prompts=16 if smoke else 2000,   # prompts whose SFT samples the labeler ranks (RM data)
         comparison_eval_prompts=8 if smoke else 100,  # the same on valid-split prompts (RM eval accuracy)
         ppo_prompts=64 if smoke else 4000,          # PPO rollout prompts (train split)
         ppo_eval_prompts=16 if smoke else 64,       # PPO eval prompts (valid split)
@@ -79,7 +84,7 @@ def get_config(arg: str = "default"):
     ))
 
     # Short schedules, and one knob per stage where the pipeline needs it. Shared by both presets.
-    steps = dict(pretrain=10, sft=10, rm=5, ppo=2) if smoke else dict(pretrain=600, sft=200, rm=150, ppo=60)
+    steps = dict(pretrain=10, sft=10, rm=5, ppo=2) if smoke else dict(pretrain=600, sft=200, rm=300, ppo=60)
     quiet = {"train.progress": not smoke, "train.log_every": 5 if not smoke else 1,
              "train.eval_every": 0, "train.eval_batches": 2 if smoke else 0}
     config.pretrain = _stage("pretrain", preset, {
@@ -98,9 +103,11 @@ def get_config(arg: str = "default"):
         **quiet, "train.num_steps": steps["ppo"], "train.batch_size": 8 if smoke else 64,
         "train.eval_every": 0, "train.eval_batches": 1, "train.log_every": 1,
         "data.max_prompt_len": prompt_len, "ppo.max_new_tokens": new_tokens,
-        "ppo.minibatch_size": 4 if smoke else 16, "ppo.ppo_epochs": 2,
+        "ppo.minibatch_size": 4 if smoke else 32, "ppo.ppo_epochs": 1,
+        # A weak tiny RM is easy to over-optimise: a strong KL penalty (RM scores spread ~3) and a small lr.
+        "ppo.kl_coef": 0.3, "optim.lr": 1e-4,
         "ppo.ptx_batch_size": 4 if smoke else 8, "data.ptx_seq_len": 64,
     }
     config.ppo = _stage("ppo", preset, {**ppo, "ppo.ptx_coef": 0.0})
-    config.ppo_ptx = _stage("ppo", preset, {**ppo, "ppo.ptx_coef": 1.0})
+    config.ppo_ptx = _stage("ppo", preset, {**ppo, "ppo.ptx_coef": 0.2})
     return config

@@ -6,6 +6,7 @@ response to the same prompt. Per model:
 
     win_rate        labeler preference over SFT (1 win, 0.5 tie, 0 loss), 95 % bootstrap CI
     utility         the labeler's mean (noiseless) utility: task score - harm penalty
+    correct         fraction of answers that are exactly right and harmless
     rm_score        the reward model's score, bias included (demonstrations score 0)
     kl_to_sft       mean per-sequence sum of log pi(y_t) - log pi_SFT(y_t) on the model's own samples
     harmless        fraction of answers with no forbidden word
@@ -238,7 +239,13 @@ def write_report(results: dict, workdir: str, ppo_metrics: dict[str, list[dict]]
     lines = [f"# Results ({results['n_prompts']} held-out prompts)", "", markdown_table(results), "",
              "Win rate: the labeler's preference for the model's response over the SFT model's response to the "
              "same prompt (ties count half), 95 % percentile-bootstrap interval over prompts. "
-             "Tax: mean token NLL on held-out general pretraining text.", "", "## Checks", ""]
+             "Tax: mean token NLL on held-out general pretraining text."]
+    if "rm" in results:  # how good the comparisons and the reward model were (the pipeline adds these)
+        r = results["rm"]
+        lines += ["", f"Comparisons: labeler noise {r['labeler_noise']:.3f}, agreement with the noiseless labeler "
+                      f"{r['labeler_agreement']:.1%}; reward model accuracy on held-out comparisons "
+                      f"{r['eval_accuracy']:.1%}."]
+    lines += ["", "## Checks", ""]
     lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in checks.items()]
     lines += ["", "## Sample responses", ""]
     for ex in results["examples"]:
@@ -272,21 +279,29 @@ def plot(results: dict, ppo_metrics: dict[str, list[dict]], path: str) -> None:
     ax[0, 2].set(title="held-out pretraining LM loss (tax)", ylim=(0.95 * min(loss), 1.02 * max(loss)))
     for a in ax[0]:
         a.set_xticks(x, [LABELS.get(n, n) for n in names], rotation=15)
-    for name, recs in ppo_metrics.items():
-        it = [r["step"] for r in recs if "score" in r]
-        score = [r["score"] for r in recs if "score" in r]
-        kl = [r["kl"] for r in recs if "score" in r]
-        ax[1, 0].plot(it, score, label=LABELS.get(name, name))
-        ax[1, 1].plot(it, kl, label=LABELS.get(name, name))
-        ax[1, 2].plot(kl, score, marker=".", label=LABELS.get(name, name))
-    ax[1, 0].set(title="RM score during PPO", xlabel="PPO iteration")
-    ax[1, 1].set(title="KL to SFT during PPO", xlabel="PPO iteration")
-    ax[1, 2].set(title="RM score against KL", xlabel="KL to SFT (per sequence)", ylabel="RM score")
+    for i, (name, recs) in enumerate(ppo_metrics.items()):
+        recs = [r for r in recs if "score" in r]
+        it, score, kl = (np.array([r[k] for r in recs], float) for k in ("step", "score", "kl"))
+        color, label = f"C{i}", LABELS.get(name, name)
+        for a, y in ((ax[1, 0], score), (ax[1, 1], kl)):  # one rollout batch is noisy: raw faint, mean bold
+            a.plot(it, y, color=color, alpha=0.25)
+            a.plot(it, _smooth(y), color=color, label=label)
+        ax[1, 2].plot(_smooth(kl), _smooth(score), color=color, marker=".", label=label)
+    ax[1, 0].set(title="RM score during PPO (batch; running mean)", xlabel="PPO iteration")
+    ax[1, 1].set(title="KL to SFT during PPO (batch; running mean)", xlabel="PPO iteration")
+    ax[1, 2].set(title="RM score against KL (running means)", xlabel="KL to SFT (per sequence)", ylabel="RM score")
     for a in ax[1]:
         a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _smooth(y: np.ndarray, k: int = 8) -> np.ndarray:
+    """Trailing running mean over up to k points."""
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    n = np.minimum(np.arange(1, len(y) + 1), k)
+    return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
 
 
 def load_results(workdir: str) -> dict:

@@ -87,16 +87,25 @@ def write_data(config, out: str) -> None:
     w, seed = config.world, config.seed
     labeler = synthetic.Labeler(w.labeler_noise, seed=seed, harm_penalty=w.harm_penalty)
     path = lambda f: os.path.join(out, f)  # noqa: E731
-    prompts = lambda n, s, split: [{"prompt": r["prompt"]} for r in synthetic.prompts(n, s, split)]  # noqa: E731
-    demos = synthetic.demonstrations(w.demonstrations, seed, labeler)
+    make = lambda n, s, split: synthetic.make_prompts(n, s, split, tempt_rate=w.tempt_rate)  # noqa: E731
+    prompts = lambda n, s, split: [{"prompt": synthetic.format_prompt(p.text)} for p in make(n, s, split)]  # noqa: E731
+    rng = random.Random(f"demonstrators/{seed}")
+
+    def demos(n, s, split):
+        # Demonstrators are imperfect: on a tempting prompt one sometimes writes the literal answer, forbidden
+        # word included (world.demo_literal_rate). SFT imitates that; only the comparisons can correct it.
+        return [{"prompt": synthetic.format_prompt(p.text), "response": synthetic.naive_solve(p)
+                 if p.tempting and rng.random() < w.demo_literal_rate else labeler.demonstrate(p)}
+                for p in make(n, s, split)]
+
+    demos_train = demos(w.demonstrations, seed + 2, "train")
     pretrain = synthetic.pretraining(w.pretrain_docs, seed)
     files = {
         "pretrain_train.jsonl": pretrain,
         "pretrain_eval.jsonl": synthetic.pretraining(w.pretrain_eval_docs, seed + 1),
         "heldout_text.jsonl": [{"text": t} for t in synthetic.heldout_pretraining_text(w.heldout_docs, seed)],
-        "demos_train.jsonl": demos,
-        "demos_eval.jsonl": [{"prompt": synthetic.format_prompt(p.text), "response": labeler.demonstrate(p)}
-                             for p in synthetic.make_prompts(w.demonstrations_eval, seed, "valid")],
+        "demos_train.jsonl": demos_train,
+        "demos_eval.jsonl": demos(w.demonstrations_eval, seed + 2, "valid"),
         # Different seeds from the PPO prompts: the RM and PPO see different draws of the train split.
         "comparison_prompts_train.jsonl": prompts(w.comparison_prompts, seed + 1, "train"),
         "comparison_prompts_eval.jsonl": prompts(w.comparison_eval_prompts, seed + 1, "valid"),
@@ -106,7 +115,7 @@ def write_data(config, out: str) -> None:
     }
     for name, rows in files.items():
         synthetic.write_jsonl(path(name), rows)
-    texts = [r["text"] for r in pretrain] + [r["prompt"] + " " + r["response"] for r in demos]
+    texts = [r["text"] for r in pretrain] + [r["prompt"] + " " + r["response"] for r in demos_train]
     train_tokenizer(texts, path("tokenizer.model"), vocab_size=config.pretrain.model.vocab_size, seed=seed)
 
 
@@ -190,13 +199,16 @@ def run_eval(config, workdir: str) -> None:
                "ppo_ptx": os.path.join(sub("ppo_ptx"), policy)}
     w = config.world
     with open(sub("comparisons/stats.json")) as f:
-        noise = json.load(f)["labeler_noise"]  # the comparisons' labeler, for config.eval.noisy_judge
+        stats = json.load(f)  # the comparisons' labeler (for config.eval.noisy_judge) and its agreement
     results = evaluate.evaluate(
         exports, sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))],
         heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))],
-        labeler=synthetic.Labeler(noise, seed=config.seed + 7, harm_penalty=w.harm_penalty),
+        labeler=synthetic.Labeler(stats["labeler_noise"], seed=config.seed + 7, harm_penalty=w.harm_penalty),
         cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh), seed=config.seed,
         rm_seq_len=config.rm.data.seq_len, rm_max_prompt_len=config.rm.data.max_prompt_len)
+    rm_eval = [r["eval_accuracy"] for r in train_lib.read_metrics(sub("rm")) if "eval_accuracy" in r]
+    results["rm"] = {"labeler_noise": stats["labeler_noise"], "labeler_agreement": stats["train"]["agreement"],
+                     "eval_accuracy": rm_eval[-1] if rm_eval else float("nan")}
     evaluate.write_report(results, workdir, {n: train_lib.read_metrics(sub(n)) for n in ("ppo", "ppo_ptx")})
 
 
