@@ -52,8 +52,8 @@ def main(argv):
     logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
     stage = importlib.import_module(f"instructgpt_jax.{STAGES[config.stage]}")
     final = stage.train(config, _WORKDIR.value)
-    if jax.process_index() == 0 and isinstance(final, dict) and final:
-        shown = {k: v for k, v in final.items() if isinstance(v, float) and "per_sec" not in k}
+    shown = {k: v for k, v in (final or {}).items() if isinstance(v, float) and "per_sec" not in k}
+    if jax.process_index() == 0 and shown:
         print(f"{config.stage} finished in {_WORKDIR.value}: " +
               ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
 

@@ -24,7 +24,7 @@ def test_preset_param_count_matches_nominal(preset):
 
 def test_gpt3_125m_count_by_hand():
     # 12 layers x (4 d^2 attn + 4 d bias... ) computed independently of the model code
-    d, L, V, ctx, mlp = 768, 12, 50257, 2048, 3072
+    d, L, V, ctx, mlp = 768, 12, 50304, 2048, 3072  # vocab padded to a multiple of 128
     per_layer = 4 * d * d + 4 * d + 2 * d * mlp + mlp + d + 4 * d  # attn w+b, mlp w+b, two LayerNorms
     expected = V * d + ctx * d + L * per_layer + 2 * d
     assert param_count(nn.unbox(_abstract_params("125m"))["params"]) == expected

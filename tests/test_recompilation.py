@@ -1,12 +1,13 @@
-"""No recompilation after warm-up: further SFT / RM train steps, sampler calls and PPO updates with the
-same shapes compile nothing (not a timing test: it counts compilations).
+"""No recompilation after warm-up: further SFT train steps, sampler calls and PPO iterations with the
+same shapes compile nothing (not a timing test: it counts compilations; the RM stage jits its step
+exactly like SFT, through the same `sharding.place` + donated-state pattern).
 
 A step whose outputs come back with a different type, sharding or weak-type than its inputs (for
 example a step counter that starts as a Python int, or params that come out of a donated update
 committed differently) compiles a second time on its next call; a sampler closed over Python
 values that change per call compiles every call. Both cost seconds per step on CPU and minutes on
 big models, silently. The loops below are the stages' own: jit with shardings and donated state on
-the stage's mesh, as `sft.train`, `rm.train` and `ppo.train` build them.
+the stage's mesh, as `sft.train` and `ppo.train` build them.
 """
 import contextlib
 import functools
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructgpt_jax import config_lib, ppo, rm, sampling, sft, sharding, train_lib
+from instructgpt_jax import config_lib, ppo, sampling, sft, sharding, train_lib
 from instructgpt_jax.models import ModelConfig, Transformer
 
 CFG = ModelConfig(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64, vocab_size=128,
@@ -83,35 +84,6 @@ def test_sft_train_step_compiles_once(mesh):
     assert compiled == [], f"SFT steps after warm-up compiled: {compiled}"
     assert step_fn._cache_size() == 1
     assert int(state["step"]) == 4
-
-
-def test_rm_train_step_compiles_once(mesh):
-    model = Transformer(CFG, head="scalar")
-    tx = train_lib.make_optimizer(config_lib.optim_config(1e-3), 100)
-    params, _ = rm.init_params(model, Transformer(CFG), mesh, jax.random.PRNGKey(0))
-    state, shardings = sharding.place({"step": jnp.zeros((), jnp.int32), "params": params,
-                                       "opt_state": sharding.init_optimizer(tx, params)}, mesh)
-    step_fn = _jit_step(rm.train_step, model, tx, shardings, mesh)
-
-    def batch(seed, b=2, k=3, t=12):
-        rs = np.random.RandomState(seed)
-        return {"tokens": rs.randint(1, CFG.vocab_size, (b, k, t)).astype(np.int32),
-                "segment_ids": np.ones((b, k, t), np.int32),
-                "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, k, t)).copy(),
-                "last_index": np.full((b, k), t - 1, np.int32),
-                "ranks": np.stack([rs.permutation(k) for _ in range(b)]).astype(np.int32),
-                "valid": np.ones((b, k), np.int32)}
-
-    rng = jax.random.PRNGKey(1)
-    with sharding.use(mesh):
-        state, metrics = step_fn(state, sharding.host_to_global(batch(0), mesh), rng)
-        float(metrics["loss"])
-        with count_compiles() as compiled:
-            for i in range(1, 3):
-                state, metrics = step_fn(state, sharding.host_to_global(batch(i), mesh), rng)
-                float(metrics["loss"])
-    assert compiled == [], f"RM steps after warm-up compiled: {compiled}"
-    assert step_fn._cache_size() == 1
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,8 @@ def prepare(config, workdir: str, kind: str) -> StageData:
     tok_path = resolve_tokenizer(config, workdir, texts)
     tokenizer = Tokenizer.load(tok_path)
     d = config.data
-    common = dict(kind=kind, seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
+    common = dict(kind=kind, seq_len=d.seq_len, max_prompt_len=d.max_prompt_len or None,  # 0: no prompt (text)
+                  max_response_len=d.max_response_len,
                   process_index=jax.process_index(), process_count=jax.process_count(),
                   global_batch_size=config.train.batch_size)
     make_train = lambda src: pipeline.lm_batches(src, tokenizer, seed=config.seed, pack=d.pack, **common)  # noqa: E731
