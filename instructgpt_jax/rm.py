@@ -130,16 +130,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     resuming = manager.latest_step() is not None
     params, _ = init_params(rm_model, lm_model, mesh, rng, None if resuming else sft_export)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": sharding.init_optimizer(tx, params)}
-    state, state_shardings = sharding.place(state, mesh)
-    if resuming:
-        state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))
-        train_iter.set_state(data_state)
+    state, state_shardings = train_lib.place_and_resume(state, mesh, manager, train_iter)
 
     # --- step
+    step_fn = train_lib.jit_train_step(
+        functools.partial(train_step, model=rm_model, tx=tx, grad_accum=config.train.grad_accum), state_shardings, mesh)
     repl = sharding.replicated(mesh)
-    step_fn = jax.jit(functools.partial(train_step, model=rm_model, tx=tx, grad_accum=config.train.grad_accum),
-                      in_shardings=(state_shardings, None, repl), out_shardings=(state_shardings, repl),
-                      donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, model=rm_model), out_shardings=repl)
 
     # --- loop

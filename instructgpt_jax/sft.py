@@ -109,16 +109,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init_from = "hf" if config.init.hf_path else prepare.init_source(config)
     rng = jax.random.PRNGKey(config.seed)
     state = init_state(model, tx, config, mesh, rng, init_from if manager.latest_step() is None else None)
-    state, state_shardings = sharding.place(state, mesh)
-    if manager.latest_step() is not None:
-        state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))
-        train_iter.set_state(data_state)
+    state, state_shardings = train_lib.place_and_resume(state, mesh, manager, train_iter)
 
     # --- step
+    step_fn = train_lib.jit_train_step(
+        functools.partial(train_step, model=model, tx=tx, grad_accum=config.train.grad_accum), state_shardings, mesh)
     repl = sharding.replicated(mesh)
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum=config.train.grad_accum),
-                      in_shardings=(state_shardings, None, repl), out_shardings=(state_shardings, repl),
-                      donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)
 
     # --- loop

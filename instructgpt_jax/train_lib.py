@@ -186,6 +186,25 @@ def check_finite(step: int, metrics: dict, keys=("loss",)) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
+def place_and_resume(state, mesh, manager, train_iter):
+    """Put a fresh state on the mesh; if the workdir holds a checkpoint, restore it onto the same
+    shardings (any mesh) together with the data position. Returns (state, shardings)."""
+    from instructgpt_jax import checkpoints, sharding
+    state, shardings = sharding.place(state, mesh)
+    if manager.latest_step() is not None:
+        state, data_state = manager.restore(checkpoints.abstract_like(state, shardings))
+        train_iter.set_state(data_state)
+    return state, shardings
+
+
+def jit_train_step(step_fn, state_shardings, mesh):
+    """`step_fn(state, batch, rng)` jitted with explicit shardings and the state donated."""
+    from instructgpt_jax import sharding
+    repl = sharding.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_shardings, None, repl), out_shardings=(state_shardings, repl),
+                   donate_argnums=0)
+
+
 def fit(*, config, workdir: str, mesh, manager, state, step_fn, train_iter, evaluate_fn, rng,
         tokens_per_step: int):
     """The supervised loop shared by pretrain / SFT / RM: step, log, evaluate, checkpoint.
