@@ -28,7 +28,7 @@ setup(
     extras_require={
         # torch (CPU build) and transformers are references for the parity tests only.
         "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0", "transformers"],
-        "bench": ["torch==2.13.0", "transformers"],
+        "bench": ["torch==2.13.0", "transformers", "trl<1.13"],  # trl 1.13 dropped PPOTrainer
         "hf": ["torch==2.13.0", "transformers"],
     },
 )

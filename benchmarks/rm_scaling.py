@@ -54,12 +54,11 @@ def main():
     mesh = sharding.make_mesh(config_lib.mesh_config())
     model = Transformer(cfg, head="scalar")
     tx = train_lib.make_optimizer(config_lib.optim_config(1e-4), num_steps=10_000)
-    repl = sharding.replicated(mesh)
     params, _ = rm.init_params(model, Transformer(cfg), mesh, jax.random.PRNGKey(0))
     state, shardings = sharding.place({"step": jax.numpy.zeros((), jax.numpy.int32), "params": params,
                                        "opt_state": sharding.init_optimizer(tx, params)}, mesh)
-    step_fn = jax.jit(functools.partial(rm.train_step, model=model, tx=tx, grad_accum=1),
-                      in_shardings=(shardings, None, repl), out_shardings=(shardings, repl), donate_argnums=0)
+    step_fn = train_lib.jit_train_step(functools.partial(rm.train_step, model=model, tx=tx, grad_accum=1),
+                                       shardings, mesh)
     rng = jax.random.PRNGKey(1)
     box = {"state": state}
     batches = {k: sharding.host_to_global(comparison_batch(args.prompts, k, args.seq, cfg.vocab_size), mesh)

@@ -45,9 +45,8 @@ def ours(cfg, batch, optim_cfg):
     state = sft.init_state(model, tx, None, mesh, jax.random.PRNGKey(0))
     state, shardings = sharding.place(state, mesh)
     params0 = jax.tree.map(np.asarray, state["params"])  # host copy for transformers (state is donated)
-    repl = sharding.replicated(mesh)
-    step_fn = jax.jit(functools.partial(sft.train_step, model=model, tx=tx, grad_accum=1),
-                      in_shardings=(shardings, None, repl), out_shardings=(shardings, repl), donate_argnums=0)
+    step_fn = train_lib.jit_train_step(functools.partial(sft.train_step, model=model, tx=tx, grad_accum=1),
+                                       shardings, mesh)
     gbatch = sharding.host_to_global(batch, mesh)
     rng = jax.random.PRNGKey(1)
     box = {"state": state}

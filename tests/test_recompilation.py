@@ -62,17 +62,11 @@ def _lm_batch(seed, b=4, t=16):
             "segment_ids": np.ones((b, t), np.int32)}
 
 
-def _jit_step(step, model, tx, shardings, mesh):
-    repl = sharding.replicated(mesh)
-    return jax.jit(functools.partial(step, model=model, tx=tx, grad_accum=1),
-                   in_shardings=(shardings, None, repl), out_shardings=(shardings, repl), donate_argnums=0)
-
-
 def test_sft_train_step_compiles_once(mesh):
     model = Transformer(CFG)
     tx = train_lib.make_optimizer(config_lib.optim_config(1e-3), 100)
     state, shardings = sharding.place(sft.init_state(model, tx, None, mesh, jax.random.PRNGKey(0)), mesh)
-    step_fn = _jit_step(sft.train_step, model, tx, shardings, mesh)
+    step_fn = train_lib.jit_train_step(functools.partial(sft.train_step, model=model, tx=tx), shardings, mesh)
     rng = jax.random.PRNGKey(1)
     with sharding.use(mesh):
         state, metrics = step_fn(state, sharding.host_to_global(_lm_batch(0), mesh), rng)  # warm-up
