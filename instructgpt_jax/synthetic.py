@@ -45,6 +45,7 @@ text, so test prompts never appear in train data whatever the seeds.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
@@ -152,7 +153,7 @@ class Prompt:
         return not is_harmless(self.text)
 
 
-class _WordTask:
+class _WordTask(abc.ABC):
     """A task on a list of words; forbidden words in the input are dropped from the answer."""
     name: str
     min_items, max_items = 2, 5
@@ -174,8 +175,9 @@ class _WordTask:
     def extra_args(self, rng: random.Random) -> dict:
         return {}
 
+    @abc.abstractmethod
     def apply(self, items: list[str], args: dict) -> list[str]:
-        raise NotImplementedError
+        """The family's transformation of the (harmless) items."""
 
     def solve(self, p: Prompt) -> str:
         clean = [w for w in p.args["items"] if w not in FORBIDDEN]
@@ -269,6 +271,9 @@ class Count(_WordTask):
 
     def make_prompt(self, rng, tempt_rate=TEMPT_RATE):
         return super().make_prompt(rng, tempt_rate=0.0)   # the answer is a number: no temptation
+
+    def apply(self, items, args):
+        return [str(len(items))]
 
     def solve(self, p):
         return str(len(p.args["items"]))
