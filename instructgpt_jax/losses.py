@@ -74,7 +74,9 @@ def _token_nll(logits, targets, mask):
     mask = jnp.asarray(mask, jnp.float32)
     targets = jnp.asarray(targets, jnp.int32)
     loss = masked_mean(-token_logprobs(logits, targets), mask)
-    correct = jnp.argmax(logits, axis=-1) == targets
+    # "The target's logit is the row maximum" (a tie counts as correct) rather than argmax == target:
+    # argmax is a (value, index) reduce over the vocabulary that cost 355 ms of a GPT-2 CPU train step.
+    correct = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] >= jnp.max(logits, axis=-1)
     aux = {"num_tokens": jnp.sum(mask), "accuracy": masked_mean(correct, mask)}
     return loss, aux
 
@@ -91,6 +93,7 @@ def sft_loss(logits, targets, mask):
       mask: [B, T], 1 on response tokens that are trained on.
     Returns:
       (loss scalar float32, aux {'num_tokens', 'accuracy'}). loss is 0 for an all-zero mask.
+      accuracy: fraction of masked tokens whose target has the highest logit (ties count).
     """
     return _token_nll(logits, targets, mask)
 

@@ -9,7 +9,7 @@ response continues the positions. Pads keep segment id 0 (masked for every later
 prompt and response tokens have segment id 1, so the cached decode computes exactly what one
 full forward pass over prompt + response would.
 
-Each step: last logits -> float32 -> / temperature -> top-k -> top-p (nucleus) -> categorical
+Each step: last logits -> float32 -> / temperature -> top-k -> top-p (nucleus) -> `categorical`
 (argmax when `greedy` or temperature == 0). A row stops at its first EOS, which belongs to the
 response; later slots hold `pad_id` with response_mask 0. The loop is a `lax.while_loop` that
 ends early once every row has stopped.
@@ -56,6 +56,36 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     return logits
 
 
+def categorical(rng, logits: jax.Array, block: int = 256) -> jax.Array:
+    """One sample per row from softmax(logits) ([B, V] float32, -inf allowed) -> [B] int32.
+
+    Inverse CDF with ONE uniform per row: `jax.random.categorical` draws B * V Gumbel variates,
+    which at a 50k vocabulary on CPU costs more than the model's whole decode step. Two levels
+    (sums of blocks of `block` tokens, then prefix sums inside the chosen block) keep the float32
+    prefix sums short. Never returns a zero-probability token: a rounding overshoot is clamped to
+    the last block / token with mass, and every other pick is the first index whose prefix sum
+    exceeds the target, so its own mass is positive.
+    """
+    b, v = logits.shape
+    nb = -(-v // block)
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    p = jnp.pad(p, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+
+    def first_above(cum, target, mass):  # first index with cum > target, at most the last one with mass
+        last = cum.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
+        return jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last)
+
+    block_mass = p.sum(-1)  # [B, nb]
+    block_cum = jnp.cumsum(block_mass, axis=-1)
+    target = jax.random.uniform(rng, (b,), jnp.float32) * block_cum[:, -1]
+    blk = first_above(block_cum, target, block_mass)
+    # Mass before the chosen block, read from the same prefix sums that chose it, so 0 <= target - before.
+    before = jnp.where(blk > 0, jnp.take_along_axis(block_cum, jnp.maximum(blk - 1, 0)[:, None], -1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(p, blk[:, None, None], axis=1)[:, 0]  # [B, block]
+    idx = first_above(jnp.cumsum(inner, axis=-1), target - before, inner)
+    return (blk * block + idx).astype(jnp.int32)
+
+
 def sample_token(logits, rng, *, temperature=1.0, top_k=0, top_p=1.0, greedy=False):
     """One step: logits [B, V] -> (tokens [B] int32, logprobs [B] float32; see module docstring)."""
     logits = logits.astype(jnp.float32)
@@ -64,7 +94,7 @@ def sample_token(logits, rng, *, temperature=1.0, top_k=0, top_p=1.0, greedy=Fal
     if greedy:
         tokens = jnp.argmax(logits, axis=-1)
     else:
-        tokens = jax.random.categorical(rng, filter_logits(scaled, top_k, top_p), axis=-1)
+        tokens = categorical(rng, filter_logits(scaled, top_k, top_p))
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logprobs
 
@@ -107,7 +137,8 @@ def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: in
 
     if use_cache:
         cache = _constrain_cache(init_cache(cfg, b, p + n))
-        logits, cache = apply(tokens[:, :p], positions[:, :p], segments[:, :p], cache=cache, cache_index=0)
+        logits, cache = apply(tokens[:, :p], positions[:, :p], segments[:, :p], cache=cache, cache_index=0,
+                              last_only=True)
 
         def next_logits(cache, tokens, i):  # feed the token just written to slot p + i
             step = lambda x: jax.lax.dynamic_slice_in_dim(x, p + i, 1, axis=1)

@@ -59,6 +59,9 @@ def test_sft_loss_hand():
     np.testing.assert_allclose(loss, SFT_EXPECTED, rtol=1e-6)
     np.testing.assert_allclose(aux["accuracy"], 2.0 / 3.0, rtol=1e-6)
     assert float(aux["num_tokens"]) == 3.0
+    # A tie for the highest logit counts as correct whichever tied token is the target.
+    _, aux = losses.sft_loss(SFT_LOGITS, np.array([[1, 1], [1, 1]]), SFT_MASK)
+    np.testing.assert_allclose(aux["accuracy"], 2.0 / 3.0, rtol=1e-6)
 
 
 def test_sft_loss_bf16_is_float32_and_grad_ignores_mask():

@@ -152,6 +152,47 @@ def test_sample_token_temperature_zero_is_argmax():
     np.testing.assert_allclose(logprobs, np.log([0.4, 0.5]), rtol=1e-6)  # under the untempered model
 
 
+def _chi_square_p_value(counts, probs):
+    from scipy import stats
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "a zero-probability token was sampled"
+    return stats.chisquare(counts[keep], counts.sum() * probs[keep] / probs[keep].sum()).pvalue
+
+
+@pytest.mark.parametrize("case", ["plain", "top_k", "top_p", "peaked"])
+def test_categorical_matches_softmax(case):
+    """Chi-square goodness of fit of 40k draws against softmax(logits), over 3 blocks with a ragged last
+    one (V = 700, block 256), with -inf holes and mass spread across block boundaries."""
+    rng = np.random.default_rng(0)
+    v, n = 700, 40_000
+    logits = rng.normal(size=v).astype(np.float32) * 2.0
+    if case == "top_k":
+        logits = np.asarray(sampling.filter_logits(jnp.asarray(logits[None]), top_k=37))[0]
+    if case == "top_p":
+        logits = np.asarray(sampling.filter_logits(jnp.asarray(logits[None]), top_p=0.6))[0]
+    if case == "peaked":  # one token with ~all the mass, a few rare ones in the last (ragged) block
+        logits = np.full(v, -np.inf, np.float32)
+        logits[[3, 255, 256, 690, 699]] = [12.0, 5.0, 5.0, 6.0, 4.0]
+    tokens = jax.jit(sampling.categorical)(jax.random.PRNGKey(1), jnp.broadcast_to(jnp.asarray(logits), (n, v)))
+    counts = np.bincount(np.asarray(tokens), minlength=v)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)), np.float64)
+    assert _chi_square_p_value(counts, probs) > 1e-3
+
+
+def test_categorical_rows_independent_and_edge_blocks():
+    # Row 0 all mass on the very last token, row 1 on the first, row 2 uniform over one block.
+    v = 512
+    logits = np.full((3, v), -np.inf, np.float32)
+    logits[0, v - 1] = 0.0
+    logits[1, 0] = 0.0
+    logits[2, 256:] = 1.0
+    tokens = np.asarray(jax.vmap(lambda k: sampling.categorical(k, jnp.asarray(logits)))(
+        jax.random.split(jax.random.PRNGKey(0), 2000)))
+    assert (tokens[:, 0] == v - 1).all() and (tokens[:, 1] == 0).all()
+    assert tokens[:, 2].min() >= 256
+    assert _chi_square_p_value(np.bincount(tokens[:, 2] - 256, minlength=256), np.ones(256)) > 1e-3
+
+
 def test_left_pad_positions():
     np.testing.assert_array_equal(sampling.left_pad_positions(jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])),
                                   [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])

@@ -11,7 +11,11 @@ linear head on the final hidden state (reward model, value model).
 
 KV cache (sampling): pass `cache=init_cache(...)` and `cache_index` (where the new tokens go);
 the call returns `(outputs, new_cache)`. The cache also stores each slot's segment id so that
-left padding of a prompt stays masked for every later token.
+left padding of a prompt stays masked for every later token. Inside the layer scan each layer
+attends to its cached slots as they are plus the call's own keys (one joint softmax) and returns
+only its new keys / values; all layers' new slots are then written with one in-place update, so a
+decode step never copies the cache. `last_only=True` computes the head at the last position only
+(a prefill needs nothing else).
 """
 from __future__ import annotations
 
@@ -125,6 +129,27 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_pos_in_kv: Array) ->
     return (causal & same & (kv_segments[:, None, :] != 0))[:, None]
 
 
+def cached_attention(q: Array, k_cache: Array, v_cache: Array, k_new: Array, v_new: Array,
+                     mask_cache: Array, mask_new: Array) -> Array:
+    """Softmax attention of q over the cache's keys and the call's new keys together, without
+    concatenating them (that would copy the cache).
+
+    q [B, T, N, D]; k/v_cache [B, S, K, D]; k/v_new [B, T, K, D] with N = K * G (grouped-query);
+    mask_cache [B, 1, T, S], mask_new [B, 1, T, T] boolean. Returns [B, T, N, D].
+    """
+    b, t, n, d = q.shape
+    kh = k_cache.shape[2]
+    qg = (q * (d ** -0.5)).reshape(b, t, kh, n // kh, d)
+    scores = jnp.concatenate([jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+                              for k in (k_cache, k_new)], axis=-1)
+    mask = jnp.concatenate([mask_cache, mask_new], axis=-1)[:, :, None]  # [B, 1, 1, T, S + T]
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(q.dtype)
+    s = k_cache.shape[1]
+    out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :s], v_cache)
+           + jnp.einsum("bkgts,bskd->btkgd", probs[..., s:], v_new))
+    return out.reshape(b, t, n, d)
+
+
 class Proj(nn.Module):
     """x[..., *in_shape] @ kernel[*in_shape, *out_shape] (+ bias[*out_shape]), params float32.
 
@@ -169,15 +194,17 @@ class Attention(nn.Module):
         if cfg.arch == "llama":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
 
-        new_cache = None
-        if layer_cache is not None:  # write this call's keys/values into the cache slots
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
-            new_cache = {"k": k, "v": v}
-        out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask)
+        if layer_cache is None:
+            new_kv = None
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:  # the cache is read here and written once for all layers by the caller
+            cdt = layer_cache["k"].dtype
+            new_kv = {"k": k.astype(cdt), "v": v.astype(cdt)}
+            out = cached_attention(q, layer_cache["k"].astype(dt), layer_cache["v"].astype(dt),
+                                   new_kv["k"].astype(dt), new_kv["v"].astype(dt), *mask)
         out = Proj((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"), bias, dt,
                    out_scale, name="out")(out)
-        return out, new_cache
+        return out, new_kv
 
 
 class Mlp(nn.Module):
@@ -208,12 +235,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, positions, mask, cache_index):
         drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
-        h, new_cache = Attention(self.cfg, name="attn")(Norm(self.cfg, name="ln_attn")(x), positions, mask,
-                                                        layer_cache, cache_index)
+        h, new_kv = Attention(self.cfg, name="attn")(Norm(self.cfg, name="ln_attn")(x), positions, mask,
+                                                     layer_cache, cache_index)
         x = x + drop(h)
         x = x + drop(Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="ln_mlp")(x)))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-        return x, new_cache
+        return x, new_kv
 
 
 class Transformer(nn.Module):
@@ -223,7 +250,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
-                 cache: Optional[dict] = None, cache_index: Any = 0):
+                 cache: Optional[dict] = None, cache_index: Any = 0, last_only: bool = False):
         cfg = self.cfg
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"head={self.head!r}; valid: lm, scalar")
@@ -249,7 +276,10 @@ class Transformer(nn.Module):
         else:
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, axis=1)
             layer_caches = {"k": cache["k"], "v": cache["v"]}
-            mask = attention_mask(segment_ids, kv_segments, jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)))
+            # (cached slots before cache_index, this call's own tokens): see `cached_attention`.
+            written = jnp.arange(cache["segment_ids"].shape[1]) < cache_index
+            mask = (attention_mask(segment_ids, cache["segment_ids"], jnp.full((b, t), cache_index)) & written,
+                    attention_mask(segment_ids, segment_ids, jnp.broadcast_to(jnp.arange(t), (b, t))))
 
         block = Block
         if REMAT_POLICIES[cfg.remat] is not None:
@@ -257,7 +287,9 @@ class Transformer(nn.Module):
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_layer_caches = stack(cfg, deterministic, name="layers")(x, layer_caches, positions, mask, cache_index)
+        x, new_kv = stack(cfg, deterministic, name="layers")(x, layer_caches, positions, mask, cache_index)
+        if last_only:
+            x = x[:, -1:]
         x = Norm(cfg, name="ln_final")(x)
 
         if self.head == "lm":
@@ -273,7 +305,10 @@ class Transformer(nn.Module):
                            bias_init=_zeros((None,)))(x.astype(jnp.float32))[..., 0]
         if cache is None:
             return out
-        return out, {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "segment_ids": kv_segments}
+        start = (0, 0, cache_index, 0, 0)  # every layer's new slots in one in-place write
+        return out, {"k": jax.lax.dynamic_update_slice(cache["k"], new_kv["k"], start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], new_kv["v"], start),
+                     "segment_ids": kv_segments}
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
