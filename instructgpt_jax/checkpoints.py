@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 # Keys that may change between an interrupted run and its resumption without changing what
 # the run computes (schedule length, logging, layout of devices).
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.")
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.",
+                  "model.scan_unroll")
 EXPORT_DIR = "export"
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from instructgpt_jax import config_lib
 from instructgpt_jax.models import ModelConfig, Transformer, param_count
+from instructgpt_jax.models.transformer import attention, attention_mask
 
 
 def _abstract_params(preset):
@@ -103,6 +104,56 @@ def test_dropout_only_in_training():
     np.testing.assert_array_equal(a, apply({"params": params}, x))
     b = apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_matches_dot_product_attention(kv_heads):
+    """Our attention (post-normalised, stop-gradient shift) vs jax.nn.dot_product_attention: values and
+    gradients, grouped-query too, with a causal + segment mask that leaves one row with no visible key."""
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    b, t, n, d = 2, 6, 4, 8
+    q = jax.random.normal(ks[0], (b, t, n, d)) * 3.0
+    k = jax.random.normal(ks[1], (b, t, kv_heads, d))
+    v = jax.random.normal(ks[2], (b, t, kv_heads, d))
+    segments = jnp.array([[0, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
+    mask = attention_mask(segments, segments, jnp.broadcast_to(jnp.arange(t), (b, t)))
+    cot = jax.random.normal(ks[3], (b, t, n, d))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, mask=mask) * cot * (segments[..., None, None] > 0))
+
+    ours = lambda q, k, v, mask: attention(q, k, v, mask)  # noqa: E731
+    np.testing.assert_allclose(ours(q, k, v, mask)[segments > 0],
+                               jax.nn.dot_product_attention(q, k, v, mask=mask)[segments > 0], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(ours(q, k, v, mask)).all()  # the padding row gets a finite value
+    for g_ours, g_ref in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v),
+                             jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_over_cache_equals_attention_over_concatenation():
+    ks = jax.random.split(jax.random.PRNGKey(1), 5)
+    b, t, s, n, kh, d = 2, 3, 5, 4, 2, 8
+    q = jax.random.normal(ks[0], (b, t, n, d))
+    k, v = jax.random.normal(ks[1], (b, t, kh, d)), jax.random.normal(ks[2], (b, t, kh, d))
+    kc, vc = jax.random.normal(ks[3], (b, kh, s, d)), jax.random.normal(ks[4], (b, kh, s, d))
+    mask_cache = jax.random.bernoulli(ks[0], 0.6, (b, 1, t, s)).at[..., 0].set(True)
+    mask_new = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, 1, t, t))
+    full = jax.nn.dot_product_attention(q, jnp.concatenate([kc.transpose(0, 2, 1, 3), k], 1),
+                                        jnp.concatenate([vc.transpose(0, 2, 1, 3), v], 1),
+                                        mask=jnp.concatenate([mask_cache, mask_new], -1))
+    np.testing.assert_allclose(attention(q, k, v, mask_new, (kc, vc, mask_cache)), full, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_unroll_changes_nothing_but_speed():
+    x = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 7
+    model = Transformer(ModelConfig(num_layers=3))
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x))["params"]
+    outs = [Transformer(ModelConfig(num_layers=3, scan_unroll=u)).apply({"params": params}, x) for u in (1, 2, 3)]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="config.model.scan_unroll"):
+        ModelConfig(scan_unroll=0)
 
 
 def test_remat_gives_same_gradients():

@@ -217,7 +217,7 @@ def test_sharded_params_on_a_mesh(greedy_sample):
         sampler = sampling.make_sampler(Transformer(cfg), max_new_tokens=N, eos_id=EOS, pad_id=PAD, greedy=True)
         hlo = sampler.lower(*args).as_text()
         out = sampler(*args)
-    cache_shape = f"tensor<{cfg.num_layers}x{B}x{P + N}x{cfg.num_kv_heads}x{cfg.head_dim}xf32>"
+    cache_shape = f"tensor<{cfg.num_layers}x{B}x{cfg.num_kv_heads}x{P + N}x{cfg.head_dim}xf32>"
     assert any("sharding_constraint" in line and cache_shape in line for line in hlo.splitlines())
     np.testing.assert_array_equal(out["tokens"], greedy["tokens"])
     np.testing.assert_allclose(out["logprobs"], greedy["logprobs"], atol=1e-6)

@@ -20,6 +20,7 @@ decode step never copies the cache. `last_only=True` computes the head at the la
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -55,10 +56,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     remat: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"config.model.arch={self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"config.model.scan_unroll={self.scan_unroll}; must be >= 1 (1 = no unrolling)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"config.model.remat={self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -129,25 +133,33 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_pos_in_kv: Array) ->
     return (causal & same & (kv_segments[:, None, :] != 0))[:, None]
 
 
-def cached_attention(q: Array, k_cache: Array, v_cache: Array, k_new: Array, v_new: Array,
-                     mask_cache: Array, mask_new: Array) -> Array:
-    """Softmax attention of q over the cache's keys and the call's new keys together, without
-    concatenating them (that would copy the cache).
+def attention(q: Array, k: Array, v: Array, mask: Array, cache: Optional[tuple] = None) -> Array:
+    """Softmax attention, also over cached keys when `cache` is given (one joint softmax, with no
+    concatenation of the cache: that would copy it).
 
-    q [B, T, N, D]; k/v_cache [B, S, K, D]; k/v_new [B, T, K, D] with N = K * G (grouped-query);
-    mask_cache [B, 1, T, S], mask_new [B, 1, T, T] boolean. Returns [B, T, N, D].
+    q [B, T, N, D]; k, v [B, T, K, D] with N = K * G (grouped-query); mask [B, 1, T, T] boolean.
+    cache: (k_cache, v_cache, mask_cache) with k/v_cache [B, K, S, D] (the cache's layout: slots
+    next to head_dim, so the dots read it without a transpose) and mask_cache [B, 1, T, S].
+    Returns [B, T, N, D].
+
+    The softmax is normalised after the value product (divide [B, T, N, D] by the row sums rather
+    than the [B, N, T, S] probabilities) and its max is a stop_gradient shift: on CPU this is one
+    pass over the score matrix less, forward and backward. A row with no visible key (padding)
+    gets a finite uniform average, as with jax.nn.dot_product_attention.
     """
     b, t, n, d = q.shape
-    kh = k_cache.shape[2]
+    kh = k.shape[2]
     qg = (q * (d ** -0.5)).reshape(b, t, kh, n // kh, d)
-    scores = jnp.concatenate([jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-                              for k in (k_cache, k_new)], axis=-1)
-    mask = jnp.concatenate([mask_cache, mask_new], axis=-1)[:, :, None]  # [B, 1, 1, T, S + T]
-    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(q.dtype)
-    s = k_cache.shape[1]
-    out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :s], v_cache)
-           + jnp.einsum("bkgts,bskd->btkgd", probs[..., s:], v_new))
-    return out.reshape(b, t, n, d)
+    parts = [(k, v, mask, "bskd")] + ([(*cache, "bksd")] if cache is not None else [])
+    neg = jnp.finfo(jnp.float32).min
+    scores = [jnp.where(m[:, :, None], jnp.einsum(f"btkgd,{lay}->bkgts", qg, kk, preferred_element_type=jnp.float32),
+                        neg) for kk, _, m, lay in parts]  # [B, K, G, T, S_part]
+    shift = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in scores]))
+    weights = [jnp.exp(x - shift) for x in scores]
+    total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, K, G, T]
+    out = sum(jnp.einsum(f"bkgts,{lay}->btkgd", w.astype(q.dtype), vv,
+                         preferred_element_type=jnp.float32) for w, (_, vv, _, lay) in zip(weights, parts))
+    return (out / total.transpose(0, 3, 1, 2)[..., None]).astype(q.dtype).reshape(b, t, n, d)
 
 
 class Proj(nn.Module):
@@ -196,12 +208,12 @@ class Attention(nn.Module):
 
         if layer_cache is None:
             new_kv = None
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = attention(q, k, v, mask)
         else:  # the cache is read here and written once for all layers by the caller
             cdt = layer_cache["k"].dtype
-            new_kv = {"k": k.astype(cdt), "v": v.astype(cdt)}
-            out = cached_attention(q, layer_cache["k"].astype(dt), layer_cache["v"].astype(dt),
-                                   new_kv["k"].astype(dt), new_kv["v"].astype(dt), *mask)
+            k, v = k.astype(cdt).astype(dt), v.astype(cdt).astype(dt)  # as a later step will read them
+            out = attention(q, k, v, mask[1], (layer_cache["k"].astype(dt), layer_cache["v"].astype(dt), mask[0]))
+            new_kv = {"k": k.transpose(0, 2, 1, 3).astype(cdt), "v": v.transpose(0, 2, 1, 3).astype(cdt)}
         out = Proj((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"), bias, dt,
                    out_scale, name="out")(out)
         return out, new_kv
@@ -286,6 +298,8 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        # Unrolling helps small training steps; it slowed the decode step down (measured).
+                        unroll=cfg.scan_unroll if cache is None else 1,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_kv = stack(cfg, deterministic, name="layers")(x, layer_caches, positions, mask, cache_index)
         if last_only:
@@ -305,22 +319,22 @@ class Transformer(nn.Module):
                            bias_init=_zeros((None,)))(x.astype(jnp.float32))[..., 0]
         if cache is None:
             return out
-        start = (0, 0, cache_index, 0, 0)  # every layer's new slots in one in-place write
+        start = (0, 0, 0, cache_index, 0)  # every layer's new slots in one in-place write
         return out, {"k": jax.lax.dynamic_update_slice(cache["k"], new_kv["k"], start),
                      "v": jax.lax.dynamic_update_slice(cache["v"], new_kv["v"], start),
                      "segment_ids": kv_segments}
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-    """Empty KV cache for `length` slots: k, v [layers, B, S, kv_heads, head_dim], segment_ids [B, S]."""
+    """Empty KV cache for `length` slots: k, v [layers, B, kv_heads, S, head_dim], segment_ids [B, S]."""
     dtype = dtype or cfg.compute_dtype
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "segment_ids": jnp.zeros((batch, length), jnp.int32)}
 
 
-CACHE_LOGICAL_AXES = {"k": ("layers", "act_batch", "act_length", "act_kv_heads", None),
-                      "v": ("layers", "act_batch", "act_length", "act_kv_heads", None),
+CACHE_LOGICAL_AXES = {"k": ("layers", "act_batch", "act_kv_heads", "act_length", None),
+                      "v": ("layers", "act_batch", "act_kv_heads", "act_length", None),
                       "segment_ids": ("act_batch", "act_length")}
 
 
