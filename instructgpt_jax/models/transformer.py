@@ -212,7 +212,9 @@ class Attention(nn.Module):
         else:  # the cache is read here and written once for all layers by the caller
             cdt = layer_cache["k"].dtype
             k, v = k.astype(cdt).astype(dt), v.astype(cdt).astype(dt)  # as a later step will read them
-            out = attention(q, k, v, mask[1], (layer_cache["k"].astype(dt), layer_cache["v"].astype(dt), mask[0]))
+            mask_cache, mask = mask
+            cached = None if mask_cache is None else (layer_cache["k"].astype(dt), layer_cache["v"].astype(dt), mask_cache)
+            out = attention(q, k, v, mask, cached)
             new_kv = {"k": k.transpose(0, 2, 1, 3).astype(cdt), "v": v.transpose(0, 2, 1, 3).astype(cdt)}
         out = Proj((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"), bias, dt,
                    out_scale, name="out")(out)
@@ -289,9 +291,14 @@ class Transformer(nn.Module):
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, axis=1)
             layer_caches = {"k": cache["k"], "v": cache["v"]}
             # (cached slots before cache_index, this call's own tokens): see `cached_attention`.
-            written = jnp.arange(cache["segment_ids"].shape[1]) < cache_index
-            mask = (attention_mask(segment_ids, cache["segment_ids"], jnp.full((b, t), cache_index)) & written,
-                    attention_mask(segment_ids, segment_ids, jnp.broadcast_to(jnp.arange(t), (b, t))))
+            # Nothing is cached yet in a prefill at a static index 0: skip that part (XLA would
+            # otherwise constant-fold its all-masked scores at length, slowly).
+            if isinstance(cache_index, int) and cache_index == 0:
+                mask_cache = None
+            else:
+                written = jnp.arange(cache["segment_ids"].shape[1]) < cache_index
+                mask_cache = attention_mask(segment_ids, cache["segment_ids"], jnp.full((b, t), cache_index)) & written
+            mask = (mask_cache, attention_mask(segment_ids, segment_ids, jnp.broadcast_to(jnp.arange(t), (b, t))))
 
         block = Block
         if REMAT_POLICIES[cfg.remat] is not None:
