@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 # the run computes (schedule length, logging, layout of devices).
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.",
-                  "model.scan_unroll")
+                  "model.scan_unroll", "model.causal_blocks")
 EXPORT_DIR = "export"
 
 

@@ -46,9 +46,9 @@ NOMINAL_PARAMS = {
 }
 # RoPE base where a family departs from the default 10000 (llama arch only).
 ROPE_THETA = {"llama3-8b": 500000.0}
-# Layers per iteration of the layer scan in training / scoring passes where unrolling measured faster
-# (tiny SFT step on 2 CPU cores: 84 -> 62 ms; benchmarks/README.md). Default 1.
-SCAN_UNROLL = {"tiny": 2}
+# Speed-only model keys where other values than the defaults (1) measured faster: benchmarks/README.md
+# (tiny SFT step on 2 CPU cores, median: 88 ms -> 78 ms unrolled -> 61 ms with 4 causal blocks too).
+SPEED_KEYS = {"tiny": dict(scan_unroll=2, causal_blocks=4)}
 # Presets small enough to train on a laptop CPU: stage configs give them fast schedules.
 CPU_PRESETS = ("tiny", "mini", "small")
 
@@ -62,8 +62,10 @@ def check_preset(name: str) -> str:
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
     """The `config.model` block for a preset."""
-    arch, layers, d_model, heads, kv_heads, d_head, mlp, ctx, vocab = PRESETS[check_preset(preset)]
+    preset = check_preset(preset)
+    arch, layers, d_model, heads, kv_heads, d_head, mlp, ctx, vocab = PRESETS[preset]
     llama = arch == "llama"
+    speed = SPEED_KEYS.get(preset, {})  # these two change speed only, never results
     return ml_collections.ConfigDict(dict(
         preset=preset,           # which row of config_lib.PRESETS this came from (informational)
         arch=arch,               # 'gpt' (GPT-3: learned positions, LayerNorm, GELU) or 'llama' (RoPE, RMSNorm, SwiGLU)
@@ -81,7 +83,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         norm_eps=1e-5,           # LayerNorm / RMSNorm epsilon
         rope_theta=ROPE_THETA.get(preset, 10000.0),  # RoPE base (llama arch only)
         remat="none",            # activation rematerialisation per block: 'none', 'full', 'dots'
-        scan_unroll=SCAN_UNROLL.get(preset, 1),  # layers per layer-scan iteration (speed only; 1 = rolled)
+        scan_unroll=speed.get("scan_unroll", 1),      # layers per layer-scan iteration in training / scoring
+        causal_blocks=speed.get("causal_blocks", 1),  # query blocks that skip the keys after them (1 = off)
     ))
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from instructgpt_jax import config_lib
 from instructgpt_jax.models import ModelConfig, Transformer, param_count
-from instructgpt_jax.models.transformer import attention, attention_mask
+from instructgpt_jax.models.transformer import attention, attention_mask, causal_attention
 
 
 def _abstract_params(preset):
@@ -145,15 +145,30 @@ def test_attention_over_cache_equals_attention_over_concatenation():
     np.testing.assert_allclose(attention(q, k, v, mask_new, (kc, vc, mask_cache)), full, rtol=1e-5, atol=1e-5)
 
 
-def test_scan_unroll_changes_nothing_but_speed():
-    x = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 7
+@pytest.mark.parametrize("blocks", [2, 4, 3])  # 3 does not divide the length: one block
+def test_causal_blocks_equal_full_attention(blocks):
+    ks = jax.random.split(jax.random.PRNGKey(2), 4)
+    b, t, n, d = 2, 8, 4, 8
+    q, k, v, cot = (jax.random.normal(kk, (b, t, n, d)) for kk in ks)
+    segments = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    mask = attention_mask(segments, segments, jnp.broadcast_to(jnp.arange(t), (b, t)))
+    f = lambda blocks: lambda q, k, v: jnp.sum(causal_attention(q, k, v, mask, blocks) * cot)  # noqa: E731
+    np.testing.assert_allclose(causal_attention(q, k, v, mask, blocks), attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    for g_blocks, g_one in zip(jax.grad(f(blocks), (0, 1, 2))(q, k, v), jax.grad(f(1), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_blocks, g_one, rtol=1e-4, atol=1e-5)
+
+
+def test_speed_keys_change_nothing_but_speed():
+    x = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 7
     model = Transformer(ModelConfig(num_layers=3))
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x))["params"]
-    outs = [Transformer(ModelConfig(num_layers=3, scan_unroll=u)).apply({"params": params}, x) for u in (1, 2, 3)]
+    outs = [Transformer(ModelConfig(num_layers=3, scan_unroll=u, causal_blocks=c)).apply({"params": params}, x)
+            for u, c in ((1, 1), (2, 1), (3, 4))]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="config.model.scan_unroll"):
-        ModelConfig(scan_unroll=0)
+    for key in ("scan_unroll", "causal_blocks"):
+        with pytest.raises(ValueError, match=f"config.model.{key}"):
+            ModelConfig(**{key: 0})
 
 
 def test_remat_gives_same_gradients():
