@@ -50,6 +50,8 @@ def pin_cores(n: int) -> int:
 def add_cores_flag(parser):
     parser.add_argument("--cores", type=int, default=0,
                         help="pin the process to this many cores (0 = all); both frameworks use one thread per core")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed calls of the same contender before each timed one (see time_alternately)")
 
 
 def set_torch_threads():
@@ -139,15 +141,22 @@ def to_transformers(model, params, tmpdir: str, head: str = "lm"):
 
 # ----------------------------------------------------------------------------- timing
 
-def time_alternately(fns: dict[str, Callable[[int], object]], reps: int) -> dict[str, list[float]]:
+def time_alternately(fns: dict[str, Callable[[int], object]], reps: int, settle: int = 1) -> dict[str, list[float]]:
     """Run each `fn(rep)` `reps` times, one of each in turn (order reversed on odd repetitions).
 
-    Each fn must block until its work is done. Returns name -> list of wall seconds.
+    Each timed call follows `settle` untimed calls `fn(-1)` of the same contender: a call that
+    directly follows the other framework's pays for its memory churn (measured: our GPT-2 SFT step
+    takes 3.3 s after one of our own steps and 4.5-5.6 s right after a torch step, its system time
+    going from 0.9 s to 3-5 s in page faults), while a training or sampling loop runs one
+    framework's calls back to back. Each fn must block until its work is done. Returns name -> list
+    of wall seconds.
     """
     names = list(fns)
     times = {n: [] for n in names}
     for rep in range(reps):
         for n in (names if rep % 2 == 0 else names[::-1]):
+            for _ in range(settle):
+                fns[n](-1)
             t0 = time.perf_counter()
             fns[n](rep)
             times[n].append(time.perf_counter() - t0)

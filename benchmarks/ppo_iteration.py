@@ -272,7 +272,7 @@ def main():
                     raise
                 reason = f"failed to run: {type(e).__name__}: {str(e).splitlines()[0][:150]}"
                 del runners[name]
-        common.time_alternately({k: r.iteration for k, r in runners.items()}, args.reps)
+        common.time_alternately({k: r.iteration for k, r in runners.items()}, args.reps, args.settle)
         label = f"{shape} ({cfg.num_layers}L d{cfg.d_model} V{cfg.vocab_size})"
         for name in ("ours", "TRL"):
             if name in runners:

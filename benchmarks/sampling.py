@@ -86,7 +86,7 @@ def main():
             for f in fns.values():  # compile / warm up
                 f(-2)
                 f(-1)
-            times = common.time_alternately(fns, args.reps)
+            times = common.time_alternately(fns, args.reps, args.settle)
             rate = {k: [b * n / t for t in v] for k, v in times.items()}
             ratio = common.median(rate["ours"]) / common.median(rate["generate"])
             ratios.append(ratio)

@@ -127,7 +127,7 @@ def main():
         for _ in range(args.warmup):
             for f in fns.values():
                 f(-1)
-        times = common.time_alternately(fns, args.reps)
+        times = common.time_alternately(fns, args.reps, args.settle)
         tok = b * args.seq
         rate = {k: [tok / t for t in v] for k, v in times.items()}
         r_eager = common.median(rate["ours"]) / common.median(rate["eager"])
