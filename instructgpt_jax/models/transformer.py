@@ -13,9 +13,9 @@ KV cache (sampling): pass `cache=init_cache(...)` and `cache_index` (where the n
 the call returns `(outputs, new_cache)`. The cache also stores each slot's segment id so that
 left padding of a prompt stays masked for every later token. Inside the layer scan each layer
 attends to its cached slots as they are plus the call's own keys (one joint softmax) and returns
-only its new keys / values; all layers' new slots are then written with one in-place update, so a
-decode step never copies the cache. `last_only=True` computes the head at the last position only
-(a prefill needs nothing else).
+only its new keys / values; all layers' new slots are then written with one in-place update (a
+write inside the scan would make XLA copy the whole cache every step). `last_only=True` computes
+the head at the last position only (a prefill needs nothing else).
 """
 from __future__ import annotations
 
@@ -227,8 +227,8 @@ class Attention(nn.Module):
             cdt = layer_cache["k"].dtype
             k, v = k.astype(cdt).astype(dt), v.astype(cdt).astype(dt)  # as a later step will read them
             mask_cache, mask = mask
-            cached = None if mask_cache is None else (layer_cache["k"].astype(dt), layer_cache["v"].astype(dt), mask_cache)
-            out = attention(q, k, v, mask, cached)
+            cached = (layer_cache["k"].astype(dt), layer_cache["v"].astype(dt), mask_cache)
+            out = attention(q, k, v, mask, None if mask_cache is None else cached)
             new_kv = {"k": k.transpose(0, 2, 1, 3).astype(cdt), "v": v.transpose(0, 2, 1, 3).astype(cdt)}
         out = Proj((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"), bias, dt,
                    out_scale, name="out")(out)
@@ -304,7 +304,7 @@ class Transformer(nn.Module):
         else:
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, axis=1)
             layer_caches = {"k": cache["k"], "v": cache["v"]}
-            # (cached slots before cache_index, this call's own tokens): see `cached_attention`.
+            # (cached slots before cache_index, this call's own tokens): see `attention`.
             # Nothing is cached yet in a prefill at a static index 0: skip that part (XLA would
             # otherwise constant-fold its all-masked scores at length, slowly).
             if isinstance(cache_index, int) and cache_index == 0:
