@@ -3,8 +3,9 @@ frameworks, alternating timing and the markdown table.
 
 Timing protocol (all benchmarks): every contender is compiled / warmed up first, then the
 contenders run alternately, one repetition each in turn (the order flips every repetition), so
-that drift in the machine's load hits all of them alike. Tables give the median and the min-max
-spread over the repetitions.
+that drift in the machine's load hits all of them alike; each timed call follows `--settle` (default
+1) untimed calls of the same contender (see `time_alternately`). Tables give the median and the
+min-max spread over the repetitions.
 """
 from __future__ import annotations
 
