@@ -22,6 +22,7 @@ if ROOT not in sys.path:
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def cpu_count() -> int:
@@ -112,6 +113,14 @@ def random_params(model, seed: int = 0):
         jax.random.PRNGKey(seed))
 
 
+def prompts(batch: int, length: int, vocab: int, seed: int = 0):
+    """Left-padded random prompts ([B, P] int32 tokens and mask) with real lengths P/2..P; pads are 0."""
+    rs = np.random.RandomState(seed)
+    starts = rs.randint(0, length // 2 + 1, size=(batch, 1))
+    mask = (np.arange(length)[None] >= starts).astype(np.int32)
+    return np.where(mask == 1, rs.randint(1, vocab, size=mask.shape), 0).astype(np.int32), mask
+
+
 def to_transformers(model, params, tmpdir: str, head: str = "lm"):
     """The same weights as a transformers model: `hf.save_pretrained` to `tmpdir`, then `from_pretrained`.
 
@@ -183,15 +192,3 @@ class Table:
 
     def row(self, cells: list) -> None:
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
-
-
-def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def block(x):
-    return jax.block_until_ready(x)

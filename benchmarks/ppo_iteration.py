@@ -38,7 +38,6 @@ import time
 import common
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from instructgpt_jax import config_lib, ppo, rl, sampling, sharding, train_lib
 from instructgpt_jax.models import Transformer
@@ -52,13 +51,6 @@ def ppo_config(preset, args):
         "train.batch_size": args.batch, "ppo.minibatch_size": args.minibatch, "ppo.ppo_epochs": args.epochs,
         "data.max_prompt_len": args.prompt, "ppo.max_new_tokens": args.response, "ppo.ptx_coef": 0.0,
         "train.progress": False})
-
-
-def prompts(batch, length, vocab, seed=0):
-    rs = np.random.RandomState(seed)
-    starts = rs.randint(0, length // 2 + 1, size=(batch, 1))
-    mask = (np.arange(length)[None] >= starts).astype(np.int32)
-    return np.where(mask == 1, rs.randint(1, vocab, size=mask.shape), 0).astype(np.int32), mask
 
 
 class Ours:
@@ -89,7 +81,7 @@ class Ours:
         self.kl_update = jax.jit(functools.partial(rl.kl_update, target=cfg_ppo.kl_target or None,
                                                    horizon=cfg_ppo.kl_horizon), out_shardings=repl)
         self.increment = jax.jit(lambda x: x + 1, out_shardings=repl)
-        tokens, mask = prompts(config.train.batch_size, config.data.max_prompt_len, cfg.vocab_size)
+        tokens, mask = common.prompts(config.train.batch_size, config.data.max_prompt_len, cfg.vocab_size)
         self.prompts = sharding.host_to_global({"prompt_tokens": tokens, "prompt_mask": mask}, mesh)
         self.phases = {"rollout": [], "scoring": [], "update": [], "total": []}
 
@@ -160,7 +152,7 @@ class Trl:
                          stop_token=None, missing_eos_penalty=None, num_sample_generations=0,
                          kl_coef=cfg_ppo.kl_coef, cliprange=cfg_ppo.clip_eps, cliprange_value=cfg_ppo.value_clip_eps,
                          vf_coef=cfg_ppo.value_coef, gamma=cfg_ppo.gamma, lam=cfg_ppo.gae_lambda, seed=0)
-        tokens, _ = prompts(b, config.data.max_prompt_len, m["policy"].cfg.vocab_size)  # pads are 0 = pad id
+        tokens, _ = common.prompts(b, config.data.max_prompt_len, m["policy"].cfg.vocab_size)  # pads are 0 = pad id
         data = datasets.Dataset.from_dict({"input_ids": tokens.tolist()})
 
         class Tokenizer:  # all PPOTrainer needs from a tokenizer here (no decoding: no sample generations)

@@ -81,14 +81,13 @@ def main():
     print(f"RM train step ({args.preset}: {common.model_line(cfg)}), {args.prompts} prompts x K completions "
           f"x {args.seq} tokens, {args.reps} reps (alternating over K)\n")
     base = common.median(times[ks[0]])
-    rows = []
+    table = common.Table(["K", "rows (prompts*K)", "pairs per prompt", "step ms", "ms per completion",
+                          f"time / time(K={ks[0]})", "linear"])
     for k in ks:
         t = times[k]
-        rows.append([str(k), str(args.prompts * k), str(k * (k - 1) // 2), common.cell([x * 1e3 for x in t], "{:,.1f}"),
-                     f"{common.median(t) * 1e3 / (args.prompts * k):.2f}", f"{common.median(t) / base:.2f}",
-                     f"{k / ks[0]:.2f}"])
-    print(common.table(["K", "rows (prompts*K)", "pairs per prompt", "step ms", "ms per completion",
-                        f"time / time(K={ks[0]})", "linear"], rows))
+        table.row([k, args.prompts * k, k * (k - 1) // 2, common.cell([x * 1e3 for x in t], "{:,.1f}"),
+                   f"{common.median(t) * 1e3 / (args.prompts * k):.2f}", f"{common.median(t) / base:.2f}",
+                   f"{k / ks[0]:.2f}"])
     ratio = common.median(times[ks[-1]]) / base
     print(f"\nK={ks[-1]} / K={ks[0]}: {ratio:.2f} (linear: {ks[-1] / ks[0]:.2f}, target <= 5)")
     print(f"ratio: {ratio:.2f}")

@@ -19,18 +19,9 @@ import tempfile
 
 import common
 import jax
-import numpy as np
 
 from instructgpt_jax import sampling
 from instructgpt_jax.models import Transformer
-
-
-def prompts(batch, length, vocab, seed=0):
-    rs = np.random.RandomState(seed)
-    starts = rs.randint(0, length // 2 + 1, size=(batch, 1))  # real lengths P/2..P, left-padded
-    mask = (np.arange(length)[None] >= starts).astype(np.int32)
-    tokens = np.where(mask == 1, rs.randint(1, vocab, size=mask.shape), 0).astype(np.int32)
-    return tokens, mask
 
 
 def main():
@@ -66,7 +57,7 @@ def main():
         tmodel.generation_config.pad_token_id = 0
         sampler = sampling.make_sampler(model, max_new_tokens=n, eos_id=-1, pad_id=0, temperature=1.0, top_k=0)
         for b in (int(x) for x in args.batches.split(",")):
-            tokens, mask = prompts(b, p, cfg.vocab_size)
+            tokens, mask = common.prompts(b, p, cfg.vocab_size)
             t_tokens, t_mask = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
 
             def ours(rep, sampler=sampler, params=params, tokens=tokens, mask=mask, b=b):

@@ -275,11 +275,6 @@ class Count(_WordTask):
     def apply(self, items, args):
         return [str(len(items))]
 
-    def solve(self, p):
-        return str(len(p.args["items"]))
-
-    naive_solve = solve
-
     def score(self, p, answer):
         return _number_score(answer, len(p.args["items"]))
 

@@ -14,6 +14,8 @@ import numpy as np
 import optax
 import tqdm
 
+from instructgpt_jax import checkpoints, sharding
+
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -90,7 +92,6 @@ def global_norm(tree) -> jax.Array:
 
 def sum_over_batches(eval_fn, params, batches, mesh, max_batches: int = 0) -> dict:
     """Add up `eval_fn(params, batch)` dicts of sums over an eval iterator (first `max_batches`)."""
-    from instructgpt_jax import sharding
     totals = None
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
@@ -189,7 +190,6 @@ def check_finite(step: int, metrics: dict, keys=("loss",)) -> None:
 def place_and_resume(state, mesh, manager, train_iter):
     """Put a fresh state on the mesh; if the workdir holds a checkpoint, restore it onto the same
     shardings (any mesh) together with the data position. Returns (state, shardings)."""
-    from instructgpt_jax import checkpoints, sharding
     state, shardings = sharding.place(state, mesh)
     if manager.latest_step() is not None:
         state, data_state = manager.restore(checkpoints.abstract_like(state, shardings))
@@ -199,7 +199,6 @@ def place_and_resume(state, mesh, manager, train_iter):
 
 def jit_train_step(step_fn, state_shardings, mesh):
     """`step_fn(state, batch, rng)` jitted with explicit shardings and the state donated."""
-    from instructgpt_jax import sharding
     repl = sharding.replicated(mesh)
     return jax.jit(step_fn, in_shardings=(state_shardings, None, repl), out_shardings=(state_shardings, repl),
                    donate_argnums=0)
@@ -212,7 +211,6 @@ def fit(*, config, workdir: str, mesh, manager, state, step_fn, train_iter, eval
     `step_fn(state, global_batch, rng) -> (state, metrics)` is jitted with donated state;
     `evaluate_fn(params) -> dict` returns eval metrics. Returns (final state, last logged metrics).
     """
-    from instructgpt_jax import sharding  # local: sharding imports nothing from here
     start, total = int(state["step"]), config.train.num_steps
     schedule = lr_schedule(config.optim, total)
     writer = MetricWriter(workdir, resume_step=start)
