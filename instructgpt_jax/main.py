@@ -21,7 +21,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
                                  "(TPU pods, SLURM) even without the flags above.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "ppo": "ppo", "pipeline": "pipeline"}
+STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "ppo": "ppo", "pipeline": "miniature.pipeline"}
 
 
 def initialize_distributed(coordinator, num_processes, process_id, auto=False):

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from instructgpt_jax import checkpoints, losses, sharding, train_lib
-from instructgpt_jax.data import pipeline, prepare
+from instructgpt_jax.data import iterators, prepare
 from instructgpt_jax.models import ModelConfig, Transformer
 
 
@@ -187,7 +187,7 @@ class RewardModel:
     def score_texts(self, tokenizer, prompts, completions, *, seq_len: int, max_prompt_len: int,
                     mesh=None) -> np.ndarray:
         """Rewards (bias included) of (prompt, completion) strings, formatted exactly as in RM training."""
-        rows = [pipeline.scoring_example(p, c, tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len)
+        rows = [iterators.scoring_example(p, c, tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len)
                 for p, c in zip(prompts, completions)]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         if mesh is not None and len(rows) % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0:

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from instructgpt_jax import data
-from instructgpt_jax.data import pipeline
+from instructgpt_jax.data import iterators as pipeline
 
 BOS, EOS = 2, 3
 

@@ -10,7 +10,8 @@ from conftest import stage_config
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from instructgpt_jax import checkpoints, hf, sft, synthetic, train_lib  # noqa: E402
+from instructgpt_jax import checkpoints, hf, sft, train_lib  # noqa: E402
+from instructgpt_jax.miniature import world as synthetic  # noqa: E402
 from instructgpt_jax.data.tokenizer import train_tokenizer  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from instructgpt_jax import evaluate, pipeline, synthetic
+from instructgpt_jax.miniature import evaluate, pipeline, world as synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = {"win_rate", "win_ci", "utility", "correct", "rm_score", "kl_to_sft", "harmless", "heldout_loss"}

@@ -8,7 +8,7 @@ import pytest
 from conftest import stage_config
 
 from instructgpt_jax import checkpoints, ppo, sampling, sharding, train_lib
-from instructgpt_jax.data import pipeline
+from instructgpt_jax.data import iterators as pipeline
 from instructgpt_jax.data.tokenizer import Tokenizer
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from instructgpt_jax import synthetic as S
+from instructgpt_jax.miniature import world as S
 
 
 # --------------------------------------------------------------------------- task families

@@ -1,7 +1,7 @@
 """Data layer: tokenizer, TFDS ArrayRecord builders, grain batch iterators."""
 
 from instructgpt_jax.data.builders import KINDS, Source, build, fingerprint, load
-from instructgpt_jax.data.pipeline import (
+from instructgpt_jax.data.iterators import (
     STAT_KEYS,
     BatchIterator,
     comparison_batches,

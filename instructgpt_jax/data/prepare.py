@@ -12,8 +12,9 @@ from typing import Callable, Optional
 
 import jax
 
-from instructgpt_jax import checkpoints, synthetic
-from instructgpt_jax.data import builders, pipeline
+from instructgpt_jax import checkpoints
+from instructgpt_jax.miniature import world as synthetic
+from instructgpt_jax.data import builders, iterators
 from instructgpt_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 HELD_OUT = "5%"  # eval split carved from the training file when config.data.eval is ''
@@ -132,8 +133,8 @@ def prepare(config, workdir: str, kind: str) -> StageData:
                   max_response_len=d.max_response_len,
                   process_index=jax.process_index(), process_count=jax.process_count(),
                   global_batch_size=config.train.batch_size)
-    make_train = lambda src: pipeline.lm_batches(src, tokenizer, seed=config.seed, pack=d.pack, **common)  # noqa: E731
-    make_eval = lambda src: pipeline.eval_batches(src, tokenizer, pack=d.pack, **common)  # noqa: E731
+    make_train = lambda src: iterators.lm_batches(src, tokenizer, seed=config.seed, pack=d.pack, **common)  # noqa: E731
+    make_eval = lambda src: iterators.eval_batches(src, tokenizer, pack=d.pack, **common)  # noqa: E731
     return StageData(tokenizer, tok_path, train_src, eval_src, make_train, make_eval)
 
 
@@ -167,9 +168,9 @@ def prepare_comparisons(config, workdir: str) -> StageData:
     d = config.data
     common = dict(seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, process_index=jax.process_index(),
                   process_count=jax.process_count(), global_batch_size=config.train.batch_size)
-    make_train = lambda src: pipeline.comparison_batches(src, tokenizer, seed=config.seed, max_k=d.max_k,  # noqa: E731
+    make_train = lambda src: iterators.comparison_batches(src, tokenizer, seed=config.seed, max_k=d.max_k,  # noqa: E731
                                                          **common)
-    make_eval = lambda src: pipeline.eval_batches(src, tokenizer, kind="comparisons", max_k=d.max_k,  # noqa: E731
+    make_eval = lambda src: iterators.eval_batches(src, tokenizer, kind="comparisons", max_k=d.max_k,  # noqa: E731
                                                   **common)
     return StageData(tokenizer, tok_path, train_src, eval_src, make_train, make_eval,
                      extra_sources={"demonstrations": demo_src})
@@ -195,14 +196,14 @@ def prepare_ppo(config, workdir: str) -> PPOData:
     tok_path = resolve_tokenizer(config, workdir, texts)
     tokenizer = Tokenizer.load(tok_path)
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    prompts = pipeline.prompt_batches(train_src, tokenizer, global_batch_size=config.train.batch_size,
+    prompts = iterators.prompt_batches(train_src, tokenizer, global_batch_size=config.train.batch_size,
                                       seed=config.seed, max_prompt_len=d.max_prompt_len, **proc)
-    make_eval = lambda src: pipeline.eval_batches(src, tokenizer, kind="prompts",  # noqa: E731
+    make_eval = lambda src: iterators.eval_batches(src, tokenizer, kind="prompts",  # noqa: E731
                                                   global_batch_size=config.train.batch_size,
                                                   max_prompt_len=d.max_prompt_len, **proc)
     ptx = None
     if config.ppo.ptx_coef > 0:
         ptx_src, _, _ = build_sources(config, workdir, "text", d.ptx, "")
-        ptx = pipeline.lm_batches(ptx_src, tokenizer, kind="text", global_batch_size=config.ppo.ptx_batch_size,
+        ptx = iterators.lm_batches(ptx_src, tokenizer, kind="text", global_batch_size=config.ppo.ptx_batch_size,
                                   seed=config.seed + 1, seq_len=d.ptx_seq_len, **proc)
     return PPOData(tokenizer, tok_path, prompts, eval_src, make_eval, ptx)

@@ -26,7 +26,8 @@ from typing import Callable
 
 import ml_collections
 
-from instructgpt_jax import checkpoints, config_lib, evaluate, synthetic, train_lib
+from instructgpt_jax import checkpoints, config_lib, train_lib
+from instructgpt_jax.miniature import evaluate, world
 
 STEPS = ("data", "pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", "eval")
 # Keys the pipeline fills in from DIR (so a moved workdir still matches) or that only change display.
@@ -85,25 +86,25 @@ def write_data(config, out: str) -> None:
     """Tokenizer and every dataset of the run, from the synthetic world (all seeded)."""
     from instructgpt_jax.data.tokenizer import train_tokenizer
     w, seed = config.world, config.seed
-    labeler = synthetic.Labeler(w.labeler_noise, seed=seed, harm_penalty=w.harm_penalty)
+    labeler = world.Labeler(w.labeler_noise, seed=seed, harm_penalty=w.harm_penalty)
     path = lambda f: os.path.join(out, f)  # noqa: E731
-    make = lambda n, s, split: synthetic.make_prompts(n, s, split, tempt_rate=w.tempt_rate)  # noqa: E731
-    prompts = lambda n, s, split: [{"prompt": synthetic.format_prompt(p.text)} for p in make(n, s, split)]  # noqa: E731
+    make = lambda n, s, split: world.make_prompts(n, s, split, tempt_rate=w.tempt_rate)  # noqa: E731
+    prompts = lambda n, s, split: [{"prompt": world.format_prompt(p.text)} for p in make(n, s, split)]  # noqa: E731
     rng = random.Random(f"demonstrators/{seed}")
 
     def demos(n, s, split):
         # Demonstrators are imperfect: on a tempting prompt one sometimes writes the literal answer, forbidden
         # word included (world.demo_literal_rate). SFT imitates that; only the comparisons can correct it.
-        return [{"prompt": synthetic.format_prompt(p.text), "response": synthetic.naive_solve(p)
+        return [{"prompt": world.format_prompt(p.text), "response": world.naive_solve(p)
                  if p.tempting and rng.random() < w.demo_literal_rate else labeler.demonstrate(p)}
                 for p in make(n, s, split)]
 
     demos_train = demos(w.demonstrations, seed + 2, "train")
-    pretrain = synthetic.pretraining(w.pretrain_docs, seed)
+    pretrain = world.pretraining(w.pretrain_docs, seed)
     files = {
         "pretrain_train.jsonl": pretrain,
-        "pretrain_eval.jsonl": synthetic.pretraining(w.pretrain_eval_docs, seed + 1),
-        "heldout_text.jsonl": [{"text": t} for t in synthetic.heldout_pretraining_text(w.heldout_docs, seed)],
+        "pretrain_eval.jsonl": world.pretraining(w.pretrain_eval_docs, seed + 1),
+        "heldout_text.jsonl": [{"text": t} for t in world.heldout_pretraining_text(w.heldout_docs, seed)],
         "demos_train.jsonl": demos_train,
         "demos_eval.jsonl": demos(w.demonstrations_eval, seed + 2, "valid"),
         # Different seeds from the PPO prompts: the RM and PPO see different draws of the train split.
@@ -114,19 +115,19 @@ def write_data(config, out: str) -> None:
         "eval_prompts.jsonl": prompts(config.eval.num_prompts, seed, "test"),   # never trained on
     }
     for name, rows in files.items():
-        synthetic.write_jsonl(path(name), rows)
+        world.write_jsonl(path(name), rows)
     texts = [r["text"] for r in pretrain] + [r["prompt"] + " " + r["response"] for r in demos_train]
     train_tokenizer(texts, path("tokenizer.model"), vocab_size=config.pretrain.model.vocab_size, seed=seed)
 
 
-def rank_all(labeler: synthetic.Labeler, utilities: list[list[float]], answers: list[list[str]], seed: int):
+def rank_all(labeler: world.Labeler, utilities: list[list[float]], answers: list[list[str]], seed: int):
     """The labeler's noisy ranks of each prompt's answers (given their noiseless utilities), and the pairwise
     agreement with the noiseless labeler (over pairs it strictly orders; a noisy tie counts half), as
-    `synthetic.agreement_rate` measures it."""
+    `world.agreement_rate` measures it."""
     rng = random.Random(f"ranks/{seed}")  # the same draws for every noise level: calibration is monotone
     ranks, agree, total = [], 0.0, 0
     for utils, ans in zip(utilities, answers):
-        clean, noisy = synthetic.dense_ranks(utils), synthetic.dense_ranks(labeler.noisy_utilities(utils, ans, rng))
+        clean, noisy = world.dense_ranks(utils), world.dense_ranks(labeler.noisy_utilities(utils, ans, rng))
         ranks.append(noisy)
         for i, j in itertools.combinations(range(len(ans)), 2):
             if clean[i] != clean[j]:
@@ -141,7 +142,7 @@ def calibrate_noise(target: float, utilities, answers, seed: int) -> float:
     lo, hi = 0.0, 4.0
     for _ in range(20):
         mid = (lo + hi) / 2
-        if rank_all(synthetic.Labeler(mid), utilities, answers, seed)[1] > target:
+        if rank_all(world.Labeler(mid), utilities, answers, seed)[1] > target:
             lo = mid
         else:
             hi = mid
@@ -172,17 +173,17 @@ def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
             for n, text in zip(idx, out_t):
                 texts[n] = text
         comps = [texts[j * w.k_max: j * w.k_max + rng.randint(w.k_min, w.k_max)] for j in range(len(prompts))]
-        answers = [[synthetic.parse_answer(x) for x in cs] for cs in comps]
-        utils = [[synthetic.utility(p, a, w.harm_penalty) for a in ans] for p, ans in zip(prompts, answers)]
+        answers = [[world.parse_answer(x) for x in cs] for cs in comps]
+        utils = [[world.utility(p, a, w.harm_penalty) for a in ans] for p, ans in zip(prompts, answers)]
         splits[split] = (prompts, comps, answers, utils)
     noise = w.labeler_noise
     if w.labeler_agreement > 0:
         noise = calibrate_noise(w.labeler_agreement, splits["train"][3], splits["train"][2], config.seed)
-    labeler = synthetic.Labeler(noise, seed=config.seed, harm_penalty=w.harm_penalty)
+    labeler = world.Labeler(noise, seed=config.seed, harm_penalty=w.harm_penalty)
     stats = {"labeler_noise": noise}
     for i, (split, (prompts, comps, answers, utils)) in enumerate(splits.items()):
         ranks, agreement = rank_all(labeler, utils, answers, config.seed + i)
-        synthetic.write_jsonl(os.path.join(out, f"comparisons_{split}.jsonl"),
+        world.write_jsonl(os.path.join(out, f"comparisons_{split}.jsonl"),
                               [{"prompt": p, "completions": cs, "ranks": r} for p, cs, r in zip(prompts, comps, ranks)])
         stats[split] = {"prompts": len(prompts), "agreement": agreement, "mean_k": sum(map(len, comps)) / len(comps),
                         "all_tied": sum(len(set(r)) < 2 for r in ranks)}
@@ -203,7 +204,7 @@ def run_eval(config, workdir: str) -> None:
     results = evaluate.evaluate(
         exports, sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))],
         heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))],
-        labeler=synthetic.Labeler(stats["labeler_noise"], seed=config.seed + 7, harm_penalty=w.harm_penalty),
+        labeler=world.Labeler(stats["labeler_noise"], seed=config.seed + 7, harm_penalty=w.harm_penalty),
         cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh), seed=config.seed,
         rm_seq_len=config.rm.data.seq_len, rm_max_prompt_len=config.rm.data.max_prompt_len)
     rm_eval = [r["eval_accuracy"] for r in train_lib.read_metrics(sub("rm")) if "eval_accuracy" in r]

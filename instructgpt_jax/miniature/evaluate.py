@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructgpt_jax import checkpoints, losses, sharding, synthetic, train_lib
-from instructgpt_jax.data import pipeline as data_pipeline
+from instructgpt_jax import checkpoints, losses, sharding, train_lib
+from instructgpt_jax.miniature import world
+from instructgpt_jax.data import iterators
 from instructgpt_jax.data.tokenizer import Tokenizer
 from instructgpt_jax.models import ModelConfig, Transformer
 
@@ -49,7 +50,7 @@ def bootstrap_ci(values, num_samples: int = 1000, seed: int = 0, level: float = 
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-def win_rates(labeler: synthetic.Labeler, prompts, answers, baseline_answers, noisy: bool = False) -> np.ndarray:
+def win_rates(labeler: world.Labeler, prompts, answers, baseline_answers, noisy: bool = False) -> np.ndarray:
     """Per prompt: 1 if the labeler prefers `answers[i]` to `baseline_answers[i]`, 0.5 on a tie, else 0
     (`noisy`: with the labeler's Gumbel noise, drawn from its own seeded stream)."""
     return np.array([labeler.judge(p, a, b, noisy=noisy) for p, a, b in zip(prompts, answers, baseline_answers)])
@@ -79,7 +80,7 @@ def _fixed_batches(rows: list[dict], batch_size: int):
 def generate(sampler, params, tokenizer, prompts: list[str], *, max_prompt_len: int, batch_size: int,
              seed: int, mesh) -> dict:
     """One sampled response per prompt: texts (decoded, up to EOS) and the token arrays for scoring."""
-    rows = [data_pipeline.prompt_example({"prompt": p}, tokenizer, max_prompt_len=max_prompt_len)["pieces"][0]
+    rows = [iterators.prompt_example({"prompt": p}, tokenizer, max_prompt_len=max_prompt_len)["pieces"][0]
             for p in prompts]
     rows = [{k: r[k] for k in ("prompt_tokens", "prompt_mask")} for r in rows]
     out = {"tokens": [], "prompt_mask": [], "response_mask": []}
@@ -121,7 +122,7 @@ def kl_to(params, ref_params, model, sample: dict, batch_size: int, mesh) -> np.
 
 def text_batches(texts: list[str], tokenizer, *, seq_len: int, batch_size: int) -> list[dict]:
     """Packed LM batches of `texts` (every token counts), tokenised once for all models."""
-    it = data_pipeline.eval_batches([{"text": t} for t in texts], tokenizer, kind="text",
+    it = iterators.eval_batches([{"text": t} for t in texts], tokenizer, kind="text",
                                     global_batch_size=batch_size, seq_len=seq_len)
     batches = list(it)
     it.close()
@@ -145,7 +146,7 @@ def lm_loss(params, model, batches: list[dict], mesh) -> float:
 # ----------------------------------------------------------------------------- the evaluation
 
 def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldout_texts: list[str],
-             labeler: synthetic.Labeler, cfg, mesh, seed: int, rm_seq_len: int, rm_max_prompt_len: int) -> dict:
+             labeler: world.Labeler, cfg, mesh, seed: int, rm_seq_len: int, rm_max_prompt_len: int) -> dict:
     """Evaluate every model in `exports` ({name: export path}, 'sft' required) on `prompts`.
 
     `cfg` is the pipeline's `config.eval`. Returns {'models': {name: metrics}, 'examples': [...], 'n_prompts'}.
@@ -167,7 +168,7 @@ def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldo
             if dataclasses.replace(model.cfg, dropout=0.0) != dataclasses.replace(sft_model.cfg, dropout=0.0):
                 raise ValueError(f"{path}: model shape {model.cfg} differs from the SFT model's {sft_model.cfg}")
         samples[name] = gen(sampler, params[name], prompts=prompts)
-        answers[name] = [synthetic.parse_answer(t) for t in samples[name]["texts"]]
+        answers[name] = [world.parse_answer(t) for t in samples[name]["texts"]]
 
     results = {}
     for name in exports:
@@ -180,11 +181,11 @@ def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldo
         results[name] = {
             "win_rate": float(wins.mean()), "win_ci": [lo, hi],
             "utility": float(np.mean([labeler.utility(p, a) for p, a in zip(prompts, answers[name])])),
-            "correct": float(np.mean([synthetic.score(p, a) == 1.0 and synthetic.is_harmless(a)
+            "correct": float(np.mean([world.score(p, a) == 1.0 and world.is_harmless(a)
                                       for p, a in zip(prompts, answers[name])])),
             "rm_score": float(rm_scores.mean()),
             "kl_to_sft": float(kl_to(params[name], sft_params, sft_model, samples[name], cfg.batch_size, mesh).mean()),
-            "harmless": float(np.mean([synthetic.is_harmless(a) for a in answers[name]])),
+            "harmless": float(np.mean([world.is_harmless(a) for a in answers[name]])),
             "heldout_loss": lm_loss(params[name], sft_model, text, mesh),
         }
     examples = [{"prompt": prompts[i], **{name: samples[name]["texts"][i] for name in exports}}
