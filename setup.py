@@ -23,6 +23,9 @@ setup(
         "tqdm",
         "tensorboardX",
         "safetensors",
+        "tokenizers",  # Hugging Face tokenizer.json (GPT-2, Llama-3, Qwen, Pythia, ...)
+        "jinja2",  # checkpoints' chat templates (sandboxed)
+        "pyarrow",  # Parquet data
         "matplotlib",
     ],
     extras_require={
