@@ -1,0 +1,39 @@
+"""Errors a user causes, and how the command line shows them.
+
+`UserError` is a mistake in what the user gave us (bad data, bad config, wrong checkpoint), not a
+bug. It subclasses ValueError so code that already catches ValueError keeps working. The command
+line (`instructgpt_jax.main`) prints such an error as one line `error: <message>` on stderr and
+exits with status 2; `--debug` (or INSTRUCTGPT_DEBUG=1) shows the traceback instead.
+
+Which exceptions the command line treats as the user's (`USER_ERRORS`):
+  - while running a stage: UserError, ValueError (modules not yet converted raise it for bad
+    input) and FileNotFoundError (a path the user named does not exist);
+  - while reading the config and its overrides: those, plus KeyError and unknown config keys, and
+    absl flag errors (unknown flag, unparsable value).
+Anything else (TypeError, AttributeError, IndexError, ...) is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_STATUS = 2  # what the command line exits with on a user error (1 stays "crashed")
+
+DEBUG_ENV = "INSTRUCTGPT_DEBUG"
+
+
+class UserError(ValueError):
+    """A mistake a user made (bad data, config or checkpoint). The message says what is wrong and
+    where (file:line, field or config key, valid choices), on one line."""
+
+
+USER_ERRORS = (UserError, ValueError, FileNotFoundError)
+CONFIG_ERRORS = USER_ERRORS + (KeyError,)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on a single line (KeyError's repr quotes dropped)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        msg = exc.args[0]
+    else:
+        msg = str(exc)
+    msg = " ".join(part.strip() for part in msg.splitlines() if part.strip())
+    return msg or type(exc).__name__
