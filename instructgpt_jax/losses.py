@@ -1,4 +1,4 @@
-"""Pure loss functions for SFT, the reward model and PPO-ptx.
+"""Pure loss functions for SFT, the reward model, PPO-ptx, DPO (K-wise) and a KL loss term.
 
 Every function here is pure, accepts numpy or jax arrays of any float dtype, and
 computes in float32 (log-softmax included), so a bfloat16 model still gets float32
@@ -11,7 +11,8 @@ loss, a gradient or a metric, whatever (padding, even inf) they hold.
 
 Public API (see DESIGN.md §4):
     masked_mean, token_logprobs, entropy,
-    sft_loss, ptx_loss, rm_loss, ppo_policy_loss, value_loss
+    sft_loss, ptx_loss, rm_loss, ppo_policy_loss, value_loss,
+    dpo_loss (DPO_LOSS_TYPES), kl_loss (KL_ESTIMATORS)
 """
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ import jax.numpy as jnp
 
 __all__ = [
     "masked_mean", "token_logprobs", "entropy", "sft_loss", "ptx_loss",
-    "rm_loss", "ppo_policy_loss", "value_loss",
+    "rm_loss", "ppo_policy_loss", "value_loss", "dpo_loss", "kl_loss",
+    "DPO_LOSS_TYPES", "KL_ESTIMATORS",
 ]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "plackett_luce")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
@@ -128,21 +133,30 @@ def rm_loss(rewards, ranks, valid):
       (prompts with ≥ 1 pair). All zeros, never NaN, when there are no pairs.
     """
     r = jnp.asarray(rewards, jnp.float32)
-    ranks = jnp.asarray(ranks)
-    valid = jnp.asarray(valid).astype(bool)
-    # [B, K, K] pair matrix: entry (i, j) is the pair "i preferred over j".
+    pair = _pair_mask(ranks, valid)
     diff = r[:, :, None] - r[:, None, :]
-    pair = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
-    pairs_per_prompt = jnp.sum(pair, axis=(1, 2))
-    per_prompt = masked_mean(-jax.nn.log_sigmoid(diff), pair, axis=(1, 2))
-    has_pairs = pairs_per_prompt > 0
-    loss = masked_mean(per_prompt, has_pairs)
+    loss, has_pairs = _prompt_then_batch_mean(-jax.nn.log_sigmoid(diff), pair, axis=(1, 2))
     aux = {
         "accuracy": masked_mean(diff > 0, pair),
-        "num_pairs": jnp.sum(pairs_per_prompt),
+        "num_pairs": jnp.sum(pair),
         "num_prompts": jnp.sum(has_pairs),
     }
     return loss, aux
+
+
+def _pair_mask(ranks, valid):
+    """[B, K, K] bool: entry (i, j) is the pair "i preferred over j" (both valid, rank_i < rank_j)."""
+    ranks = jnp.asarray(ranks)
+    valid = jnp.asarray(valid).astype(bool)
+    return valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
+
+
+def _prompt_then_batch_mean(terms, weights, axis):
+    """Per-prompt mean of `terms` over `weights` (reducing `axis`), then the mean over prompts
+    with at least one term. Returns (loss scalar, has_terms [B] bool)."""
+    per_prompt = masked_mean(terms, weights, axis=axis)
+    has_terms = jnp.sum(weights, axis=axis) > 0
+    return masked_mean(per_prompt, has_terms), has_terms
 
 
 @jax.jit
@@ -203,3 +217,126 @@ def value_loss(values, old_values, returns, mask, clip_eps):
     clipped = jnp.square(v_clipped - ret)
     loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
     return loss, {"vf_clipfrac": masked_mean(clipped > unclipped, mask)}
+
+
+@functools.partial(jax.jit, static_argnames=("loss_type",))
+def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid"):
+    """Direct preference optimisation over K ranked completions per prompt (offline, no reward model).
+
+    Δ_i = logp_i − ref_logp_i is the policy's log-likelihood ratio against the frozen reference
+    for completion i (summed over its response tokens); βΔ_i is its implicit reward. Pairs, ties,
+    ragged K and the averaging are exactly as in `rm_loss`: every pair (w, l) of valid completions
+    with rank_w < rank_l (w preferred; ties dropped), a prompt's loss is the mean over its terms,
+    the batch loss the mean over prompts with at least one term.
+
+      'sigmoid' (Rafailov et al. 2023): per pair −log σ(β(Δ_w − Δ_l)). With all C(K,2) pairs this
+          is exactly `rm_loss(β·Δ, ranks, valid)`: the Bradley–Terry loss on the implicit rewards.
+      'ipo' (Azar et al. 2023): per pair ((Δ_w − Δ_l) − 1/(2β))², a squared loss that regresses
+          the margin to 1/(2β) instead of pushing it to infinity.
+      'plackett_luce' (listwise, Rafailov et al. 2023 App. A.3): for each valid i not in the
+          worst-ranked group of its prompt, −βΔ_i + log Σ_{valid j: rank_j ≥ rank_i} exp(βΔ_j)
+          (a tied group shares one risk set: Breslow), averaged over those i per prompt. For K = 2
+          without a tie it equals 'sigmoid'.
+
+    Args:
+      logp: [B, K] summed response log-probs of each completion under the policy (differentiated).
+      ref_logp: [B, K] the same under the frozen reference (treated as constant by the caller:
+        it is normally computed without gradient; no stop_gradient here).
+      ranks: [B, K] ints; 0 = best, lower is preferred, equal = tie.
+      valid: [B, K] 0/1, real completions (ragged K padded with valid = 0; padded slots may hold
+        anything, inf included: they never reach the loss, its gradient or a metric).
+      beta: β > 0 (float or traced scalar).
+      loss_type: one of DPO_LOSS_TYPES (static).
+    Returns:
+      (loss scalar float32, aux) with aux
+        'accuracy': fraction of all valid untied pairs of the batch with Δ_w > Δ_l (strictly);
+        'num_pairs', 'num_prompts' (prompts with ≥ 1 pair, the ones that enter the mean);
+        'chosen_reward', 'rejected_reward': mean over those pairs of βΔ_w and βΔ_l;
+        'margin': chosen_reward − rejected_reward (mean β(Δ_w − Δ_l) over pairs).
+      All zeros, never NaN, when there are no pairs.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    valid = jnp.asarray(valid).astype(bool)
+    ranks = jnp.asarray(ranks)
+    beta = jnp.asarray(beta, jnp.float32)
+    # `where`, not a product: inf − inf = NaN in a padded slot must not leak (its cotangent is 0).
+    delta = jnp.where(valid, jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32), 0.0)
+    implicit = beta * delta
+    pair = _pair_mask(ranks, valid)
+    diff = delta[:, :, None] - delta[:, None, :]
+    if loss_type == "sigmoid":
+        loss, has_pairs = _prompt_then_batch_mean(-jax.nn.log_sigmoid(beta * diff), pair, axis=(1, 2))
+    elif loss_type == "ipo":
+        loss, has_pairs = _prompt_then_batch_mean(jnp.square(diff - 0.5 / beta), pair, axis=(1, 2))
+    else:
+        # Risk set of i: valid j ranked no better than i (i itself and its ties included). The diagonal
+        # is forced in so that a padded row has a finite logsumexp (0); such rows carry no weight.
+        risk = (valid[:, None, :] & (ranks[:, None, :] >= ranks[:, :, None])) | jnp.eye(delta.shape[1], dtype=bool)
+        lse = jax.nn.logsumexp(jnp.where(risk, implicit[:, None, :], -jnp.inf), axis=-1)
+        # i is preferred over someone <=> valid and not in its prompt's worst-ranked group.
+        stage = jnp.any(pair, axis=2)
+        loss, has_pairs = _prompt_then_batch_mean(lse - implicit, stage, axis=1)
+    chosen = masked_mean(jnp.broadcast_to(implicit[:, :, None], pair.shape), pair)
+    rejected = masked_mean(jnp.broadcast_to(implicit[:, None, :], pair.shape), pair)
+    aux = {
+        "accuracy": masked_mean(diff > 0, pair),
+        "num_pairs": jnp.sum(pair),
+        "num_prompts": jnp.sum(has_pairs),
+        "chosen_reward": chosen,
+        "rejected_reward": rejected,
+        "margin": chosen - rejected,
+    }
+    return loss, aux
+
+
+def _kl_terms(logp, ref_logp, estimator):
+    """Per-token KL(π ‖ π_ref) estimator values from tokens sampled from π, float32 (shared with
+    rl.per_token_kl). log r = ref_logp − logp; k1 = −log r, k2 = ½(log r)², k3 = (r − 1) − log r."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    log_r = jnp.asarray(ref_logp, jnp.float32) - jnp.asarray(logp, jnp.float32)
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * jnp.square(log_r)
+    return jnp.expm1(log_r) - log_r  # expm1: exact near r = 1, where the policy starts
+
+
+@functools.partial(jax.jit, static_argnames=("estimator",))
+def kl_loss(logp, ref_logp, mask, estimator="k3"):
+    """KL penalty as a loss term (GRPO style): masked token mean of a per-token KL estimator.
+
+    Gradients flow through `logp` (the current policy's log-probs of the sampled tokens);
+    `ref_logp` is a constant. Its *value* estimates KL(π ‖ π_ref) without bias for k1 and k3
+    (k2 is biased, exact to second order). Its *gradient* is what matters for a loss term: with
+    the tokens sampled from the current π (on-policy), the expected gradient of a token's term is
+
+      'k1' (log π − log π_ref):          E_π[∇ log π] = 0. No signal, only noise: k1 as a loss
+                                          term is wrong; put k1 in the reward instead
+                                          (`rl.kl_penalized_rewards`, score-function gradient).
+      'k2' (½(log π − log π_ref)²):      ∇ KL(π ‖ π_ref) exactly.
+      'k3' ((r − 1) − log r, r = π_ref/π): ∇ KL(π_ref ‖ π), the *reverse* KL. It agrees with
+                                          ∇ KL(π ‖ π_ref) to first order near the reference and
+                                          drifts from it as π moves away. GRPO's choice.
+
+    (A sequence's tokens each contribute the gradient of the next-token KL at their sampled
+    prefix; how θ changes which prefixes are sampled is not differentiated here.)
+
+    Args:
+      logp: [B, T] log-probs of the sampled tokens under the current policy (differentiated).
+      ref_logp: [B, T] log-probs of the same tokens under the frozen reference (stop_gradient).
+      mask: [B, T] 0/1 valid response tokens; masked slots may hold anything (inf included).
+      estimator: one of KL_ESTIMATORS (static); default 'k3'.
+    Returns:
+      (loss scalar float32 — multiply by β yourself —, aux) with aux 'num_tokens' and 'k1'
+      (masked mean of log π − log π_ref, the plain unbiased KL estimate, for logging).
+      0 for an all-zero mask.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    ref_logp = jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32))
+    # Zero the log-ratio on padding before the estimator: exp(garbage) there would give NaN gradients.
+    logp = jnp.where(mask > 0, jnp.asarray(logp, jnp.float32), 0.0)
+    ref_logp = jnp.where(mask > 0, ref_logp, 0.0)
+    loss = masked_mean(_kl_terms(logp, ref_logp, estimator), mask)
+    return loss, {"num_tokens": jnp.sum(mask), "k1": masked_mean(logp - ref_logp, mask)}

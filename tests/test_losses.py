@@ -1,4 +1,5 @@
 """Tests for instructgpt_jax.losses: hand-computed cases and brute-force references."""
+import functools
 import itertools
 import math
 
@@ -227,3 +228,228 @@ def test_value_loss_clip():
     g = jax.grad(lambda x: losses.value_loss(x, v_old, ret, mask, 0.2)[0])(jnp.asarray(v))
     # unclipped tokens: (v - R)/N; clipped ones and the masked one: 0.
     np.testing.assert_allclose(g[0], [0.0, 0.5 / 4, (0.1 - 1.0) / 4, 0.0, 0.0], rtol=1e-5, atol=1e-7)
+
+
+# --- dpo_loss ------------------------------------------------------------------------------
+
+BAD = np.inf  # what a padded slot may hold: it must never reach the loss, a metric or a gradient
+
+# prompt 0: Δ = logp - ref = [0.5, -0.5, -1] strictly ranked; slot 3 is padding.
+# prompt 1: Δ = [1, 0, -1] with completions 0 and 1 tied for best; slot 3 is padding.
+DPO_LOGP = np.array([[-1.0, -2.0, -3.0, BAD], [-1.0, -2.0, -3.0, -BAD]], np.float32)
+DPO_REF = np.array([[-1.5, -1.5, -2.0, BAD], [-2.0, -2.0, -2.0, 7.0]], np.float32)
+DPO_RANKS = np.array([[0, 1, 2, 0], [0, 0, 1, 3]])
+DPO_VALID = np.array([[1, 1, 1, 0], [1, 1, 1, 0]])
+DPO_BETA = 0.5
+
+
+def test_dpo_loss_hand():
+    b = DPO_BETA
+    # pairs (w, l) and Δ_w - Δ_l: prompt 0: (0,1) 1, (0,2) 1.5, (1,2) 0.5; prompt 1: (0,2) 2, (1,2) 1.
+    d0, d1 = [1.0, 1.5, 0.5], [2.0, 1.0]
+    sig = (np.mean([softplus(-b * d) for d in d0]) + np.mean([softplus(-b * d) for d in d1])) / 2
+    ipo = (np.mean([(d - 1 / (2 * b)) ** 2 for d in d0]) + np.mean([(d - 1 / (2 * b)) ** 2 for d in d1])) / 2
+    # Plackett–Luce on s = βΔ. Prompt 0: stages "0 first of {0,1,2}", "1 first of {1,2}".
+    # Prompt 1 (Breslow): 0 and 1 each against the risk set {0,1,2}; 2 is the worst group: no stage.
+    lse = lambda *x: math.log(sum(math.exp(v) for v in x))  # noqa: E731
+    pl0 = ((-0.25 + lse(0.25, -0.25, -0.5)) + (0.25 + lse(-0.25, -0.5))) / 2
+    pl1 = ((-0.5 + lse(0.5, 0.0, -0.5)) + (0.0 + lse(0.5, 0.0, -0.5))) / 2
+    expected = {"sigmoid": sig, "ipo": ipo, "plackett_luce": (pl0 + pl1) / 2}
+    # Over the 5 pairs: βΔ_w = [.25, .25, -.25, .5, 0], βΔ_l = [-.25, -.5, -.5, -.5, -.5].
+    chosen, rejected = 0.75 / 5, -2.25 / 5
+    for loss_type, value in expected.items():
+        loss, aux = losses.dpo_loss(DPO_LOGP, DPO_REF, DPO_RANKS, DPO_VALID, b, loss_type)
+        assert loss.dtype == jnp.float32
+        np.testing.assert_allclose(loss, value, rtol=1e-6, err_msg=loss_type)
+        np.testing.assert_allclose(aux["accuracy"], 1.0)
+        assert int(aux["num_pairs"]) == 5 and int(aux["num_prompts"]) == 2
+        np.testing.assert_allclose(aux["chosen_reward"], chosen, rtol=1e-6)
+        np.testing.assert_allclose(aux["rejected_reward"], rejected, rtol=1e-6)
+        np.testing.assert_allclose(aux["margin"], chosen - rejected, rtol=1e-6)
+
+
+def _dpo_reference(logp, ref, ranks, valid, beta, loss_type):
+    """Plain-Python loops over prompts and pairs / Plackett–Luce stages (float64)."""
+    per_prompt, correct, n_pairs, chosen, rejected = [], 0, 0, 0.0, 0.0
+    for lp, rf, rk, v in zip(logp.tolist(), ref.tolist(), ranks.tolist(), valid.tolist()):
+        idx = [i for i in range(len(lp)) if v[i]]
+        delta = {i: lp[i] - rf[i] for i in idx}
+        pairs = [(i, j) for i in idx for j in idx if rk[i] < rk[j]]
+        for i, j in pairs:
+            correct += delta[i] > delta[j]
+            chosen += beta * delta[i]
+            rejected += beta * delta[j]
+        n_pairs += len(pairs)
+        if loss_type == "sigmoid":
+            terms = [softplus(-beta * (delta[i] - delta[j])) for i, j in pairs]
+        elif loss_type == "ipo":
+            terms = [(delta[i] - delta[j] - 1 / (2 * beta)) ** 2 for i, j in pairs]
+        else:
+            worst = max((rk[i] for i in idx), default=None)
+            terms = []
+            for i in idx:
+                if rk[i] == worst:
+                    continue
+                risk = [beta * delta[j] for j in idx if rk[j] >= rk[i]]
+                terms.append(-beta * delta[i] + math.log(sum(math.exp(s) for s in risk)))
+        if terms:
+            per_prompt.append(sum(terms) / len(terms))
+    loss = sum(per_prompt) / len(per_prompt) if per_prompt else 0.0
+    metrics = (correct / n_pairs, chosen / n_pairs, rejected / n_pairs) if n_pairs else (0.0, 0.0, 0.0)
+    return loss, n_pairs, len(per_prompt), metrics
+
+
+def _dpo_random_case(seed, B=7, K=5):
+    rng = np.random.default_rng(seed)
+    logp = (rng.normal(size=(B, K)) * 3 - 20).astype(np.float32)
+    ref = (logp + rng.normal(size=(B, K))).astype(np.float32)
+    ranks = rng.integers(0, 3, size=(B, K))  # 3 rank levels among 5: ties guaranteed
+    ranks[0] = 1  # a prompt where everything ties: no pair, no stage, excluded from the mean
+    n_valid = np.array([K, 0, 1, *rng.integers(2, K + 1, size=B - 3)])  # ragged K, incl. 0 and 1
+    valid = (np.arange(K)[None] < n_valid[:, None]).astype(np.int32)
+    valid = np.take_along_axis(valid, rng.permuted(np.tile(np.arange(K), (B, 1)), axis=1), axis=1)
+    garbage = rng.choice([np.inf, -np.inf, np.nan, 1e30], size=(B, K))
+    logp = np.where(valid > 0, logp, garbage).astype(np.float32)
+    ref = np.where(valid > 0, ref, garbage[:, ::-1]).astype(np.float32)
+    return logp, ref, ranks, valid
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "plackett_luce"])
+@pytest.mark.parametrize("seed", range(3))
+def test_dpo_loss_brute_force(loss_type, seed):
+    logp, ref, ranks, valid = _dpo_random_case(seed)
+    beta = 0.3
+    loss, aux = losses.dpo_loss(logp, ref, ranks, valid, beta, loss_type=loss_type)
+    ref_loss, ref_pairs, ref_prompts, (acc, chosen, rejected) = _dpo_reference(logp, ref, ranks, valid, beta,
+                                                                             loss_type)
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+    assert int(aux["num_pairs"]) == ref_pairs and int(aux["num_prompts"]) == ref_prompts
+    np.testing.assert_allclose(aux["accuracy"], acc, rtol=1e-6)
+    np.testing.assert_allclose(aux["chosen_reward"], chosen, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux["rejected_reward"], rejected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux["margin"], chosen - rejected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_dpo_sigmoid_is_rm_loss_on_implicit_rewards(seed):
+    logp, ref, ranks, valid = _dpo_random_case(seed)
+    beta = 0.1
+    loss, aux = losses.dpo_loss(logp, ref, ranks, valid, beta)
+    implicit = beta * (np.where(valid > 0, logp, 0.0) - np.where(valid > 0, ref, 0.0))
+    rm, rm_aux = losses.rm_loss(implicit, ranks, valid)
+    np.testing.assert_allclose(loss, rm, rtol=1e-5)
+    for key in ("accuracy", "num_pairs", "num_prompts"):
+        np.testing.assert_allclose(aux[key], rm_aux[key])
+
+
+def test_dpo_plackett_luce_with_two_completions_is_sigmoid():
+    logp, ref = np.array([[-3.0, -5.0], [-2.0, -1.0]]), np.array([[-4.0, -4.5], [-2.5, -1.5]])
+    ranks, valid = np.array([[0, 1], [1, 0]]), np.ones((2, 2))
+    pl, _ = losses.dpo_loss(logp, ref, ranks, valid, 0.7, "plackett_luce")
+    sig, _ = losses.dpo_loss(logp, ref, ranks, valid, 0.7, "sigmoid")
+    np.testing.assert_allclose(pl, sig, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "plackett_luce"])
+def test_dpo_loss_grad_finite_with_inf_padding_under_jit(loss_type):
+    logp, ref, ranks, valid = _dpo_random_case(0)
+    step = jax.jit(jax.value_and_grad(lambda lp, b: losses.dpo_loss(lp, ref, ranks, valid, b, loss_type)[0]))
+    loss, g = step(jnp.asarray(logp), jnp.float32(0.3))  # traced β
+    assert np.isfinite(float(loss)) and np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(np.asarray(g)[valid == 0], 0.0)
+    # Prompts without a pair (all tied, empty, a single completion) get no gradient at all.
+    np.testing.assert_array_equal(np.asarray(g)[:3], 0.0)
+    assert np.abs(np.asarray(g)[3:][valid[3:] > 0]).sum() > 0
+
+
+def test_dpo_loss_no_pairs_and_bad_type():
+    loss, aux = losses.dpo_loss(np.zeros((2, 2)), np.zeros((2, 2)), np.array([[0, 0], [0, 1]]),
+                                np.array([[1, 1], [1, 0]]), 0.1, "plackett_luce")
+    assert float(loss) == 0.0 and float(aux["margin"]) == 0.0 and int(aux["num_prompts"]) == 0
+    with pytest.raises(ValueError, match="plackett_luce"):
+        losses.dpo_loss(np.zeros((1, 2)), np.zeros((1, 2)), np.array([[0, 1]]), np.ones((1, 2)), 0.1, "kto")
+
+
+# --- kl_loss -------------------------------------------------------------------------------
+
+# Two valid tokens with r = π_ref/π = 1/2 and 2; the third is padding holding garbage.
+KL_LOGP = np.array([[math.log(0.5), math.log(0.25), np.inf]], np.float32)
+KL_REF = np.array([[math.log(0.25), math.log(0.5), -np.inf]], np.float32)
+KL_MASK = np.array([[1, 1, 0]])
+LOG2 = math.log(2.0)
+
+
+@pytest.mark.parametrize("estimator, value, grad", [
+    # k1 = [log 2, -log 2]; d/dlogp = 1 per token.
+    ("k1", 0.0, [0.5, 0.5, 0.0]),
+    # k2 = ½(log r)² = ½ log²2 twice; d/dlogp = logp - ref = [log 2, -log 2].
+    ("k2", 0.5 * LOG2**2, [LOG2 / 2, -LOG2 / 2, 0.0]),
+    # k3 = (r-1) - log r = [-0.5 + log 2, 1 - log 2], sum 0.5; d/dlogp = 1 - r = [0.5, -1].
+    ("k3", 0.25, [0.25, -0.5, 0.0]),
+])
+def test_kl_loss_hand(estimator, value, grad):
+    loss, aux = losses.kl_loss(KL_LOGP, KL_REF, KL_MASK, estimator)
+    np.testing.assert_allclose(loss, value, rtol=1e-6, atol=1e-7)
+    assert float(aux["num_tokens"]) == 2.0 and abs(float(aux["k1"])) < 1e-7
+    g_logp, g_ref = jax.grad(lambda lp, rf: losses.kl_loss(lp, rf, KL_MASK, estimator)[0], argnums=(0, 1))(
+        jnp.asarray(KL_LOGP), jnp.asarray(KL_REF))
+    np.testing.assert_allclose(g_logp[0], grad, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(g_ref, 0.0)  # the reference is a constant
+
+
+def test_kl_loss_default_empty_and_bad_estimator():
+    loss, _ = losses.kl_loss(KL_LOGP, KL_REF, KL_MASK)
+    np.testing.assert_allclose(loss, 0.25, rtol=1e-6)  # k3 by default
+    loss, aux = losses.kl_loss(KL_LOGP, KL_REF, np.zeros_like(KL_MASK))
+    assert float(loss) == 0.0 and float(aux["k1"]) == 0.0
+    with pytest.raises(ValueError, match="k2"):
+        losses.kl_loss(KL_LOGP, KL_REF, KL_MASK, "k4")
+
+
+# Exact on-policy expectations on one categorical distribution over V tokens (no sampling):
+# E_{y~π}[∇θ kl_loss(log πθ(y), log π_ref(y))] = Σ_y π(y) ∇θ (per-sample loss of token y).
+V = 6
+REF_LOGITS = np.random.default_rng(11).normal(size=V).astype(np.float32)
+NOISE = np.random.default_rng(12).normal(size=V).astype(np.float32)
+
+
+def _kl_exact(theta, forward=True):
+    lp, ref = jax.nn.log_softmax(theta), jax.nn.log_softmax(REF_LOGITS)
+    p, q = (lp, ref) if forward else (ref, lp)
+    return jnp.sum(jnp.exp(p) * (p - q))
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_kl_loss_grad_fn(estimator):
+    def per_sample(theta, y):
+        lp = jax.nn.log_softmax(theta)[y]
+        ref = jax.nn.log_softmax(REF_LOGITS)[y]
+        return losses.kl_loss(lp[None, None], ref[None, None], jnp.ones((1, 1)), estimator)[0]
+
+    @jax.jit
+    def expected(theta):
+        grads = jax.vmap(jax.grad(per_sample), in_axes=(None, 0))(theta, jnp.arange(V))  # [V, V]
+        return jax.nn.softmax(theta) @ grads
+
+    return expected
+
+
+def _rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0])
+def test_kl_loss_expected_gradients(scale):
+    theta = jnp.asarray(REF_LOGITS + scale * NOISE)
+    forward = jax.grad(_kl_exact)(theta)                                # ∇KL(π ‖ π_ref)
+    reverse = jax.grad(functools.partial(_kl_exact, forward=False))(theta)  # ∇KL(π_ref ‖ π)
+    # k2 as a loss term: exactly ∇KL(π ‖ π_ref).
+    np.testing.assert_allclose(_expected_kl_loss_grad_fn("k2")(theta), forward, rtol=2e-3, atol=1e-7)
+    # k3 as a loss term: exactly ∇KL(π_ref ‖ π), the reverse KL ...
+    k3 = _expected_kl_loss_grad_fn("k3")(theta)
+    np.testing.assert_allclose(k3, reverse, rtol=2e-3, atol=1e-7)
+    # ... which matches ∇KL(π ‖ π_ref) to first order near the reference, not far from it.
+    assert (_rel_err(k3, forward) < 0.05) if scale < 0.1 else (_rel_err(k3, forward) > 0.2)
+    # k1 as a loss term: E_π[∇ log π] = 0, no signal at all.
+    np.testing.assert_allclose(_expected_kl_loss_grad_fn("k1")(theta), 0.0, atol=1e-6)
