@@ -142,7 +142,8 @@ def comparison_example(row: dict, tok, *, seq_len: int, max_prompt_len: int, max
 
     Each completion is BOS + prompt + completion + EOS, right-padded; a long
     completion is cut on the right so that the EOS (where the reward is read,
-    `last_index`) is always kept. Rows K..max_k-1 are padding with valid = 0.
+    `last_index`) is always kept; `prompt_len` is where the completion starts (DPO's
+    log-probs sum over tokens prompt_len..last_index). Rows K..max_k-1 are padding with valid = 0.
     """
     completions, ranks = row["completions"], np.asarray(row["ranks"], np.int32)
     k = len(completions)
@@ -157,6 +158,7 @@ def comparison_example(row: dict, tok, *, seq_len: int, max_prompt_len: int, max
         "segment_ids": np.zeros((max_k, seq_len), np.int32),
         "positions": np.zeros((max_k, seq_len), np.int32),
         "last_index": np.zeros(max_k, np.int32),
+        "prompt_len": np.full(max_k, len(prompt), np.int32),  # BOS + prompt: where each completion starts
         "ranks": np.zeros(max_k, np.int32),
         "valid": np.zeros(max_k, np.float32),
     }
