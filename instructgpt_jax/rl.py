@@ -1,58 +1,63 @@
-"""Pure RL math for PPO on language models: KL-shaped rewards, GAE, whitening, KL control.
+"""Pure RL math for language models: KL-shaped rewards, GAE, whitening, KL control, group advantages.
 
 All functions are pure, accept numpy or jax arrays and compute in float32. The array
-functions are wrapped in `jax.jit` (as `jax.nn` does; string/bool options are static),
+functions are wrapped in `jax.jit` (as `jax.nn` does; string/bool/size options are static),
 so eager calls compile once per shape and calls inside a caller's jit simply inline.
 Per-token arrays are [B, T] over the sampled response; `mask` [B, T] is 1 on valid
 response tokens (a contiguous run, normally a prefix: the response up to and including
 EOS) and 0 on padding. kl_penalized_rewards, gae and whiten return 0 on padding.
 
 Public API (see DESIGN.md §4):
-    per_token_kl, kl_penalized_rewards, gae, whiten, explained_variance,
-    kl_controller_init, fixed_kl_update, adaptive_kl_update, kl_update
+    per_token_kl (KL_ESTIMATORS), kl_penalized_rewards, gae, whiten, explained_variance,
+    kl_controller_init, fixed_kl_update, adaptive_kl_update, kl_update,
+    group_advantages (GROUP_ADVANTAGE_KINDS)
 """
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
 
-from instructgpt_jax.losses import masked_mean
+from instructgpt_jax.losses import KL_ESTIMATORS, _kl_terms, masked_mean
 
 __all__ = [
     "per_token_kl", "kl_penalized_rewards", "gae", "whiten", "explained_variance",
     "kl_controller_init", "fixed_kl_update", "adaptive_kl_update", "kl_update",
+    "group_advantages", "KL_ESTIMATORS", "GROUP_ADVANTAGE_KINDS",
 ]
 
-KL_ESTIMATORS = ("k1", "k3")
+GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
 
 
 @functools.partial(jax.jit, static_argnames=("kl_estimator",))
 def per_token_kl(logp, ref_logp, kl_estimator="k1"):
-    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π.
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π (a metric; rewards use k1).
+
+    With r = π_ref/π = exp(ref_logp − logp) (Schulman, "Approximating KL divergence", 2020):
+      'k1' = logp − ref_logp = −log r: unbiased, can be negative; the paper's penalty.
+      'k2' = ½(log r)²: ≥ 0, low variance, biased (exact to second order near the reference).
+      'k3' = (r − 1) − log r: unbiased, ≥ 0, lower variance than k1.
+    For the *gradient* each gives as a loss term see `losses.kl_loss`.
 
     Args:
       logp, ref_logp: [B, T] log-probs of the sampled tokens under the policy and reference.
-      kl_estimator: 'k1' = logp − ref_logp (unbiased, can be negative; the paper's penalty)
-        or 'k3' = (r − 1) − log r with r = π_ref/π = exp(ref_logp − logp) (unbiased,
-        always ≥ 0, lower variance; Schulman, "Approximating KL divergence", 2020).
+      kl_estimator: one of KL_ESTIMATORS (static).
     Returns:
       [B, T] float32 (not masked).
     """
-    logp = jnp.asarray(logp, jnp.float32)
-    ref_logp = jnp.asarray(ref_logp, jnp.float32)
-    if kl_estimator == "k1":
-        return logp - ref_logp
-    if kl_estimator == "k3":
-        log_r = ref_logp - logp
-        return jnp.expm1(log_r) - log_r  # expm1: exact near r = 1, where the policy starts
-    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    return _kl_terms(logp, ref_logp, kl_estimator)
 
 
-@functools.partial(jax.jit, static_argnames=("kl_estimator",))
-def kl_penalized_rewards(scores, logp, ref_logp, mask, beta, *, kl_estimator="k1"):
-    """Per-token rewards of the InstructGPT objective: r_t = −β·KL_t, plus the RM score at the end.
+@jax.jit
+def kl_penalized_rewards(scores, logp, ref_logp, mask, beta):
+    """Per-token rewards of the InstructGPT objective: r_t = −β·(logp_t − ref_logp_t), plus the RM score at the end.
+
+    Always the k1 log-ratio: PPO / REINFORCE treat rewards as constants, and the score-function
+    gradient of E_π[−β·k1] is exactly −β·∇KL(π ‖ π_ref). With k3 in the reward it would be
+    −β·(∇KL(π ‖ π_ref) − ∇KL(π_ref ‖ π)), which vanishes near the reference: the penalty silently
+    disappears. Use k2 / k3 as a loss term (`losses.kl_loss`) instead, and `per_token_kl` for metrics.
 
     Args:
       scores: [B] reward-model scores of the full responses (bias already applied).
@@ -60,14 +65,13 @@ def kl_penalized_rewards(scores, logp, ref_logp, mask, beta, *, kl_estimator="k1
       ref_logp: [B, T] log-probs of the same tokens under the frozen SFT reference.
       mask: [B, T] 0/1, valid response tokens (contiguous).
       beta: KL coefficient (float or traced scalar, e.g. from an adaptive controller).
-      kl_estimator: 'k1' (default, the paper's) or 'k3'; static (a Python string).
     Returns:
-      rewards [B, T] float32: −β·KL_t on valid tokens, 0 elsewhere, and scores[b] added at
-      the last valid token of row b (a row with no valid token gets nothing).
+      rewards [B, T] float32: −β·(logp − ref_logp) on valid tokens, 0 elsewhere, and scores[b]
+      added at the last valid token of row b (a row with no valid token gets nothing).
     """
     mask = jnp.asarray(mask).astype(bool)
     scores = jnp.asarray(scores, jnp.float32)
-    kl = per_token_kl(logp, ref_logp, kl_estimator)
+    kl = jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
     rewards = jnp.where(mask, -beta * kl, 0.0)
     # Last valid index per row (-1 for an empty row, which then matches no position).
     # Taking the max valid position rather than sum(mask) - 1 also handles left padding.
@@ -190,3 +194,50 @@ def kl_update(beta, observed_kl, n_steps, target=None, horizon=10000):
     if target is None:
         return fixed_kl_update(beta)
     return adaptive_kl_update(beta, observed_kl, n_steps, target, horizon)
+
+
+# --- Critic-free RL ---------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "kind"))
+def group_advantages(scores, group_size, kind="grpo"):
+    """Per-sample advantages from a group of samples of the same prompt (no value model).
+
+    Rows come in consecutive groups of `group_size` samples of one prompt (rows
+    [g·G, (g+1)·G) are group g). With mean_g and the unbiased std_g (ddof 1) of the group:
+      'grpo' (Shao et al. 2024):     (r − mean_g) / (std_g + 1e-4)
+      'dr_grpo' (Liu et al. 2025):   r − mean_g   (no std division: no difficulty bias)
+      'rloo' (Ahmadian et al. 2024): r_i − mean of the other G − 1 samples of its group
+                                     (= G/(G−1)·(r_i − mean_g)), a leave-one-out baseline.
+    A sequence's advantage is then used for each of its tokens.
+
+    Args:
+      scores: [B] per-sample rewards (RM score or verifier), B a multiple of group_size.
+      group_size: G, samples per prompt (static int; ≥ 2 for 'grpo' and 'rloo').
+      kind: one of GROUP_ADVANTAGE_KINDS (static).
+    Returns:
+      advantages [B] float32.
+    """
+    if kind not in GROUP_ADVANTAGE_KINDS:
+        raise ValueError(f"group_advantages: kind must be one of {GROUP_ADVANTAGE_KINDS}, got {kind!r}")
+    scores = jnp.asarray(scores, jnp.float32)
+    if scores.ndim != 1:
+        raise ValueError(f"group_advantages: scores must be [B], got shape {scores.shape}")
+    n = scores.shape[0]
+    minimum = 1 if kind == "dr_grpo" else 2
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < minimum:
+        raise ValueError(f"group_advantages: group_size must be an int >= {minimum} for kind={kind!r}, "
+                         f"got {group_size!r}")
+    if n % group_size:
+        raise ValueError(f"group_advantages: batch of {n} scores is not a multiple of group_size={group_size}")
+    group_size = int(group_size)
+    groups = scores.reshape(n // group_size, group_size)
+    centred = groups - jnp.mean(groups, axis=1, keepdims=True)
+    if kind == "dr_grpo":
+        adv = centred
+    elif kind == "rloo":
+        adv = centred * (group_size / (group_size - 1))
+    else:
+        std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (group_size - 1))
+        adv = centred / (std + 1e-4)
+    return adv.reshape(n)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructgpt_jax import rl
+from instructgpt_jax import losses, rl
 
 # --- per-token KL / KL-shaped rewards ---------------------------------------------------------
 
@@ -15,10 +15,12 @@ from instructgpt_jax import rl
 def test_per_token_kl_hand():
     logp, ref = np.log([[0.5]]), np.log([[0.25]])
     np.testing.assert_allclose(rl.per_token_kl(logp, ref, "k1"), [[math.log(2.0)]], rtol=1e-6)
-    # k3 with r = π_ref/π = 0.5: (r - 1) - log r = -0.5 + log 2
+    # log r = log(π_ref/π) = -log 2: k2 = ½ log² 2; k3 = (r - 1) - log r = -0.5 + log 2
+    np.testing.assert_allclose(rl.per_token_kl(logp, ref, "k2"), [[0.5 * math.log(2.0) ** 2]], rtol=1e-6)
     np.testing.assert_allclose(rl.per_token_kl(logp, ref, "k3"), [[-0.5 + math.log(2.0)]], rtol=1e-6)
+    assert rl.KL_ESTIMATORS == ("k1", "k2", "k3")
     with pytest.raises(ValueError, match="k1"):
-        rl.per_token_kl(logp, ref, "k2")
+        rl.per_token_kl(logp, ref, "k4")
 
 
 SCORES = np.array([10.0, -1.0, 5.0])
@@ -35,20 +37,74 @@ def test_kl_penalized_rewards_hand():
     np.testing.assert_allclose(out, [[-0.05, 10.0, 0.0], [-0.1, -0.1, -1.1], [0.0, 0.0, 0.0]], rtol=1e-6)
 
 
-def test_kl_penalized_rewards_k3_and_jit_with_traced_beta():
-    f = jax.jit(functools.partial(rl.kl_penalized_rewards, kl_estimator="k3"))
-    out = f(SCORES, LOGP, REF, MASK, jnp.float32(0.1))
-    k3 = lambda lr: math.expm1(lr) - lr  # lr = ref - logp
-    expected = [[-0.1 * k3(-0.5), 10.0, 0.0],
-                [-0.1 * k3(-1.0), -0.1 * k3(-1.0), -1.0 - 0.1 * k3(-1.0)],
-                [0.0, 0.0, 0.0]]
-    np.testing.assert_allclose(out, expected, rtol=1e-6)
+def test_kl_penalized_rewards_jit_traced_beta_and_k1_only():
+    out = jax.jit(rl.kl_penalized_rewards)(SCORES, LOGP, REF, MASK, jnp.float32(0.1))
+    np.testing.assert_allclose(out, [[-0.05, 10.0, 0.0], [-0.1, -0.1, -1.1], [0.0, 0.0, 0.0]], rtol=1e-6)
+    # The reward is always k1: there is no estimator option any more (k3 there cancels its own gradient).
+    with pytest.raises(TypeError):
+        rl.kl_penalized_rewards(SCORES, LOGP, REF, MASK, 0.1, kl_estimator="k3")
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
-def test_policy_equal_to_reference_gives_zero_penalty(estimator):
-    out = rl.kl_penalized_rewards(SCORES, LOGP, LOGP, MASK, 0.02, kl_estimator=estimator)
+def test_policy_equal_to_reference_gives_zero_penalty():
+    out = rl.kl_penalized_rewards(SCORES, LOGP, LOGP, MASK, 0.02)
     np.testing.assert_allclose(out, [[0.0, 10.0, 0.0], [0.0, 0.0, -1.0], [0.0, 0.0, 0.0]], atol=1e-7)
+
+
+# Why the reward must be k1: on one categorical distribution over V tokens, the exact expected
+# PPO / REINFORCE gradient (rewards as constants, enumerating every token, no sampling) of the
+# per-token KL penalty, against the exact gradients of KL(π ‖ π_ref) and KL(π_ref ‖ π).
+V = 6
+REF_LOGITS = np.random.default_rng(21).normal(size=V).astype(np.float32)
+NOISE = np.random.default_rng(22).normal(size=V).astype(np.float32)
+BETA = 0.5
+
+
+def _kl_exact(theta, forward=True):
+    lp, ref = jax.nn.log_softmax(theta), jax.nn.log_softmax(REF_LOGITS)
+    p, q = (lp, ref) if forward else (ref, lp)
+    return jnp.sum(jnp.exp(p) * (p - q))
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_ppo_grad_fn(reward_estimator):
+    """θ -> Σ_y π(y) ∇θ ppo_policy_loss of the one-token episode y, whose reward is the KL penalty
+    computed at rollout time (a constant): kl_penalized_rewards (k1), or −β·k3 as the old option did."""
+    def per_sample(theta, y):
+        lp = jax.nn.log_softmax(theta)[y][None, None]
+        old = jax.lax.stop_gradient(lp)  # the rollout policy: ρ = 1, the score-function gradient
+        ref = jax.nn.log_softmax(REF_LOGITS)[y][None, None]
+        one = jnp.ones((1, 1))
+        if reward_estimator == "k1":
+            reward = rl.kl_penalized_rewards(jnp.zeros(1), old, ref, one, BETA)
+        else:
+            reward = -BETA * rl.per_token_kl(old, ref, reward_estimator)
+        return losses.ppo_policy_loss(lp, old, reward, one, 0.2)[0]
+
+    @jax.jit
+    def expected(theta):
+        grads = jax.vmap(jax.grad(per_sample), in_axes=(None, 0))(theta, jnp.arange(V))  # [V, V]
+        return jax.nn.softmax(theta) @ grads
+
+    return expected
+
+
+def _rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0])
+def test_k1_reward_gives_the_kl_gradient_and_k3_reward_does_not(scale):
+    theta = jnp.asarray(REF_LOGITS + scale * NOISE)
+    forward = jax.grad(_kl_exact)(theta)
+    reverse = jax.grad(functools.partial(_kl_exact, forward=False))(theta)
+    # Minimising the PPO loss with k1 rewards follows exactly β·∇KL(π ‖ π_ref).
+    np.testing.assert_allclose(_expected_ppo_grad_fn("k1")(theta), BETA * forward, rtol=2e-3, atol=1e-7)
+    # With k3 in the reward it follows β·(∇KL(π ‖ π_ref) − ∇KL(π_ref ‖ π)) ...
+    k3 = _expected_ppo_grad_fn("k3")(theta)
+    np.testing.assert_allclose(k3, BETA * (forward - reverse), rtol=2e-3, atol=1e-6)
+    # ... which is nearly nothing near the reference: the penalty silently vanishes.
+    err = _rel_err(k3, BETA * forward)
+    assert err > 0.9 if scale < 0.1 else err > 0.3, err
 
 
 # --- GAE -------------------------------------------------------------------------------------
@@ -151,3 +207,48 @@ def test_kl_controllers_hand():
                                0.1 * (1 + 0.2 * 0.0512), rtol=1e-6)
     np.testing.assert_allclose(rl.fixed_kl_update(beta, 60.0, 512), 0.1, rtol=1e-7)
     np.testing.assert_allclose(rl.kl_update(beta, 60.0, 512, target=None), 0.1, rtol=1e-7)
+
+
+# --- group advantages ----------------------------------------------------------------------
+
+
+def test_group_advantages_hand():
+    scores = np.array([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])  # two groups of 3
+    # group 0: mean 2, unbiased std 1; group 1: constant -> all 0 (no NaN).
+    np.testing.assert_allclose(rl.group_advantages(scores, 3), [-1 / 1.0001, 0, 1 / 1.0001, 0, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(rl.group_advantages(scores, 3, "dr_grpo"), [-1, 0, 1, 0, 0, 0], atol=1e-6)
+    # RLOO: 1 - mean(2, 3) = -1.5; 2 - 2 = 0; 3 - 1.5 = 1.5.
+    np.testing.assert_allclose(rl.group_advantages(scores, 3, "rloo"), [-1.5, 0, 1.5, 0, 0, 0], atol=1e-6)
+    # Groups of 2: [1, 2] -> std √½ ; [3, 5] -> std √2.
+    out = rl.group_advantages(scores[:4], 2)
+    np.testing.assert_allclose(out, [-0.5 / (0.5**0.5 + 1e-4), 0.5 / (0.5**0.5 + 1e-4),
+                                     -1 / (2**0.5 + 1e-4), 1 / (2**0.5 + 1e-4)], rtol=1e-6)
+    assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 8])
+def test_group_advantages_numpy_per_group(group_size):
+    rng = np.random.default_rng(group_size)
+    scores = rng.normal(size=16) * 3 + 1
+    out = {k: np.asarray(rl.group_advantages(scores, group_size, k)) for k in rl.GROUP_ADVANTAGE_KINDS}
+    for start in range(0, 16, group_size):
+        g = scores[start:start + group_size]
+        sl = slice(start, start + group_size)
+        np.testing.assert_allclose(out["grpo"][sl], (g - g.mean()) / (g.std(ddof=1) + 1e-4), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["dr_grpo"][sl], g - g.mean(), rtol=1e-5, atol=1e-6)
+        others = np.array([np.delete(g, i).mean() for i in range(group_size)])
+        np.testing.assert_allclose(out["rloo"][sl], g - others, rtol=1e-5, atol=1e-6)
+
+
+def test_group_advantages_errors_and_jit():
+    with pytest.raises(ValueError, match="multiple of group_size=4"):
+        rl.group_advantages(np.zeros(6), 4)
+    for kind in ("grpo", "rloo"):
+        with pytest.raises(ValueError, match=">= 2"):
+            rl.group_advantages(np.zeros(4), 1, kind)
+    np.testing.assert_allclose(rl.group_advantages(np.array([1.0, 3.0]), 1, "dr_grpo"), [0.0, 0.0])
+    with pytest.raises(ValueError, match="dr_grpo"):
+        rl.group_advantages(np.zeros(4), 2, "ppo")
+    # Static options under the caller's jit.
+    f = jax.jit(functools.partial(rl.group_advantages, group_size=2, kind="rloo"))
+    np.testing.assert_allclose(f(jnp.array([0.0, 1.0, 4.0, 2.0])), [-1.0, 1.0, 2.0, -2.0], atol=1e-6)
