@@ -25,6 +25,11 @@ class UserError(ValueError):
     where (file:line, field or config key, valid choices), on one line."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user named (or that should have been built) does not exist; both a
+    UserError and a FileNotFoundError, so either `except` catches it."""
+
+
 USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 CONFIG_ERRORS = USER_ERRORS + (KeyError,)
 

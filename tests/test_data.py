@@ -123,7 +123,9 @@ def test_build_and_load_each_kind(tmp_path):
             assert got[1]["completions"] == ["good", "bad"] and got[1]["ranks"].tolist() == [0, 1]
             assert got[0]["ranks"].dtype == np.int32
         else:
-            assert got == [{k: r[k] for k in got[0]} for r in rs]  # file order, str fields
+            # File order, str fields; plain prompts carry an empty conversation.
+            assert got == [{k: r.get(k, []) for k in got[0]} for r in rs]
+            assert kind == "text" or all(g["messages"] == [] for g in got)
     with pytest.raises(ValueError, match="no split 'test'.*valid splits: train, validation"):
         data.load("text", d, "test")
     with pytest.raises(ValueError, match="unknown data kind 'txt'"):
@@ -155,7 +157,7 @@ def test_load_takes_tfds_split_slices(tmp_path):
     d = str(tmp_path / "data")
     data.build("prompts", {"train": write_jsonl(tmp_path / "p.jsonl", [{"prompt": str(i)} for i in range(40)])}, d)
     head, tail = data.load("prompts", d, "train[:-5%]"), data.load("prompts", d, "train[-5%:]")
-    assert (len(head), len(tail)) == (38, 2) and tail[0] == {"prompt": "38"}
+    assert (len(head), len(tail)) == (38, 2) and tail[0] == {"prompt": "38", "messages": []}
     with pytest.raises(ValueError, match="no split 'eval'"):
         data.load("prompts", d, "eval[:10]")
 
