@@ -10,8 +10,9 @@ prompt and response tokens have segment id 1, so the cached decode computes exac
 full forward pass over prompt + response would.
 
 Each step: last logits -> float32 -> / temperature -> top-k -> top-p (nucleus) -> `categorical`
-(argmax when `greedy` or temperature == 0). A row stops at its first EOS, which belongs to the
-response; later slots hold `pad_id` with response_mask 0. The loop is a `lax.while_loop` that
+(argmax when `greedy` or temperature == 0). A row stops at its first EOS (`eos_id`: one id or a
+set of ids, e.g. `tokenizer.eos_ids` with Llama-3's <|eot_id|> and <|end_of_text|>), which belongs to
+the response; later slots hold `pad_id` with response_mask 0. The loop is a `lax.while_loop` that
 ends early once every row has stopped.
 
 `logprobs` are log_softmax(logits / temperature) of the sampled token, i.e. under the tempered
@@ -99,11 +100,19 @@ def sample_token(logits, rng, *, temperature=1.0, top_k=0, top_p=1.0, greedy=Fal
     return tokens.astype(jnp.int32), logprobs
 
 
+def eos_tuple(eos_id) -> tuple[int, ...]:
+    """`eos_id` (an int or a sequence / set of ints) as a sorted tuple of distinct ints."""
+    ids = (eos_id,) if isinstance(eos_id, int) or getattr(eos_id, "ndim", None) == 0 else tuple(eos_id)
+    if not ids:
+        raise ValueError("eos_id: need at least one EOS id")
+    return tuple(sorted({int(i) for i in ids}))
+
+
 def _constrain_cache(cache):
     return nn.with_logical_constraint(cache, CACHE_LOGICAL_AXES)
 
 
-def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: int, eos_id: int, pad_id: int,
+def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: int, eos_id, pad_id: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            return_logits: bool = False, use_cache: bool = True) -> dict:
     """Sample up to `max_new_tokens` tokens after left-padded prompts. Pure; jit it with everything after
@@ -113,6 +122,7 @@ def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: in
       params: the LM's params (`model` is a `Transformer` with head='lm').
       prompt_tokens: [B, P] int, left-padded. prompt_mask: [B, P], 1 on real tokens.
       rng: PRNG key (unused when greedy).
+      eos_id: an EOS id, or a sequence / set of them (a row stops at the first of any); never pad_id.
       return_logits: also return 'logits' [B, N, V] float32, the raw logits each token was sampled from.
       use_cache: False recomputes the full sequence at every step instead of using the KV cache
         (same outputs, much slower: a reference for tests and benchmarks).
@@ -122,6 +132,9 @@ def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: in
     lengths [B] int32 (response lengths), ended [B] bool (EOS was sampled).
     """
     cfg = model.cfg
+    eos_ids = eos_tuple(eos_id)
+    if pad_id in eos_ids:
+        raise ValueError(f"pad_id={pad_id} is one of the EOS ids {list(eos_ids)}; PAD must never be an EOS")
     b, p = prompt_tokens.shape
     n = max_new_tokens
     if cfg.arch == "gpt" and p + n > cfg.max_len:
@@ -163,7 +176,8 @@ def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: in
         tok, lp = sample_token(s["logits"], jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
                                top_p=top_p, greedy=greedy)
         tok = jnp.where(done, pad_id, tok)
-        s = dict(s, i=i + 1, done=done | (tok == eos_id), lengths=s["lengths"] + (~done),
+        is_eos = jnp.any(tok[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)
+        s = dict(s, i=i + 1, done=done | is_eos, lengths=s["lengths"] + (~done),
                  tokens=jax.lax.dynamic_update_slice_in_dim(s["tokens"], tok[:, None], p + i, axis=1),
                  logprobs=s["logprobs"].at[:, i].set(jnp.where(done, 0.0, lp)))
         if return_logits:

@@ -87,11 +87,12 @@ def test_tokenizer_roundtrip_and_special_ids(sp_tok, corpus, tmp_path):
         data.train_tokenizer(corpus, str(tmp_path / "small.model"), 256)
 
 
-def test_tokenizer_rejects_other_special_ids(corpus, tmp_path):
+def test_tokenizer_takes_other_special_ids(corpus, tmp_path):
     prefix = str(tmp_path / "default")  # SentencePiece defaults: unk 0, bos 1, eos 2, no pad
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=prefix, vocab_size=30, minloglevel=2)
-    with pytest.raises(ValueError, match=r"default\.model has special ids .*pad_id.*-1"):
-        data.Tokenizer.load(prefix + ".model")
+    tok = data.Tokenizer.load(prefix + ".model")
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.eos_ids, tok.add_bos) == (0, 1, 2, {2}, True)
+    assert tok.pad_id == 0  # no pad: the unk token, never an EOS
     (tmp_path / "junk.model").write_text("not a model")
     with pytest.raises(ValueError, match="junk.model: not a SentencePiece model"):
         data.Tokenizer.load(str(tmp_path / "junk.model"))

@@ -25,6 +25,8 @@ import functools
 import grain
 import numpy as np
 
+from instructgpt_jax.data import chat
+
 STAT_KEYS = (
     "examples",  # source rows read (including skipped ones)
     "skipped_empty_response",  # demonstrations with an empty response
@@ -49,13 +51,35 @@ def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else x
 
 
+def _head(tok) -> list[int]:
+    """[BOS] when the tokenizer starts sequences with it (`add_bos`; stand-ins without the
+    attribute do), else []."""
+    return [tok.bos_id] if getattr(tok, "add_bos", True) and tok.bos_id is not None else []
+
+
+def _crop(ids: list[int], max_len: int | None, tok) -> tuple[list[int], bool]:
+    """`ids` cropped from the LEFT to at most max_len tokens (the end of a prompt, next to the
+    response, matters most); a leading BOS is kept."""
+    if max_len is None or len(ids) <= max_len:
+        return ids, False
+    if tok.bos_id is not None and ids[0] == tok.bos_id:
+        return [ids[0]] + ids[len(ids) - (max_len - 1) :], True
+    return ids[len(ids) - max_len :], True
+
+
 def _crop_prompt(tok, prompt: str, max_prompt_len: int | None) -> tuple[list[int], bool]:
-    """BOS + prompt, cropped from the LEFT so it has at most max_prompt_len tokens
-    (the end of a prompt, next to the response, matters most)."""
-    ids = tok.encode(_text(prompt))
-    if max_prompt_len is not None and 1 + len(ids) > max_prompt_len:
-        return [tok.bos_id] + ids[len(ids) - (max_prompt_len - 1) :], True
-    return [tok.bos_id] + ids, False
+    """BOS (per `add_bos`) + prompt, cropped from the left to max_prompt_len tokens."""
+    return _crop(_head(tok) + tok.encode(_text(prompt)), max_prompt_len, tok)
+
+
+def _where(row: dict) -> str:
+    return f"row with prompt {_text(row.get('prompt', ''))[:40]!r}"
+
+
+def _template(chat_template, tok):
+    """(template or None, tokenizer with the template's end-of-turn token among its EOS ids)."""
+    template = chat.resolve(chat_template, tok)
+    return template, chat.with_end_of_turn(tok, template)
 
 
 # ---------------------------------------------------------------------------
@@ -72,7 +96,14 @@ def _lm_piece(seq: list[int], first_target: int) -> dict:
 
 
 def lm_example(
-    row: dict, tok, *, kind: str, seq_len: int, max_prompt_len: int | None = None, max_response_len: int | None = None
+    row: dict,
+    tok,
+    *,
+    kind: str,
+    seq_len: int,
+    max_prompt_len: int | None = None,
+    max_response_len: int | None = None,
+    chat_template=None,
 ) -> dict:
     """One source row -> LM pieces (unpadded) and its counters.
 
@@ -82,12 +113,23 @@ def lm_example(
     max_prompt_len (BOS included), response (EOS included) cut on the right to
     max_response_len and to what fits in seq_len + 1 tokens, in which case the EOS
     is dropped (the model never learns to stop mid-answer); loss on response + EOS.
+    BOS only when `tok.add_bos`.
+
+    With `chat_template` (a `chat.ChatTemplate`, a name or a path; None = 'none' = the above):
+    the row's `messages` (or user = prompt, assistant = response) rendered and tokenised once
+    (`chat.sft_ids`), loss on every assistant turn and its end-of-turn token. "Prompt" is then
+    everything before the first assistant token (cropped from the left, BOS kept), "response"
+    everything from it on (cut on the right as above; earlier turns keep their end-of-turn).
+    A conversation whose assistant turns are all empty counts as an empty response.
     """
-    bos, eos = tok.bos_id, tok.eos_id
+    eos = tok.eos_id
     if kind == "text":
-        seq = [bos] + tok.encode(_text(row["text"])) + [eos]
+        seq = _head(tok) + tok.encode(_text(row["text"])) + [eos]
         pieces = [_lm_piece(seq[s : s + seq_len + 1], 0) for s in range(0, len(seq) - 1, seq_len)]
         return {"pieces": pieces, "stats": _stats(examples=1, chunked_texts=int(len(pieces) > 1))}
+    template, tok = _template(chat_template, tok)
+    if template is not None:
+        return _chat_lm_example(row, tok, template, seq_len, max_prompt_len, max_response_len)
     response = tok.encode(_text(row["response"]))
     if not response:
         return {"pieces": [], "stats": _stats(examples=1, skipped_empty_response=1)}
@@ -107,6 +149,28 @@ def lm_example(
     }
 
 
+def _chat_lm_example(row, tok, template, seq_len, max_prompt_len, max_response_len) -> dict:
+    messages = chat.as_messages(row, with_response=True)
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        return {"pieces": [], "stats": _stats(examples=1, skipped_empty_response=1)}
+    ids, mask = chat.sft_ids(template, messages, tok, where=_where(row))
+    first = mask.index(1)
+    prompt, cropped = _crop(ids[:first], max_prompt_len, tok)
+    room = seq_len + 1 - len(prompt)
+    if room < 1:
+        return {"pieces": [], "stats": _stats(examples=1, skipped_no_room=1)}
+    limit = room if max_response_len is None else min(room, max_response_len)
+    truncated = len(ids) - first > limit
+    body, body_mask = ids[first : first + limit], mask[first : first + limit]
+    seq = np.asarray(prompt + body, np.int32)
+    loss = np.asarray([0] * len(prompt) + body_mask, np.float32)
+    piece = {"tokens": seq[:-1], "targets": seq[1:], "loss_mask": loss[1:]}
+    return {
+        "pieces": [piece],
+        "stats": _stats(examples=1, cropped_prompts=int(cropped), truncated_responses=int(truncated)),
+    }
+
+
 def _pad_lm(piece: dict, seq_len: int) -> dict:
     """Unpacked row: one example, right-padded (PAD = 0, masks 0)."""
     n = len(piece["tokens"])
@@ -116,18 +180,36 @@ def _pad_lm(piece: dict, seq_len: int) -> dict:
     return out
 
 
-def _scored_sequence(prompt: list[int], completion, tok, room: int) -> tuple[list[int], bool]:
-    """BOS + prompt + completion + EOS with the completion cut to `room` tokens (EOS always kept)."""
-    ids = tok.encode(_text(completion))
+def _scored_sequence(prompt: list[int], completion, tok, room: int, end: int | None = None) -> tuple[list[int], bool]:
+    """BOS + prompt + completion + EOS with the completion cut to `room` tokens (EOS always kept).
+    `completion` is text, or ids (chat: the assistant turn) with `end` its end-of-turn EOS."""
+    ids = tok.encode(_text(completion)) if end is None else completion
     truncated = len(ids) > room
-    return prompt + ids[:room] + [tok.eos_id], truncated
+    return prompt + ids[:room] + [tok.eos_id if end is None else end], truncated
 
 
-def scoring_example(prompt: str, completion: str, tok, *, seq_len: int, max_prompt_len: int) -> dict:
+def _scored_parts(row: dict, completion, tok, template, max_prompt_len) -> tuple[list[int], bool, object, int | None]:
+    """(cropped prompt ids, cropped?, completion text or ids, end id or None) of one completion."""
+    if template is None:
+        prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
+        return prompt, cropped, completion, None
+    messages = chat.as_messages(row, with_response=False)
+    prompt, body, end = chat.scoring_ids(template, messages, _text(completion), tok, where=_where(row))
+    prompt, cropped = _crop(prompt, max_prompt_len, tok)
+    return prompt, cropped, body, end
+
+
+def scoring_example(
+    prompt: str, completion: str, tok, *, seq_len: int, max_prompt_len: int, chat_template=None, messages=None
+) -> dict:
     """One (prompt, completion) formatted exactly as in reward-model training, right-padded to
-    seq_len: tokens, segment_ids, positions [seq_len] and last_index (the EOS) for scoring."""
-    prompt_ids, _ = _crop_prompt(tok, prompt, max_prompt_len)
-    seq, _ = _scored_sequence(prompt_ids, completion, tok, seq_len - len(prompt_ids) - 1)
+    seq_len: tokens, segment_ids, positions [seq_len] and last_index (the EOS) for scoring.
+    With `chat_template`, the prompt conversation is `messages` (or user = prompt) and the
+    completion its assistant reply (`chat.scoring_ids`); the EOS is then the end-of-turn token."""
+    template, tok = _template(chat_template, tok)
+    row = {"prompt": prompt, "messages": messages or []}
+    prompt_ids, _, body, end = _scored_parts(row, completion, tok, template, max_prompt_len)
+    seq, _ = _scored_sequence(prompt_ids, body, tok, seq_len - len(prompt_ids) - 1, end)
     n = len(seq)
     return {
         "tokens": np.pad(np.asarray(seq, np.int32), (0, seq_len - n)),
@@ -137,13 +219,18 @@ def scoring_example(prompt: str, completion: str, tok, *, seq_len: int, max_prom
     }
 
 
-def comparison_example(row: dict, tok, *, seq_len: int, max_prompt_len: int, max_k: int) -> dict:
+def comparison_example(
+    row: dict, tok, *, seq_len: int, max_prompt_len: int, max_k: int, chat_template=None
+) -> dict:
     """One prompt with its K completions -> [max_k, seq_len] arrays.
 
     Each completion is BOS + prompt + completion + EOS, right-padded; a long
     completion is cut on the right so that the EOS (where the reward is read,
     `last_index`) is always kept; `prompt_len` is where the completion starts (DPO's
     log-probs sum over tokens prompt_len..last_index). Rows K..max_k-1 are padding with valid = 0.
+    With `chat_template`: the prompt conversation (`messages`, or user = prompt) with each
+    completion as the assistant's reply, ending at its end-of-turn token (an EOS); prompt_len
+    may then differ between completions (a token may straddle the prompt's end).
     """
     completions, ranks = row["completions"], np.asarray(row["ranks"], np.int32)
     k = len(completions)
@@ -151,21 +238,24 @@ def comparison_example(row: dict, tok, *, seq_len: int, max_prompt_len: int, max
         raise ValueError(f"a comparison has {k} completions but max_k={max_k}")
     if len(np.unique(ranks)) < 2:
         return {"pieces": [], "stats": _stats(examples=1, skipped_no_untied_pair=1)}
-    prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
-    room = seq_len - len(prompt) - 1  # completion tokens that fit before the EOS
+    template, tok = _template(chat_template, tok)
+    parts = [_scored_parts(row, c, tok, template, max_prompt_len) for c in completions]
+    cropped = any(p[1] for p in parts)
     out = {
         "tokens": np.zeros((max_k, seq_len), np.int32),
         "segment_ids": np.zeros((max_k, seq_len), np.int32),
         "positions": np.zeros((max_k, seq_len), np.int32),
         "last_index": np.zeros(max_k, np.int32),
-        "prompt_len": np.full(max_k, len(prompt), np.int32),  # BOS + prompt: where each completion starts
+        "prompt_len": np.full(max_k, len(parts[0][0]), np.int32),  # BOS + prompt: where each completion starts
         "ranks": np.zeros(max_k, np.int32),
         "valid": np.zeros(max_k, np.float32),
     }
     n_trunc = 0
-    for i, c in enumerate(completions):
-        seq, truncated = _scored_sequence(prompt, c, tok, room)
+    for i, (prompt, _, body, end) in enumerate(parts):
+        room = seq_len - len(prompt) - 1  # completion tokens that fit before the EOS
+        seq, truncated = _scored_sequence(prompt, body, tok, room, end)
         n_trunc += truncated
+        out["prompt_len"][i] = len(prompt)
         out["tokens"][i, : len(seq)] = seq
         out["segment_ids"][i, : len(seq)] = 1
         out["positions"][i, : len(seq)] = np.arange(len(seq))
@@ -175,10 +265,20 @@ def comparison_example(row: dict, tok, *, seq_len: int, max_prompt_len: int, max
     return {"pieces": [out], "stats": _stats(examples=1, cropped_prompts=int(cropped), truncated_completions=n_trunc)}
 
 
-def prompt_example(row: dict, tok, *, max_prompt_len: int) -> dict:
+def prompt_example(row: dict, tok, *, max_prompt_len: int, chat_template=None) -> dict:
     """BOS + prompt, cropped from the left and LEFT-padded to max_prompt_len, so
-    that generation continues every row from the same position."""
-    prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
+    that generation continues every row from the same position. With `chat_template`:
+    the conversation (`messages`, or user = prompt) with its generation prompt
+    (`chat.prompt_ids`). A prompt of no tokens (no BOS, empty text) becomes [EOS], so
+    that every row has a real token to sample from."""
+    template, tok = _template(chat_template, tok)
+    if template is None:
+        prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
+    else:
+        messages = chat.as_messages(row, with_response=False)
+        prompt, cropped = _crop(chat.prompt_ids(template, messages, tok), max_prompt_len, tok)
+    if not prompt:
+        prompt = [tok.eos_id]
     tokens = np.zeros(max_prompt_len, np.int32)
     mask = np.zeros(max_prompt_len, np.int32)
     tokens[max_prompt_len - len(prompt) :] = prompt
@@ -194,40 +294,28 @@ def prompt_example(row: dict, tok, *, max_prompt_len: int) -> dict:
 class _UnrollIterDataset(grain.IterDataset):
     """Emits the pieces of each element (none for skipped ones). The counters of
     skipped elements ride on the next emitted piece, so they are counted exactly
-    when that piece reaches a batch."""
-
-    def __init__(self, parent: grain.IterDataset, max_consecutive_skips: int):
-        super().__init__(parent)
-        self._max_skips = max_consecutive_skips
+    when that piece reaches a batch. (`_make` checked that some row is kept, so an
+    endless repeat never loops without emitting.)"""
 
     def __iter__(self):
-        return _UnrollIterator(self._parent.__iter__(), self._max_skips)
+        return _UnrollIterator(self._parent.__iter__())
 
 
 class _UnrollIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, max_skips: int):
+    def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
-        self._max_skips = max_skips
         self._pending: list = []  # pieces of the current element not yet emitted
         self._offset = 0  # pieces of it already emitted
         self._element_state = None  # parent state before the current element
 
     def __next__(self):
         stats = _stats()
-        skips = 0
         while not self._pending:
             self._element_state = self._parent.get_state()
             element = next(self._parent)
             stats = stats + element["stats"]
             if element["pieces"]:
                 self._pending, self._offset = list(element["pieces"]), 0
-            else:
-                skips += 1
-                if skips > self._max_skips:
-                    counts = {k: int(v) for k, v in zip(STAT_KEYS, stats) if v}
-                    raise ValueError(
-                        f"every example of the source was skipped ({counts}); check the length limits and the data"
-                    )
         piece = dict(self._pending.pop(0), stats=stats)
         self._offset += 1
         return piece
@@ -350,16 +438,17 @@ def _make(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     if len(source) == 0:
-        raise ValueError("the data source is empty")
+        raise ValueError(f"{_source_name(source)} has no rows")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    _check_not_all_skipped(source, example_fn)
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)  # re-shuffled differently in each epoch by repeat()
     # Threads tokenise ahead of the consumer, about two global batches' worth.
     read = grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(32, 2 * global_batch_size))
     ds = ds.repeat(num_epochs).map(example_fn).to_iter_dataset(read)
-    ds = _UnrollIterDataset(ds, max_consecutive_skips=len(source))
+    ds = _UnrollIterDataset(ds)
     if pack_len is not None:
         lengths = {"tokens": pack_len, "targets": pack_len, "loss_mask": pack_len}
         # One packing round fills exactly one global batch of bins.
@@ -386,6 +475,36 @@ def _make(
         process_index=process_index,
         process_count=process_count,
         description=description,
+    )
+
+
+def _template_description(template) -> dict:
+    """The template is part of the settings a saved state must match (absent for 'none', so the
+    states saved before templates existed still restore)."""
+    return {} if template is None else {"chat_template": template.name}
+
+
+def _source_name(source) -> str:
+    path = getattr(source, "path", None)
+    if path is not None:
+        split = getattr(source, "split", None)
+        return f"{path}" + (f" (split {split!r})" if split else "")
+    return f"the {type(source).__name__} of {len(source)} rows"
+
+
+def _check_not_all_skipped(source, example_fn) -> None:
+    """One-line error when every row of `source` is skipped (reads rows in order until one is kept,
+    so a usable source costs a row or a few)."""
+    stats = _stats()
+    for i in range(len(source)):
+        out = example_fn(source[i])
+        if out["pieces"]:
+            return
+        stats = stats + out["stats"]
+    counts = ", ".join(f"{k}={int(v)}" for k, v in zip(STAT_KEYS, stats) if v and k != "examples")
+    raise ValueError(
+        f"every row of {_source_name(source)} was skipped ({len(source)} rows: {counts}); "
+        "check the data and the length limits (seq_len, max_prompt_len)"
     )
 
 
@@ -417,6 +536,7 @@ def lm_batches(
     process_count: int = 1,
     num_epochs: int | None = None,
     shuffle: bool = True,
+    chat_template=None,
     _pad_final: bool = False,
 ) -> BatchIterator:
     """Language-model batches for pretraining ('text') or SFT ('demonstrations').
@@ -426,6 +546,9 @@ def lm_batches(
     targets[t] is the label of tokens[t]; with `pack`, several examples share a row
     (segment_ids 1, 2, ..., 0 = padding; positions restart at 0 per example) and no
     target or position crosses an example boundary. See `lm_example` for truncation.
+    `chat_template` (demonstrations; see `chat.resolve`: None / 'none' = plain formatting,
+    '' / 'auto', a built-in name, a .jinja path, or a `chat.ChatTemplate`) renders each row's
+    `messages` (a plain row as user = prompt, assistant = response); loss on assistant turns.
     """
     if kind not in ("text", "demonstrations"):
         raise ValueError(f"lm_batches kind must be 'text' or 'demonstrations', got {kind!r}")
@@ -436,13 +559,15 @@ def lm_batches(
     if max_response_len is not None and max_response_len < 1:
         raise ValueError(f"max_response_len must be >= 1, got {max_response_len}")
     _check_row(source, ["text"] if kind == "text" else ["prompt", "response"], f"lm_batches(kind={kind!r})")
+    template, tok = _template(chat_template if kind == "demonstrations" else None, tokenizer)
     example = functools.partial(
         lm_example,
-        tok=tokenizer,
+        tok=tok,
         kind=kind,
         seq_len=seq_len,
         max_prompt_len=max_prompt_len,
         max_response_len=max_response_len,
+        chat_template=template,
     )
     if pack:
         fn = example
@@ -470,6 +595,7 @@ def lm_batches(
             max_response_len=max_response_len,
             pack=pack,
             vocab_size=tokenizer.vocab_size,
+            **_template_description(template),
         ),
     )
 
@@ -487,6 +613,7 @@ def comparison_batches(
     process_count: int = 1,
     num_epochs: int | None = None,
     shuffle: bool = True,
+    chat_template=None,
     _pad_final: bool = False,
 ) -> BatchIterator:
     """Reward-model batches, one prompt with all its completions per row.
@@ -494,6 +621,8 @@ def comparison_batches(
     Yields tokens, segment_ids, positions: int32[b, max_k, seq_len];
     last_index, ranks: int32[b, max_k]; valid: float32[b, max_k].
     Prompts whose ranks are all equal (no untied pair) are skipped and counted.
+    `chat_template` as in `lm_batches`: the prompt conversation with each completion as the
+    assistant's reply, the reward read at its end-of-turn token.
     """
     if not 1 <= max_prompt_len < seq_len:
         raise ValueError(
@@ -503,8 +632,10 @@ def comparison_batches(
     if max_k < 2:
         raise ValueError(f"max_k must be >= 2, got {max_k}")
     _check_row(source, ["prompt", "completions", "ranks"], "comparison_batches")
+    template, tok = _template(chat_template, tokenizer)
     fn = functools.partial(
-        comparison_example, tok=tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len, max_k=max_k
+        comparison_example, tok=tok, seq_len=seq_len, max_prompt_len=max_prompt_len, max_k=max_k,
+        chat_template=template,
     )
     return _make(
         source,
@@ -522,6 +653,7 @@ def comparison_batches(
             max_prompt_len=max_prompt_len,
             max_k=max_k,
             vocab_size=tokenizer.vocab_size,
+            **_template_description(template),
         ),
     )
 
@@ -537,14 +669,18 @@ def prompt_batches(
     process_count: int = 1,
     num_epochs: int | None = None,
     shuffle: bool = True,
+    chat_template=None,
     _pad_final: bool = False,
 ) -> BatchIterator:
     """PPO / evaluation prompts: prompt_tokens, prompt_mask int32[b, max_prompt_len]
-    (LEFT-padded BOS + prompt, mask 1 on real tokens) and prompt_text object[b] (str)."""
+    (LEFT-padded BOS + prompt, mask 1 on real tokens) and prompt_text object[b] (str).
+    `chat_template` as in `lm_batches`: the conversation with its generation prompt. Sample
+    with `chat.with_end_of_turn(tokenizer, template).eos_ids` so responses stop at end of turn."""
     if max_prompt_len < 1:
         raise ValueError(f"max_prompt_len must be >= 1 (it counts BOS), got {max_prompt_len}")
     _check_row(source, ["prompt"], "prompt_batches")
-    fn = functools.partial(prompt_example, tok=tokenizer, max_prompt_len=max_prompt_len)
+    template, tok = _template(chat_template, tokenizer)
+    fn = functools.partial(prompt_example, tok=tok, max_prompt_len=max_prompt_len, chat_template=template)
     return _make(
         source,
         fn,
@@ -555,7 +691,10 @@ def prompt_batches(
         num_epochs=num_epochs,
         shuffle=shuffle,
         pad_final=_pad_final,
-        description=dict(kind="prompts", max_prompt_len=max_prompt_len, vocab_size=tokenizer.vocab_size),
+        description=dict(
+            kind="prompts", max_prompt_len=max_prompt_len, vocab_size=tokenizer.vocab_size,
+            **_template_description(template),
+        ),
     )
 
 
