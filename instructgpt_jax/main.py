@@ -3,13 +3,23 @@
 Overrides: `--config.train.num_steps=10 --config.mesh.fsdp=4` (unknown keys are errors).
 Multi-host: every process runs the same command with --coordinator_address, --num_processes,
 --process_id (or none of them, on TPU pods / SLURM where JAX discovers them itself).
+
+A mistake the user made prints one line `error: <message>` on stderr and exits with status 2;
+`--debug` (or INSTRUCTGPT_DEBUG=1) shows the traceback instead. User mistakes are: while
+reading the config, absl flag errors, unknown config keys, and ValueError / KeyError /
+FileNotFoundError raised by the config file; while running, errors.UserError, ValueError and
+FileNotFoundError (errors.USER_ERRORS). Anything else is a bug and keeps its traceback.
 """
 import importlib
+import os
+import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 import jax
+
+from instructgpt_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<stage>.py:<preset>.",
                                           lock_config=True)
@@ -19,6 +29,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection "
                                  "(TPU pods, SLURM) even without the flags above.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error (bad data, config, checkpoint) "
+                           f"instead of one line; also {errors.DEBUG_ENV}=1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "ppo": "ppo", "pipeline": "miniature.pipeline"}
@@ -28,10 +40,10 @@ def initialize_distributed(coordinator, num_processes, process_id, auto=False):
     """jax.distributed.initialize from flags; a no-op on a single host."""
     given = [x is not None for x in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
-        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+        raise errors.UserError("--coordinator_address, --num_processes and --process_id go together")
     if all(given):
         if not 0 <= process_id < num_processes:
-            raise app.UsageError(f"--process_id={process_id} is out of range for --num_processes={num_processes} "
+            raise errors.UserError(f"--process_id={process_id} is out of range for --num_processes={num_processes} "
                                  f"(valid: 0..{num_processes - 1})")
         # Cross-process collectives for CPU devices (ignored by GPU / TPU backends). Must be set
         # before any backend is initialised, so no jax.devices() call comes before this.
@@ -41,14 +53,111 @@ def initialize_distributed(coordinator, num_processes, process_id, auto=False):
         jax.distributed.initialize()
 
 
+def _debug_requested(argv) -> bool:
+    """--debug / INSTRUCTGPT_DEBUG=1, read from argv too (flag parsing may be what failed)."""
+    if os.environ.get(errors.DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
+        return True
+    if flags.FLAGS.is_parsed():
+        return _DEBUG.value
+    debug = False
+    for arg in argv[1:]:
+        name, _, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name in ("debug", "nodebug"):
+            debug = name == "debug" and value.lower() not in ("false", "0", "f")
+    return debug
+
+
+def _user_error(message: str):
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(errors.EXIT_STATUS)
+
+
+def _flag_arg(argv, name: str):
+    """The value of --name=VALUE / --name VALUE in argv (last one wins), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.lstrip("-").startswith(name + "=") and arg.startswith("-"):
+            value = arg.split("=", 1)[1]
+        elif arg.lstrip("-") == name and arg.startswith("-") and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _unknown_override(argv):
+    """'config.a.b' of the first --config.a.b=... override naming no key, with the valid keys there."""
+    try:
+        config = flags.FLAGS["config"].parser.parse(_flag_arg(argv, "config"))
+    except Exception:  # noqa: BLE001  (the config itself is broken: not an override problem)
+        return None
+    for arg in argv[1:]:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if not (arg.startswith("-") and name.startswith("config.")):
+            continue
+        node, parts = config, name.split(".")[1:]
+        for i, part in enumerate(parts):
+            where = ".".join(["config"] + parts[:i])
+            if not isinstance(node, ConfigDict):
+                return f"{where} is a value, not a group of keys (--{name})"
+            if part not in node:
+                return f"unknown config key '{where}.{part}' (--{name}); valid keys in {where}: {', '.join(sorted(node))}"
+            node = node[part]
+    return None
+
+
+def _config_error(exc: Exception, argv):
+    """One line describing a user's mistake in the flags / config, or None if `exc` is a bug."""
+    root = exc
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    if isinstance(exc, (KeyError, AttributeError)):  # ml_collections: an override naming no key
+        unknown = _unknown_override(argv)
+        if unknown or isinstance(exc, AttributeError):
+            return unknown
+        return errors.one_line(exc)
+    if isinstance(exc, flags.Error):
+        prefix, whilst, _ = str(exc).partition(": Error whilst parsing config file")
+        if not whilst:  # absl's own one-line message (unknown flag, bad value, missing --workdir)
+            return errors.one_line(exc)
+        return f"{prefix}: {errors.one_line(root)}" if isinstance(root, errors.CONFIG_ERRORS) else None
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):  # config_flags' deferred load error
+        path = (_flag_arg(argv, "config") or "").split(":", 1)[0]
+        if path and not os.path.isfile(path):
+            return f"config file {path!r} does not exist (--config={_flag_arg(argv, 'config')})"
+        return errors.one_line(root) if isinstance(root, errors.CONFIG_ERRORS) else None
+    return errors.one_line(exc) if isinstance(exc, errors.CONFIG_ERRORS) else None
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with the config's mistakes shown as one line and status 2."""
+    try:
+        args = flags.FLAGS(argv)
+        _CONFIG.value.stage  # config_flags defers a config file's load error to first use  # noqa: B018
+        return args
+    except Exception as e:  # noqa: BLE001  (sorted below: bugs are re-raised)
+        message = _config_error(e, argv)
+        if message is None or _debug_requested(argv):
+            raise
+        _user_error(message)
+
+
 def main(argv):
+    try:
+        run(argv)
+    except errors.USER_ERRORS as e:
+        if _debug_requested(argv):
+            raise
+        _user_error(errors.one_line(e))
+
+
+def run(argv):
+    """Runs the stage the parsed flags name."""
     del argv
     if not flags.FLAGS["verbosity"].present:  # keep Orbax / TFDS info logs out of the progress bar
         logging.set_verbosity(logging.WARNING)
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     config = _CONFIG.value
     if config.stage not in STAGES:
-        raise app.UsageError(f"config.stage={config.stage!r}; valid: {', '.join(STAGES)}")
+        raise errors.UserError(f"config.stage={config.stage!r}; valid: {', '.join(STAGES)}")
     logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
     stage = importlib.import_module(f"instructgpt_jax.{STAGES[config.stage]}")
     final = stage.train(config, _WORKDIR.value)
@@ -59,4 +168,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

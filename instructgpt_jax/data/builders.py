@@ -148,7 +148,7 @@ class _Row:
     def get(self, key: str):
         if key not in self.obj:
             raise self.error(f"missing field {self.name(key)} (row has: {', '.join(self.columns) or 'nothing'}; "
-                             f"columns can be renamed with fields, e.g. '{key}:<column>')")
+                             f"rename columns with fields / config.data.fields, e.g. '{key}:<column>')")
         return self.obj[key]
 
     def string(self, key: str, value=None, path: str | None = None) -> str:
