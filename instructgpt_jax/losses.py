@@ -240,8 +240,7 @@ def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid"):
 
     Args:
       logp: [B, K] summed response log-probs of each completion under the policy (differentiated).
-      ref_logp: [B, K] the same under the frozen reference (treated as constant by the caller:
-        it is normally computed without gradient; no stop_gradient here).
+      ref_logp: [B, K] the same under the frozen reference (a constant: stop_gradient).
       ranks: [B, K] ints; 0 = best, lower is preferred, equal = tie.
       valid: [B, K] 0/1, real completions (ragged K padded with valid = 0; padded slots may hold
         anything, inf included: they never reach the loss, its gradient or a metric).
@@ -261,7 +260,8 @@ def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid"):
     ranks = jnp.asarray(ranks)
     beta = jnp.asarray(beta, jnp.float32)
     # `where`, not a product: inf − inf = NaN in a padded slot must not leak (its cotangent is 0).
-    delta = jnp.where(valid, jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32), 0.0)
+    ref_logp = jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32))
+    delta = jnp.where(valid, jnp.asarray(logp, jnp.float32) - ref_logp, 0.0)
     implicit = beta * delta
     pair = _pair_mask(ranks, valid)
     diff = delta[:, :, None] - delta[:, None, :]
