@@ -17,9 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-import jax
-
-from instructgpt_jax import errors
+from instructgpt_jax import errors  # jax is imported once the flags are good: config mistakes show at once
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<stage>.py:<preset>.",
                                           lock_config=True)
@@ -38,13 +36,15 @@ STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "ppo": "ppo", "pipeline":
 
 def initialize_distributed(coordinator, num_processes, process_id, auto=False):
     """jax.distributed.initialize from flags; a no-op on a single host."""
+    import jax
+
     given = [x is not None for x in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
         raise errors.UserError("--coordinator_address, --num_processes and --process_id go together")
     if all(given):
         if not 0 <= process_id < num_processes:
             raise errors.UserError(f"--process_id={process_id} is out of range for --num_processes={num_processes} "
-                                 f"(valid: 0..{num_processes - 1})")
+                                   f"(valid: 0..{num_processes - 1})")
         # Cross-process collectives for CPU devices (ignored by GPU / TPU backends). Must be set
         # before any backend is initialised, so no jax.devices() call comes before this.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -99,7 +99,8 @@ def _unknown_override(argv):
             if not isinstance(node, ConfigDict):
                 return f"{where} is a value, not a group of keys (--{name})"
             if part not in node:
-                return f"unknown config key '{where}.{part}' (--{name}); valid keys in {where}: {', '.join(sorted(node))}"
+                return (f"unknown config key '{where}.{part}' (--{name}); "
+                        f"valid keys in {where}: {', '.join(sorted(node))}")
             node = node[part]
     return None
 
@@ -152,6 +153,8 @@ def main(argv):
 def run(argv):
     """Runs the stage the parsed flags name."""
     del argv
+    import jax
+
     if not flags.FLAGS["verbosity"].present:  # keep Orbax / TFDS info logs out of the progress bar
         logging.set_verbosity(logging.WARNING)
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)

@@ -76,13 +76,15 @@ SHAPES = {
         "hh_text.jsonl": [
             {"chosen": HH_PREFIX + "\n\nAssistant: Why did the chicken cross the road?",
              "rejected": HH_PREFIX + "\n\nAssistant: No."},
-            {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"},
+            {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4",
+             "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"},
         ],
         "hh_msgs.parquet": [{"chosen": HH_TURNS + [msg("assistant", "A joke.")],
                              "rejected": HH_TURNS + [msg("assistant", "Later.")]}],
         "uf.jsonl": [
-            {"prompt": "u1", "completions": [{"response": "A", "overall_score": 7.5}, {"response": "B", "overall_score": 9},
-                                             {"response": "C", "overall_score": 7.5}, {"response": "D", "overall_score": 3}]},
+            {"prompt": "u1", "completions": [
+                {"response": "A", "overall_score": 7.5}, {"response": "B", "overall_score": 9},
+                {"response": "C", "overall_score": 7.5}, {"response": "D", "overall_score": 3}]},
             # overall_score comes before the fine-grained annotations.
             {"prompt": "u2", "completions": [
                 {"response": "E", "overall_score": 2, "annotations": rating("5", "5", "5")},
@@ -110,7 +112,8 @@ EXPECTED = {
     ("demonstrations", "chat_parquet"): [{"prompt": "", "response": "", "messages": CHAT[1:3]}],
     ("prompts", "plain_jsonl"): [{"prompt": "q1", "messages": []}, {"prompt": "q2", "messages": []}],
     ("prompts", "chat_parquet"): [{"prompt": "", "messages": CHAT[:4]}, {"prompt": "", "messages": CHAT[:2]}],
-    ("comparisons", "kwise_jsonl"): [{"prompt": "p", "messages": [], "completions": ["a", "b", "c"], "ranks": [2, 0, 1]}],
+    ("comparisons", "kwise_jsonl"): [
+        {"prompt": "p", "messages": [], "completions": ["a", "b", "c"], "ranks": [2, 0, 1]}],
     ("comparisons", "pairs_jsonl"): [
         {"prompt": "Q", "messages": [], "completions": ["good", "bad"], "ranks": [0, 1]},
         {"prompt": "", "messages": [msg("system", "S"), msg("user", "U")], "completions": ["c", "r"], "ranks": [0, 1]},
@@ -206,7 +209,8 @@ GOOD = {"demonstrations": {"prompt": "p", "response": "r"}, "prompts": {"prompt"
 BAD_ROWS = [
     ("demonstrations", {"messages": [msg("user", "hi"), msg("bot", "yo")]},
      r"field 'messages\[1\]\.role' is 'bot'; valid roles: system, user, assistant, tool"),
-    ("demonstrations", {"messages": [msg("system", "s"), msg("user", "hi")]}, r"field 'messages' has no assistant turn"),
+    ("demonstrations", {"messages": [msg("system", "s"), msg("user", "hi")]},
+     r"field 'messages' has no assistant turn"),
     ("demonstrations", {"messages": [{"role": "user", "content": 3}]},
      r"field 'messages\[0\]\.content' must be a string, got int"),
     ("demonstrations", {"messages": "hi"}, r"field 'messages' must be a list of messages, got str"),
@@ -224,7 +228,8 @@ BAD_ROWS = [
     ("comparisons", {"prompt": "p", "completions": [{"response": 1, "overall_score": 1},
                                                     {"response": "b", "overall_score": 2}]},
      r"field 'completions\[0\]\.response' must be a string, got int"),
-    ("comparisons", {"prompt": "p", "completions": ["a", "b"]}, r"missing field 'ranks' \(row has: completions, prompt"),
+    ("comparisons", {"prompt": "p", "completions": ["a", "b"]},
+     r"missing field 'ranks' \(row has: completions, prompt"),
     ("comparisons", {"question": "p"},
      r"missing field 'completions' .*or 'chosen' and 'rejected' \(row has: question\)"),
 ]
