@@ -137,7 +137,8 @@ class _Row:
         return key in self.obj
 
     def name(self, path: str) -> str:
-        """'field' for messages, with the file's column when `fields` renamed it."""
+        """How messages quote a field path ('completions[1].response'), with the file's column when
+        `fields` renamed it: "'answers[1].response' (as 'completions[1].response')"."""
         key = path.split("[", 1)[0].split(".", 1)[0]
         column = self.names.get(key, key)
         return f"'{path}'" if column == key else f"'{column}{path[len(key):]}' (as '{path}')"
@@ -152,10 +153,18 @@ class _Row:
         return self.obj[key]
 
     def string(self, key: str, value=None, path: str | None = None) -> str:
+        """The row's `key` as a string; or, when `path` is given, `value` (found at `path`)."""
         value = self.get(key) if path is None else value
         if not isinstance(value, str):
             raise self.error(f"field {self.name(path or key)} must be a string, got {_type_name(value)}")
         return value
+
+    def require_one_of(self, *shapes: tuple[str, ...]):
+        """Raises naming every accepted shape when the row has none of their fields."""
+        if not any(k in self.obj for shape in shapes for k in shape):
+            names = " or ".join("+".join(self.name(k) for k in shape) for shape in shapes)
+            raise self.error(f"missing field {names} (row has: {', '.join(self.columns) or 'nothing'}; "
+                             "rename columns with fields / config.data.fields)")
 
     def list(self, key: str) -> list:
         value = self.get(key)
@@ -174,7 +183,7 @@ class _Row:
             p = f"{path}[{i}]"
             if not isinstance(m, dict):
                 raise self.error(f"field {self.name(p)} must be a message {{role, content}}, got {_type_name(m)}")
-            sharegpt = "role" not in m and "from" in m
+            sharegpt = m.get("role") is None and m.get("from") is not None
             role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
             if m.get(role_key) is None:
                 raise self.error(f"field {self.name(p)} has no 'role'")
@@ -351,6 +360,7 @@ def validate_row(kind: str, obj, where: str, max_k: int = 9, fields: Mapping[str
     if kind == "text":
         return {"text": row.string("text")}
     if kind == "demonstrations":
+        row.require_one_of(("prompt", "response"), ("messages",))
         if "messages" in row:
             messages = row.messages(row.get("messages"), "messages")
             if not any(m["role"] == "assistant" for m in messages):
@@ -358,6 +368,7 @@ def validate_row(kind: str, obj, where: str, max_k: int = 9, fields: Mapping[str
             return {"prompt": "", "response": "", "messages": messages}
         return {"prompt": row.string("prompt"), "response": row.string("response"), "messages": []}
     if kind == "prompts":
+        row.require_one_of(("prompt",), ("messages",))
         if "prompt" in row or "messages" not in row:
             prompt, messages = row.prompt()
             key = "prompt"
@@ -394,8 +405,8 @@ def _jsonl_objects(path: str) -> Iterator[tuple[int, str, object]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                hint = ("; the file must hold one JSON object per line (JSON lines), not a JSON array"
-                        if n == 1 and line.strip() == "[" else "")
+                hint = ("; the file must hold one JSON object per line (JSON lines)"
+                        if n == 1 and line.strip() in ("[", "{") else "")
                 raise UserError(f"{where}: invalid JSON ({e}){hint}") from None
             yield n, where, obj
 
