@@ -8,7 +8,8 @@ A mistake the user made prints one line `error: <message>` on stderr and exits w
 `--debug` (or INSTRUCTGPT_DEBUG=1) shows the traceback instead. User mistakes are: while
 reading the config, absl flag errors, unknown config keys, and ValueError / KeyError /
 FileNotFoundError raised by the config file; while running, errors.UserError, ValueError and
-FileNotFoundError (errors.USER_ERRORS). Anything else is a bug and keeps its traceback.
+FileNotFoundError (errors.USER_ERRORS) and absl's app.UsageError (inconsistent multi-host flags).
+Anything else is a bug and keeps its traceback.
 """
 import importlib
 import os
@@ -40,11 +41,11 @@ def initialize_distributed(coordinator, num_processes, process_id, auto=False):
 
     given = [x is not None for x in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
-        raise errors.UserError("--coordinator_address, --num_processes and --process_id go together")
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
     if all(given):
         if not 0 <= process_id < num_processes:
-            raise errors.UserError(f"--process_id={process_id} is out of range for --num_processes={num_processes} "
-                                   f"(valid: 0..{num_processes - 1})")
+            raise app.UsageError(f"--process_id={process_id} is out of range for --num_processes={num_processes} "
+                                 f"(valid: 0..{num_processes - 1})")
         # Cross-process collectives for CPU devices (ignored by GPU / TPU backends). Must be set
         # before any backend is initialised, so no jax.devices() call comes before this.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -144,7 +145,7 @@ def parse_flags(argv):
 def main(argv):
     try:
         run(argv)
-    except errors.USER_ERRORS as e:
+    except errors.USER_ERRORS + (app.UsageError,) as e:
         if _debug_requested(argv):
             raise
         _user_error(errors.one_line(e))
