@@ -7,7 +7,8 @@ exits with status 2; `--debug` (or INSTRUCTGPT_DEBUG=1) shows the traceback inst
 
 Which exceptions the command line treats as the user's (`USER_ERRORS`):
   - while running a stage: UserError, ValueError (modules not yet converted raise it for bad
-    input) and FileNotFoundError (a path the user named does not exist);
+    input) and FileNotFoundError (a path the user named does not exist), plus absl's
+    app.UsageError (inconsistent multi-host flags);
   - while reading the config and its overrides: those, plus KeyError and unknown config keys, and
     absl flag errors (unknown flag, unparsable value).
 Anything else (TypeError, AttributeError, IndexError, ...) is a bug and keeps its traceback.

@@ -32,7 +32,7 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error (
                            f"instead of one line; also {errors.DEBUG_ENV}=1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "ppo": "ppo", "pipeline": "miniature.pipeline"}
+STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "pipeline": "miniature.pipeline"}
 
 
 def initialize_distributed(coordinator, num_processes, process_id, auto=False):
