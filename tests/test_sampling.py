@@ -136,6 +136,28 @@ def test_equal_to_greedy(greedy_sample, options):
     np.testing.assert_array_equal(out["response_mask"], greedy["response_mask"])
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_stops_at_any_of_several_eos_ids(greedy_sample, use_cache):
+    """A second EOS id (e.g. Llama-3's <|eot_id|> next to <|end_of_text|>): each row stops at its first
+    token from the set, the greedy run cut there, with or without the cache."""
+    params, _, greedy = greedy_sample
+    resp = greedy["response"]
+    second = int(resp[0, 2]) if resp[0, 2] != EOS else int(resp[0, 1])  # a token greedy decoding emits
+    sampler = sampling.make_sampler(Transformer(CONFIGS["gpt"]), max_new_tokens=N, eos_id=[EOS, second],
+                                    pad_id=PAD, greedy=True, use_cache=use_cache)
+    out = jax.device_get(sampler(params, PROMPTS, MASK, jax.random.PRNGKey(0)))
+    for b in range(B):
+        hits = np.flatnonzero(np.isin(resp[b], [EOS, second]))
+        n = hits[0] + 1 if hits.size else N
+        assert out["lengths"][b] == n and out["ended"][b] == bool(hits.size)
+        np.testing.assert_array_equal(out["response"][b, :n], resp[b, :n])
+        assert (out["response"][b, n:] == PAD).all()
+    assert out["ended"][0] and out["lengths"][0] <= 3
+    with pytest.raises(ValueError, match="PAD must never be an EOS"):
+        sampling.sample(params, PROMPTS, MASK, None, model=Transformer(CONFIGS["gpt"]), max_new_tokens=2,
+                        eos_id=(EOS, PAD), pad_id=PAD)
+
+
 def test_filter_logits_hand():
     logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3]]))
     assert np.isfinite(sampling.filter_logits(logits, top_k=2)).tolist() == [[False, True, False, True]]

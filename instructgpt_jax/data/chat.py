@@ -266,7 +266,7 @@ def end_of_turn_ids(template: ChatTemplate, tokenizer) -> frozenset:
     a = render(template, probe[:1], tokenizer, add_generation_prompt=True)
     b = render(template, probe, tokenizer)
     if not b.startswith(a):
-        raise _prefix_error(f"chat template {template.name!r} probe", template, 1)
+        raise _prefix_error("a probe conversation (user, assistant)", template, 1)
     ids, starts = tokenizer.encode_with_offsets(b)
     content_end = b.find("Yes", len(a)) + len("Yes") if "Yes" in b[len(a):] else len(a)
     special = getattr(tokenizer, "special_ids", frozenset()) | tokenizer.eos_ids
