@@ -12,7 +12,8 @@ import pytest
 import sentencepiece as spm
 
 from instructgpt_jax.data import chat
-from instructgpt_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, train_tokenizer
+from instructgpt_jax.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer,
+                                            train_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,7 +88,8 @@ def make_bpe(d, style):
         bos = "<|begin_of_text|>"
         tk.post_processor = processors.Sequence([
             processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])])])
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, ids[bos])])])
         config = {"bos_token": bos, "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE,
                   "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True}
         _write(d, "generation_config.json", {"bos_token_id": ids[bos],
