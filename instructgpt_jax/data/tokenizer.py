@@ -158,13 +158,15 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`: everything from the first id in `eos_ids` on is cut; BOS, special pads and
-        other special tokens are dropped."""
+        other special tokens are dropped, and so are ids past the vocabulary (a model's embedding table
+        is often padded beyond its tokenizer, and an undertrained model may sample those rows)."""
         out = []
+        n = self.vocab_size
         for i in ids:
             i = int(i)
             if i in self._meta.eos_ids:
                 break
-            if i not in self._meta.special_ids:
+            if i not in self._meta.special_ids and 0 <= i < n:
                 out.append(i)
         return self._decode_kept(out)
 
