@@ -15,6 +15,8 @@ import ml_collections
 #   13B uses d_model 5120 (the paper lists 5140 = 4 * 5 * 257, with 40 heads of 128).
 # Their vocabulary (GPT-2's 50257 BPE tokens) is padded to 50304 = 393 * 128 so that tensor
 # parallelism can shard it; the gpt2* rows keep 50257 to match Hugging Face checkpoints.
+# The Hugging Face family rows take their shapes from the published config.json files (vocab as the
+# checkpoints have it, Pythia's padded to 50304 / 50432); their other keys are in PRESET_KEYS.
 PRESETS = {
     # name        arch    L    d_model heads kv  d_head  mlp     ctx   vocab
     "tiny":      ("gpt",   2,     64,   4,   4,   16,     256,   128,   512),
@@ -36,6 +38,21 @@ PRESETS = {
     "tinyllama-1.1b": ("llama", 22, 2048, 32,   4,   64,    5632,  2048, 32000),
     "llama2-7b":   ("llama", 32,  4096,  32,  32,  128,   11008,  4096, 32000),
     "llama3-8b":   ("llama", 32,  4096,  32,   8,  128,   14336,  8192, 128256),
+    "qwen2.5-0.5b": ("llama", 24,   896,  14,   2,   64,    4864, 32768, 151936),
+    "qwen2.5-1.5b": ("llama", 28,  1536,  12,   2,  128,    8960, 32768, 151936),
+    "qwen2.5-7b":  ("llama", 28,  3584,  28,   4,  128,   18944, 32768, 152064),
+    "qwen3-0.6b":  ("llama", 28,  1024,  16,   8,  128,    3072, 40960, 151936),
+    "qwen3-1.7b":  ("llama", 28,  2048,  16,   8,  128,    6144, 40960, 151936),
+    "qwen3-8b":    ("llama", 36,  4096,  32,   8,  128,   12288, 40960, 151936),
+    "gemma-2b":    ("llama", 18,  2048,   8,   1,  256,   16384,  8192, 256000),
+    "gemma2-2b":   ("llama", 26,  2304,   8,   4,  256,    9216,  8192, 256000),
+    "mistral-7b":  ("llama", 32,  4096,  32,   8,  128,   14336, 32768, 32000),   # v0.1 (sliding window)
+    "pythia-160m": ("neox",  12,   768,  12,  12,   64,    3072,  2048, 50304),
+    "pythia-410m": ("neox",  24,  1024,  16,  16,   64,    4096,  2048, 50304),
+    "pythia-1b":   ("neox",  16,  2048,   8,   8,  256,    8192,  2048, 50304),
+    "pythia-1.4b": ("neox",  24,  2048,  16,  16,  128,    8192,  2048, 50304),
+    "pythia-2.8b": ("neox",  32,  2560,  32,  32,   80,   10240,  2048, 50304),
+    "pythia-6.9b": ("neox",  32,  4096,  32,  32,  128,   16384,  2048, 50432),
 }
 # Nominal parameter counts (tests check eval_shape counts against these within 5 %).
 NOMINAL_PARAMS = {
@@ -43,9 +60,30 @@ NOMINAL_PARAMS = {
     "6.7b": 6.7e9, "13b": 13e9, "175b": 175e9,
     "gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1.5e9,
     "tinyllama-1.1b": 1.1e9, "llama2-7b": 6.74e9, "llama3-8b": 8.03e9,
+    "qwen2.5-0.5b": 494e6, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.62e9,
+    "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-8b": 8.2e9,
+    "gemma-2b": 2.51e9, "gemma2-2b": 2.61e9, "mistral-7b": 7.24e9,
+    "pythia-160m": 162e6, "pythia-410m": 405e6, "pythia-1b": 1.01e9, "pythia-1.4b": 1.41e9,
+    "pythia-2.8b": 2.78e9, "pythia-6.9b": 6.86e9,
 }
-# RoPE base where a family departs from the default 10000 (llama arch only).
-ROPE_THETA = {"llama3-8b": 500000.0}
+# Model keys where a preset departs from model_config's defaults (its family's keys, RoPE base, ...).
+_QWEN = dict(rope_theta=1e6, norm_eps=1e-6)
+_GEMMA = dict(activation="gelu_tanh", norm_unit_offset=True, embed_scale=True, tie_embeddings=True, norm_eps=1e-6)
+_PYTHIA = dict(parallel_residual=True, rotary_pct=0.25, tie_embeddings=False)
+PRESET_KEYS = {
+    "llama3-8b": dict(rope_theta=500000.0),
+    "qwen2.5-0.5b": dict(_QWEN, qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN, qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN, qkv_bias=True),
+    "qwen3-0.6b": dict(_QWEN, qk_norm=True, tie_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN, qk_norm=True, tie_embeddings=True),
+    "qwen3-8b": dict(_QWEN, qk_norm=True),
+    "gemma-2b": _GEMMA,
+    "gemma2-2b": dict(_GEMMA, sandwich_norm=True, attn_softcap=50.0, final_softcap=30.0,
+                      query_pre_attn_scalar=256.0, sliding_window=4096, sliding_pattern="SF"),
+    "mistral-7b": dict(sliding_window=4096),
+    **{name: _PYTHIA for name in PRESETS if name.startswith("pythia-")},
+}
 # Speed-only model keys where other values than the defaults (1) measured faster: benchmarks/README.md
 # (tiny SFT step on 2 CPU cores, median: 88 ms -> 78 ms unrolled -> 61 ms with 4 causal blocks too).
 SPEED_KEYS = {"tiny": dict(scan_unroll=2, causal_blocks=4)}
@@ -64,11 +102,12 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     """The `config.model` block for a preset."""
     preset = check_preset(preset)
     arch, layers, d_model, heads, kv_heads, d_head, mlp, ctx, vocab = PRESETS[preset]
-    llama = arch == "llama"
     speed = SPEED_KEYS.get(preset, {})  # these two change speed only, never results
-    return ml_collections.ConfigDict(dict(
+    keys = dict(
         preset=preset,           # which row of config_lib.PRESETS this came from (informational)
-        arch=arch,               # 'gpt' (GPT-3: learned positions, LayerNorm, GELU) or 'llama' (RoPE, RMSNorm, SwiGLU)
+        # 'gpt' (GPT-3: learned positions, LayerNorm, GELU), 'llama' (RoPE, RMSNorm, gated MLP) or
+        # 'neox' (GPT-NeoX: RoPE, LayerNorm, GELU, biases)
+        arch=arch,
         vocab_size=vocab,        # embedding rows; must be >= the tokenizer's vocabulary
         num_layers=layers,       # transformer blocks
         d_model=d_model,         # residual stream width
@@ -79,13 +118,34 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         max_len=ctx,             # context length (size of the learned position table)
         dropout=0.0,             # residual dropout rate (paper SFT: 0.2); off in eval and sampling
         dtype="float32",         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-        tie_embeddings=not llama,  # LM head reuses the token embedding
+        tie_embeddings=arch == "gpt",  # LM head reuses the token embedding
         norm_eps=1e-5,           # LayerNorm / RMSNorm epsilon
-        rope_theta=ROPE_THETA.get(preset, 10000.0),  # RoPE base (llama arch only)
+        rope_theta=10000.0,      # RoPE base (llama / neox arch)
         remat="none",            # activation rematerialisation per block: 'none', 'full', 'dots'
         scan_unroll=speed.get("scan_unroll", 1),      # layers per layer-scan iteration in training / scoring
         causal_blocks=speed.get("causal_blocks", 1),  # query blocks that skip the keys after them (1 = off)
-    ))
+        # Family keys (Hugging Face architectures); these defaults are plain GPT-3 / LLaMA / GPT-NeoX.
+        activation="",           # MLP activation 'gelu_tanh', 'gelu' (exact), 'silu'; '' = the arch's (gpt: gelu_tanh, llama: silu, neox: gelu)
+        qkv_bias=False,          # biases on the q, k, v projections of a llama-arch model (Qwen2)
+        qk_norm=False,           # RMSNorm over each head's q and k before RoPE (Qwen3)
+        norm_unit_offset=False,  # RMSNorm scales by (1 + w), w stored zero-centred (Gemma)
+        embed_scale=False,       # token embeddings times sqrt(d_model), in the compute dtype (Gemma)
+        sandwich_norm=False,     # norms on the attention and MLP outputs too, before the residual add (Gemma 2)
+        parallel_residual=False,  # x + attn(norm(x)) + mlp(norm'(x)) in one step (GPT-NeoX use_parallel_residual)
+        rotary_pct=1.0,          # fraction of each head's dims that RoPE rotates (GPT-NeoX / Pythia: 0.25)
+        rope_scaling="default",  # RoPE frequency scaling: 'default' (none) or 'llama3' (Llama 3.1 / 3.2)
+        rope_factor=1.0,         # llama3 scaling: factor long wavelengths are stretched by
+        rope_low_freq_factor=1.0,   # llama3 scaling: wavelengths above original_max_len / this are stretched
+        rope_high_freq_factor=4.0,  # llama3 scaling: wavelengths below original_max_len / this are kept
+        rope_original_max_len=8192,  # llama3 scaling: the pre-training context length
+        query_pre_attn_scalar=0.0,  # attention scores scale 1/sqrt(this) (0 = head_dim; Gemma 2)
+        attn_softcap=0.0,        # attention scores -> c * tanh(scores / c) (0 = off; Gemma 2: 50)
+        final_softcap=0.0,       # LM logits -> c * tanh(logits / c) (0 = off; Gemma 2: 30)
+        sliding_window=0,        # sliding-window layers see the last this many tokens (0 = all layers full)
+        sliding_pattern="S",     # which layers slide, repeated over the layers: 'S' sliding, 'F' full (Gemma 2: 'SF')
+    )
+    keys.update(PRESET_KEYS.get(preset, {}))
+    return ml_collections.ConfigDict(keys)
 
 
 def mesh_config() -> ml_collections.ConfigDict:

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints <-> our params, for GPT-2 and LLaMA (and Mistral-shaped) models.
+"""Hugging Face checkpoints <-> our params: GPT-2, Llama (incl. Llama-3 RoPE scaling), Mistral, Qwen2 /
+Qwen2.5, Qwen3, Gemma, Gemma 2 and GPT-NeoX (Pythia), all as the one `Transformer` with config keys.
 
     model, params = hf.load_pretrained("/path/to/hf_dir", mesh=mesh)  # config.json + *.safetensors
     logits = model.apply({"params": params}, tokens)                  # [B, T, V]
@@ -10,7 +11,8 @@ copied from the page cache straight into its sharding, so the host never holds a
 of the model. Pickle checkpoints (.bin, .pt) are refused, never unpickled.
 
 Layouts: GPT-2's Conv1D weights are already [in, out] (c_attn fuses q|k|v on the last axis);
-torch nn.Linear weights (LLaMA) are [out, in], i.e. ours transposed. Our RoPE uses the Hugging Face
+torch nn.Linear weights (the others) are [out, in], i.e. ours transposed; GPT-NeoX fuses q|k|v per
+head (rows ordered head, then q|k|v, then head_dim). Our RoPE uses the Hugging Face
 'rotate half' layout, so HF LLaMA q/k weights map without permutation (Meta's original
 interleaved checkpoints would need the q/k rows permuted: convert them with transformers first).
 """
@@ -34,16 +36,46 @@ from flax import traverse_util
 from instructgpt_jax import sharding
 from instructgpt_jax.models.transformer import ModelConfig, Transformer
 
-SUPPORTED = ("GPT2LMHeadModel", "GPT2Model", "LlamaForCausalLM", "LlamaModel", "MistralForCausalLM",
-             "MistralModel")
-_MODEL_TYPES = {"gpt2": "gpt", "llama": "llama", "mistral": "llama"}
-_PREFIX = {"gpt": "transformer.", "llama": "model."}  # HF base-model prefix inside *ForCausalLM
-# HF buffers that are not weights: GPT-2's causal-mask buffers, old LLaMA rotary caches.
-_IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+class Family(NamedTuple):
+    arch: str     # our ModelConfig.arch
+    prefix: str   # HF base-model prefix inside *ForCausalLM
+    head: str     # HF name of the untied LM head
+    lm: str       # *ForCausalLM class
+    base: str     # base model class (AutoModel)
+
+
+# HF model_type -> family. Every llama-arch family shares LLaMA's tensor names (plus its extra tensors).
+FAMILIES = {
+    "gpt2": Family("gpt", "transformer.", "lm_head.weight", "GPT2LMHeadModel", "GPT2Model"),
+    "llama": Family("llama", "model.", "lm_head.weight", "LlamaForCausalLM", "LlamaModel"),
+    "mistral": Family("llama", "model.", "lm_head.weight", "MistralForCausalLM", "MistralModel"),
+    "qwen2": Family("llama", "model.", "lm_head.weight", "Qwen2ForCausalLM", "Qwen2Model"),
+    "qwen3": Family("llama", "model.", "lm_head.weight", "Qwen3ForCausalLM", "Qwen3Model"),
+    "gemma": Family("llama", "model.", "lm_head.weight", "GemmaForCausalLM", "GemmaModel"),
+    "gemma2": Family("llama", "model.", "lm_head.weight", "Gemma2ForCausalLM", "Gemma2Model"),
+    "gpt_neox": Family("neox", "gpt_neox.", "embed_out.weight", "GPTNeoXForCausalLM", "GPTNeoXModel"),
+}
+SUPPORTED = tuple(name for f in FAMILIES.values() for name in (f.lm, f.base))
+_PREFIX = {f.arch: f.prefix for f in FAMILIES.values()}
+_HEAD = {f.arch: f.head for f in FAMILIES.values()}
+# HF buffers that are not weights: GPT-2's and GPT-NeoX's causal-mask buffers, old rotary caches.
+_IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+                      r"|gpt_neox\.layers\.\d+\.attention\.((masked_)?bias|rotary_emb\.inv_freq)")
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 SCORE_FILE = "score_head.safetensors"
+# HF activation names -> ours (config.model.activation); GPT-2's 'gelu_new' is the tanh approximation.
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
+                "swish": "silu"}
+_HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu"}
+# Family keys of config.model and their plain GPT-3 / LLaMA values (what model_config_dict returns
+# unless the checkpoint says otherwise, so that config.model.update() also resets a preset's keys).
+FAMILY_DEFAULTS = dict(qkv_bias=False, qk_norm=False, norm_unit_offset=False, embed_scale=False, sandwich_norm=False,
+                       parallel_residual=False, rotary_pct=1.0, rope_scaling="default", rope_factor=1.0,
+                       rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+                       query_pre_attn_scalar=0.0, attn_softcap=0.0, final_softcap=0.0, sliding_window=0,
+                       sliding_pattern="S")
 
 
 # --------------------------------------------------------------------------- config
@@ -57,71 +89,236 @@ def _read_config(path) -> dict:
     return json.loads(file.read_text())
 
 
+def _pattern(layer_types: list) -> str:
+    """HF layer_types ['sliding_attention', 'full_attention', ...] -> our shortest repeating 'S'/'F' pattern."""
+    valid = {"sliding_attention": "S", "full_attention": "F"}
+    bad = [t for t in layer_types if t not in valid]
+    if bad:
+        raise ValueError(f"config.json: layer_types entry {bad[0]!r} is not supported; valid: {', '.join(valid)}")
+    full = "".join(valid[t] for t in layer_types)
+    return next(full[:n] for n in range(1, len(full) + 1) if (full[:n] * len(full))[:len(full)] == full)
+
+
+def _rope_keys(c: dict, default_theta: float = 10000.0) -> dict:
+    """RoPE keys from either spelling: transformers >= 5 `rope_parameters`, older `rope_theta` + `rope_scaling`."""
+    key = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    rope = dict(c.get(key) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"config.json: {key}.rope_type={kind!r} is not supported; valid: default, llama3")
+    out = dict(rope_theta=float(rope.get("rope_theta") or c.get("rope_theta") or default_theta), rope_scaling=kind)
+    if kind == "llama3":
+        out.update(rope_factor=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_len=int(rope["original_max_position_embeddings"]))
+    partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    if partial is not None:
+        out["rotary_pct"] = float(partial)
+    return out
+
+
+def _activation(c: dict, key: str, default: str, gemma: bool = False) -> str:
+    name = c.get(key) or default
+    if gemma and name == "gelu":  # legacy Gemma configs: 'gelu' means the tanh approximation (transformers too)
+        name = "gelu_pytorch_tanh"
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"config.json: {key}={name!r} is not supported; valid: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
 def model_config_dict(hf_config) -> dict:
     """`config.model` keys (see config_lib.model_config) from an HF config.json dict, file or directory.
 
-    Only the keys a checkpoint determines; `config.model.update(...)` keeps dropout, dtype, remat, etc.
+    Only the keys a checkpoint determines (shapes and every family key, defaults included);
+    `config.model.update(...)` keeps dropout, dtype, remat, etc.
     """
     c = hf_config if isinstance(hf_config, dict) else _read_config(hf_config)
     archs, model_type = c.get("architectures") or [], c.get("model_type")
     bad = [a for a in archs if a not in SUPPORTED]
-    if bad or model_type not in _MODEL_TYPES:
+    if bad or model_type not in FAMILIES:
         raise ValueError(f"unsupported Hugging Face architecture {bad[0] if bad else model_type!r} "
                          f"(model_type {model_type!r}); supported: {', '.join(SUPPORTED)}")
 
     def require(key, ok, default=None):
         if c.get(key, default) not in ok:
-            raise ValueError(f"config.json: {key}={c.get(key, default)!r} is not supported (only {ok})")
+            raise ValueError(f"config.json: {key}={c.get(key, default)!r} is not supported; valid: "
+                             f"{', '.join(map(repr, ok))}")
 
-    if _MODEL_TYPES[model_type] == "gpt":
-        # nn.gelu defaults to the tanh approximation, which is GPT-2's 'gelu_new'.
-        require("activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+    out = dict(FAMILY_DEFAULTS)
+    if model_type == "gpt2":
         require("scale_attn_weights", (True,), True)
         require("scale_attn_by_inverse_layer_idx", (False,), False)
         require("add_cross_attention", (False,), False)
         d, heads = c["n_embd"], c["n_head"]
-        return dict(arch="gpt", vocab_size=c["vocab_size"], num_layers=c["n_layer"], d_model=d,
-                    num_heads=heads, num_kv_heads=heads, head_dim=d // heads, mlp_dim=c.get("n_inner") or 4 * d,
-                    max_len=c["n_positions"], tie_embeddings=c.get("tie_word_embeddings", True),
-                    norm_eps=c.get("layer_norm_epsilon", 1e-5), rope_theta=10000.0)
+        return out | dict(arch="gpt", vocab_size=c["vocab_size"], num_layers=c["n_layer"], d_model=d,
+                          num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
+                          mlp_dim=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
+                          tie_embeddings=c.get("tie_word_embeddings", True), norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                          rope_theta=10000.0, activation=_activation(c, "activation_function", "gelu_new"))
 
-    require("hidden_act", ("silu",), "silu")
-    require("attention_bias", (False,), False)
-    require("mlp_bias", (False,), False)
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers >= 5 | < 5
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"config.json: RoPE scaling {rope!r} is not supported (only plain RoPE)")
     d, heads = c["hidden_size"], c["num_attention_heads"]
-    max_len = c["max_position_embeddings"]
-    if c.get("sliding_window"):  # Mistral: within the window, sliding attention is full attention
-        max_len = min(max_len, c["sliding_window"])
-    return dict(arch="llama", vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], d_model=d,
-                num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
-                head_dim=c.get("head_dim") or d // heads, mlp_dim=c["intermediate_size"], max_len=max_len,
-                tie_embeddings=c.get("tie_word_embeddings", False), norm_eps=c.get("rms_norm_eps", 1e-6),
-                rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0))
+    if model_type == "gpt_neox":
+        require("attention_bias", (True,), True)
+        rope = _rope_keys(c, float(c.get("rotary_emb_base") or 10000.0))
+        rope.setdefault("rotary_pct", float(c.get("rotary_pct", 0.25)))  # transformers' default too
+        return out | rope | dict(
+            arch="neox", vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], d_model=d, num_heads=heads,
+            num_kv_heads=heads, head_dim=d // heads, mlp_dim=c["intermediate_size"],
+            max_len=c["max_position_embeddings"], tie_embeddings=c.get("tie_word_embeddings", False),
+            norm_eps=c.get("layer_norm_eps", 1e-5), activation=_activation(c, "hidden_act", "gelu"),
+            parallel_residual=c.get("use_parallel_residual", True))
+
+    # LLaMA-shaped families
+    gemma = model_type in ("gemma", "gemma2")
+    require("mlp_bias", (False,), False)
+    if model_type != "qwen2":  # Qwen2's q/k/v biases are implied by its model_type
+        require("attention_bias", (False,), False)
+    rope = _rope_keys(c)
+    if rope.get("rotary_pct", 1.0) != 1.0:
+        raise ValueError(f"config.json: partial_rotary_factor={rope['rotary_pct']} is not supported for "
+                         f"model_type {model_type!r}; valid: 1.0")
+    out |= rope | dict(
+        arch="llama", vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], d_model=d, num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or d // heads,
+        mlp_dim=c["intermediate_size"], max_len=c["max_position_embeddings"],
+        tie_embeddings=c.get("tie_word_embeddings", gemma), norm_eps=c.get("rms_norm_eps", 1e-6),
+        activation=_activation(c, "hidden_activation" if model_type == "gemma2" else "hidden_act",
+                               "gelu_pytorch_tanh" if gemma else "silu", gemma=model_type == "gemma"),
+        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", norm_unit_offset=gemma, embed_scale=gemma)
+
+    window, layer_types = c.get("sliding_window"), c.get("layer_types")
+    if model_type == "mistral":
+        layer_types = None if not window else ["sliding_attention"] * out["num_layers"]
+    elif model_type in ("qwen2", "qwen3"):
+        if not c.get("use_sliding_window", False):
+            window, layer_types = None, None
+        elif layer_types is None:  # transformers' rule: layers from max_window_layers on slide
+            k = c.get("max_window_layers", out["num_layers"])
+            layer_types = ["full_attention" if i < k else "sliding_attention" for i in range(out["num_layers"])]
+    elif model_type == "gemma2":
+        window = c.get("sliding_window", 4096)
+        if layer_types is None:  # transformers' rule: even layers (0, 2, ...) slide
+            layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(out["num_layers"])]
+        out.update(sandwich_norm=True, attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
+                   final_softcap=float(c.get("final_logit_softcapping") or 0.0),
+                   query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)))
+    else:
+        layer_types = None
+    if layer_types and window:
+        if len(layer_types) != out["num_layers"]:
+            raise ValueError(f"config.json: layer_types has {len(layer_types)} entries for num_hidden_layers="
+                             f"{out['num_layers']}")
+        pattern = _pattern(layer_types)
+        if "S" in pattern:
+            out.update(sliding_window=int(window), sliding_pattern=pattern)
+    return out
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The transformers model_type that computes what `cfg` does (ValueError naming the key if none does)."""
+    if cfg.arch == "gpt":
+        family = "gpt2"
+    elif cfg.arch == "neox":
+        family = "gpt_neox"
+    elif cfg.sandwich_norm:
+        family = "gemma2"
+    elif cfg.norm_unit_offset:
+        family = "gemma"
+    elif cfg.qk_norm:
+        family = "qwen3"
+    elif cfg.qkv_bias:
+        family = "qwen2"
+    elif cfg.sliding_window:
+        family = "mistral"
+    else:
+        family = "llama"
+    # family -> the keys it can differ from FAMILY_DEFAULTS in, with the values it needs where fixed
+    # (sliding_pattern only matters with a sliding_window)
+    free = {"rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
+            "sliding_pattern"}
+    gemma = dict(norm_unit_offset=True, embed_scale=True)
+    allowed = {"gpt2": ({"sliding_pattern"}, {}), "llama": (free, {}), "mistral": (free | {"sliding_window"}, {}),
+               "qwen2": (free | {"sliding_window"}, dict(qkv_bias=True)),
+               "qwen3": (free | {"sliding_window"}, dict(qk_norm=True)),
+               "gemma": (free, gemma),
+               "gemma2": (free | {"sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar"},
+                          dict(gemma, sandwich_norm=True)),
+               "gpt_neox": (free | {"rotary_pct", "parallel_residual"}, {})}[family]
+    for key, default in FAMILY_DEFAULTS.items():
+        want = allowed[1].get(key, default)
+        if key not in allowed[0] and getattr(cfg, key) != want:
+            raise ValueError(f"config.model.{key}={getattr(cfg, key)!r} has no Hugging Face {family!r} equivalent "
+                             f"(export needs {want!r} there)")
+    if family == "mistral" and cfg.sliding_pattern.strip("S"):
+        raise ValueError(f"config.model.sliding_pattern={cfg.sliding_pattern!r}: Mistral slides on every layer "
+                         f"(only 'S' exports)")
+    if family in ("gpt2", "gpt_neox") and (cfg.num_kv_heads != cfg.num_heads
+                                           or cfg.num_heads * cfg.head_dim != cfg.d_model):
+        raise ValueError(f"{family} export needs num_kv_heads == num_heads and num_heads * head_dim == d_model")
+    if family == "gemma" and cfg.activation != "gelu_tanh":
+        raise ValueError(f"config.model.activation={cfg.activation!r}: Gemma export needs 'gelu_tanh'")
+    return family
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    rope = dict(rope_type=cfg.rope_scaling, rope_theta=cfg.rope_theta)
+    if cfg.rope_scaling == "llama3":
+        rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_len)
+    if cfg.rotary_pct != 1.0:
+        rope["partial_rotary_factor"] = cfg.rotary_pct
+    return rope
 
 
 def _hf_config(cfg: ModelConfig, base: bool, dtype) -> dict:
     """config.json for transformers from our ModelConfig."""
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(dtype).name]
-    if cfg.arch == "gpt":
-        if cfg.num_kv_heads != cfg.num_heads or cfg.num_heads * cfg.head_dim != cfg.d_model:
-            raise ValueError("GPT-2 export needs num_kv_heads == num_heads and num_heads * head_dim == d_model")
-        return dict(architectures=["GPT2Model" if base else "GPT2LMHeadModel"], model_type="gpt2",
-                    vocab_size=cfg.vocab_size, n_layer=cfg.num_layers, n_embd=cfg.d_model, n_head=cfg.num_heads,
-                    n_inner=cfg.mlp_dim, n_positions=cfg.max_len, n_ctx=cfg.max_len,
-                    layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
-                    resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0,
-                    tie_word_embeddings=cfg.tie_embeddings, dtype=dtype, torch_dtype=dtype)
-    return dict(architectures=["LlamaModel" if base else "LlamaForCausalLM"], model_type="llama",
-                vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_layers, hidden_size=cfg.d_model,
-                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-                hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings,
-                # both spellings: transformers < 5 reads rope_theta, >= 5 rope_parameters
-                rope_theta=cfg.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
-                dtype=dtype, torch_dtype=dtype)
+    model_type = hf_model_type(cfg)
+    family = FAMILIES[model_type]
+    head = dict(architectures=[family.base if base else family.lm], model_type=model_type)
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype=dtype, torch_dtype=dtype)
+    act = _HF_ACTIVATION[cfg.activation]
+    if model_type == "gpt2":
+        return head | common | dict(
+            n_layer=cfg.num_layers, n_embd=cfg.d_model, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
+            n_positions=cfg.max_len, n_ctx=cfg.max_len, layer_norm_epsilon=cfg.norm_eps,
+            activation_function="gelu_new" if cfg.activation == "gelu_tanh" else act,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0)
+    rope = _rope_parameters(cfg)
+    shapes = dict(num_hidden_layers=cfg.num_layers, hidden_size=cfg.d_model, num_attention_heads=cfg.num_heads,
+                  intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_len,
+                  # both spellings: transformers < 5 reads rope_theta (+ rope_scaling), >= 5 rope_parameters
+                  rope_theta=cfg.rope_theta, rope_parameters=rope)
+    if cfg.rope_scaling != "default":
+        shapes["rope_scaling"] = rope
+    if model_type == "gpt_neox":
+        return head | common | shapes | dict(
+            hidden_act=act, layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual,
+            rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta, attention_bias=True,
+            hidden_dropout=cfg.dropout, attention_dropout=0.0)
+    out = head | common | shapes | dict(
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, hidden_act=act,
+        attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+    layer_types = ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
+    if model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    elif model_type in ("qwen2", "qwen3"):
+        if model_type == "qwen2":  # its q/k/v biases come with the model_type, not a key
+            del out["attention_bias"]
+        sliding = bool(cfg.sliding_window)
+        out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window if sliding else None,
+                   max_window_layers=layer_types.index("sliding_attention") if sliding else cfg.num_layers,
+                   layer_types=layer_types if sliding else ["full_attention"] * cfg.num_layers)
+    elif model_type == "gemma2":
+        # with no window every layer is 'full_attention'; transformers still wants a window size
+        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+        out.update(hidden_activation=act,  # transformers validates this one as an int
+                   query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+                   attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=cfg.final_softcap or None,
+                   sliding_window=cfg.sliding_window or cfg.max_len,
+                   layer_types=layer_types if cfg.sliding_window else ["full_attention"] * cfg.num_layers)
+    return out
 
 
 # --------------------------------------------------------------------------- the name/layout table
@@ -131,16 +328,18 @@ class _Spec(NamedTuple):
     ours: tuple   # our param paths; several = fused into one HF tensor along its last axis
     hf: str       # HF tensor name; '{i}' = one tensor per layer, stacked on our leading layer axis
     shape: tuple  # the HF tensor's shape
-    kind: str     # 'copy' (same layout), 'linear' (torch [out, in] = ours transposed), 'split' (fused)
+    kind: str     # 'copy' (same layout), 'linear' (torch [out, in] = ours transposed), 'split' (fused on the
+                  # last axis), 'heads_qkv' (torch [heads * (q|k|v) * head_dim, in] fused per head: GPT-NeoX)
 
 
 def _specs(cfg: ModelConfig, head: str) -> list[_Spec]:
     d, h, kv, dh, m, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
     S = _Spec
+
+    def ln(ours, hf):  # LayerNorm with bias (gpt, neox)
+        return [S((f"{ours}/LayerNorm_0/scale",), f"{hf}.weight", (d,), "copy"),
+                S((f"{ours}/LayerNorm_0/bias",), f"{hf}.bias", (d,), "copy")]
     if cfg.arch == "gpt":
-        def ln(ours, hf):
-            return [S((f"{ours}/LayerNorm_0/scale",), f"{hf}.weight", (d,), "copy"),
-                    S((f"{ours}/LayerNorm_0/bias",), f"{hf}.bias", (d,), "copy")]
         a, qkv = "transformer.h.{i}.attn.", [f"layers/attn/{n}/" for n in ("query", "key", "value")]
         specs = [S(("embed/embedding",), "transformer.wte.weight", (v, d), "copy"),
                  S(("pos_embed",), "transformer.wpe.weight", (cfg.max_len, d), "copy"),
@@ -155,21 +354,50 @@ def _specs(cfg: ModelConfig, head: str) -> list[_Spec]:
                  S(("layers/mlp/wo/kernel",), "transformer.h.{i}.mlp.c_proj.weight", (m, d), "copy"),
                  S(("layers/mlp/wo/bias",), "transformer.h.{i}.mlp.c_proj.bias", (d,), "copy"),
                  *ln("ln_final", "transformer.ln_f")]
+    elif cfg.arch == "neox":  # fused query_key_value, per head [q | k | v] (see _from_hf 'heads_qkv')
+        L, qkv = "gpt_neox.layers.{i}.", [f"layers/attn/{n}/" for n in ("query", "key", "value")]
+        specs = [S(("embed/embedding",), "gpt_neox.embed_in.weight", (v, d), "copy"),
+                 *ln("layers/ln_attn", L + "input_layernorm"),
+                 S(tuple(p + "kernel" for p in qkv), L + "attention.query_key_value.weight", (3 * h * dh, d),
+                   "heads_qkv"),
+                 S(tuple(p + "bias" for p in qkv), L + "attention.query_key_value.bias", (3 * h * dh,), "heads_qkv"),
+                 S(("layers/attn/out/kernel",), L + "attention.dense.weight", (d, h * dh), "linear"),
+                 S(("layers/attn/out/bias",), L + "attention.dense.bias", (d,), "copy"),
+                 *ln("layers/ln_mlp", L + "post_attention_layernorm"),
+                 S(("layers/mlp/wi/kernel",), L + "mlp.dense_h_to_4h.weight", (m, d), "linear"),
+                 S(("layers/mlp/wi/bias",), L + "mlp.dense_h_to_4h.bias", (m,), "copy"),
+                 S(("layers/mlp/wo/kernel",), L + "mlp.dense_4h_to_h.weight", (d, m), "linear"),
+                 S(("layers/mlp/wo/bias",), L + "mlp.dense_4h_to_h.bias", (d,), "copy"),
+                 *ln("ln_final", "gpt_neox.final_layer_norm")]
     else:
-        a, f = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+        L, a, f = "model.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+        # Gemma 2 names its four norms input / post_attention / pre_feedforward / post_feedforward;
+        # the others' post_attention_layernorm is the norm before the MLP.
         specs = [S(("embed/embedding",), "model.embed_tokens.weight", (v, d), "copy"),
-                 S(("layers/ln_attn/scale",), "model.layers.{i}.input_layernorm.weight", (d,), "copy"),
+                 S(("layers/ln_attn/scale",), L + "input_layernorm.weight", (d,), "copy"),
                  S(("layers/attn/query/kernel",), a + "q_proj.weight", (h * dh, d), "linear"),
                  S(("layers/attn/key/kernel",), a + "k_proj.weight", (kv * dh, d), "linear"),
                  S(("layers/attn/value/kernel",), a + "v_proj.weight", (kv * dh, d), "linear"),
                  S(("layers/attn/out/kernel",), a + "o_proj.weight", (d, h * dh), "linear"),
-                 S(("layers/ln_mlp/scale",), "model.layers.{i}.post_attention_layernorm.weight", (d,), "copy"),
                  S(("layers/mlp/wi_gate/kernel",), f + "gate_proj.weight", (m, d), "linear"),
                  S(("layers/mlp/wi_up/kernel",), f + "up_proj.weight", (m, d), "linear"),
                  S(("layers/mlp/wo/kernel",), f + "down_proj.weight", (d, m), "linear"),
                  S(("ln_final/scale",), "model.norm.weight", (d,), "copy")]
+        if cfg.sandwich_norm:
+            specs += [S(("layers/ln_post_attn/scale",), L + "post_attention_layernorm.weight", (d,), "copy"),
+                      S(("layers/ln_mlp/scale",), L + "pre_feedforward_layernorm.weight", (d,), "copy"),
+                      S(("layers/ln_post_mlp/scale",), L + "post_feedforward_layernorm.weight", (d,), "copy")]
+        else:
+            specs.append(S(("layers/ln_mlp/scale",), L + "post_attention_layernorm.weight", (d,), "copy"))
+        if cfg.qkv_bias:
+            specs += [S(("layers/attn/query/bias",), a + "q_proj.bias", (h * dh,), "copy"),
+                      S(("layers/attn/key/bias",), a + "k_proj.bias", (kv * dh,), "copy"),
+                      S(("layers/attn/value/bias",), a + "v_proj.bias", (kv * dh,), "copy")]
+        if cfg.qk_norm:
+            specs += [S(("layers/attn/q_norm/scale",), a + "q_norm.weight", (dh,), "copy"),
+                      S(("layers/attn/k_norm/scale",), a + "k_norm.weight", (dh,), "copy")]
     if head == "lm" and not cfg.tie_embeddings:
-        specs.append(S(("lm_head/kernel",), "lm_head.weight", (v, d), "linear"))
+        specs.append(S(("lm_head/kernel",), _HEAD[cfg.arch], (v, d), "linear"))
     if head == "scalar":  # stored apart from the trunk, in SCORE_FILE, as torch Linear(d, 1)
         specs += [S(("scalar_head/kernel",), "score.weight", (1, d), "linear"),
                   S(("scalar_head/bias",), "score.bias", (1,), "copy")]
@@ -182,6 +410,10 @@ def _from_hf(spec: _Spec, a: np.ndarray, j: int, shape: tuple) -> np.ndarray:
         a = a.T
     elif spec.kind == "split":
         a = np.split(a, len(spec.ours), axis=-1)[j]
+    elif spec.kind == "heads_qkv":  # rows (head, q|k|v, head_dim); ours [in, heads, head_dim] or [heads, head_dim]
+        heads, dh = shape[-2:]
+        a = a.reshape(heads, 3, dh, *a.shape[1:])[:, j]
+        a = np.moveaxis(a, -1, 0) if a.ndim == 3 else a
     return a.reshape(shape)
 
 
@@ -190,6 +422,9 @@ def _to_hf(spec: _Spec, xs: list) -> np.ndarray:
         return xs[0].reshape(spec.shape[::-1]).T
     if spec.kind == "split":
         return np.concatenate([x.reshape(spec.shape[:-1] + (-1,)) for x in xs], axis=-1)
+    if spec.kind == "heads_qkv":  # [in, heads, 3, head_dim] -> [heads * 3 * head_dim, in] (bias: no 'in')
+        fused = np.stack(xs, axis=-2)
+        return fused.reshape(spec.shape) if fused.ndim == 3 else fused.reshape(fused.shape[0], -1).T
     return xs[0].reshape(spec.shape)
 
 
@@ -242,9 +477,9 @@ def _checkpoint_tensors(path: Path, arch: str, head: str) -> dict:
     tensors = {}
     for name in files:
         tensors.update(_memmap_safetensors(path / name))
-    prefix = _PREFIX[arch]
-    if not any(k.startswith(prefix) for k in tensors):  # a base model (GPT2Model, LlamaModel) checkpoint
-        tensors = {k if k.startswith("lm_head.") else prefix + k: t for k, t in tensors.items()}
+    prefix, lm_head = _PREFIX[arch], _HEAD[arch]
+    if not any(k.startswith(prefix) for k in tensors):  # a base model (GPT2Model, LlamaModel, ...) checkpoint
+        tensors = {k if k == lm_head else prefix + k: t for k, t in tensors.items()}
     if head == "scalar":
         if not (path / SCORE_FILE).exists():
             raise FileNotFoundError(f"{path}: head='scalar' needs {SCORE_FILE} (written by "
@@ -291,7 +526,7 @@ def load_pretrained(path, *, mesh=None, dtype="float32", head: str = "lm"):
     specs = _specs(cfg, head)
 
     expected = {n: s.shape for s in specs for n in _hf_names(s, cfg.num_layers)}
-    ignored = lambda k: _IGNORED.fullmatch(k) or (k == "lm_head.weight" and (cfg.tie_embeddings or head != "lm"))
+    ignored = lambda k: _IGNORED.fullmatch(k) or (k == _HEAD[cfg.arch] and (cfg.tie_embeddings or head != "lm"))
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(k for k in set(tensors) - set(expected) if not ignored(k))
     if missing or unexpected:
@@ -328,8 +563,8 @@ def load_pretrained(path, *, mesh=None, dtype="float32", head: str = "lm"):
 def save_pretrained(model: Transformer, params, path, *, trunk_only: bool = False):
     """Write config.json + model.safetensors that transformers loads.
 
-    LM models -> AutoModelForCausalLM (GPT2LMHeadModel / LlamaForCausalLM). trunk_only=True writes the
-    base model (AutoModel: GPT2Model / LlamaModel) and, for a scalar-head (reward / value) model, the
+    LM models -> AutoModelForCausalLM (the family's *ForCausalLM, see `hf_model_type`). trunk_only=True
+    writes the base model (AutoModel: GPT2Model, LlamaModel, ...) and, for a scalar-head model, the
     head as torch Linear(d_model, 1) tensors 'score.weight', 'score.bias' in score_head.safetensors.
     Call it on every process (params are gathered tensor by tensor); process 0 writes.
     """
@@ -349,9 +584,9 @@ def save_pretrained(model: Transformer, params, path, *, trunk_only: bool = Fals
         dtype = flat["embed/embedding"].dtype
         (path / "config.json").write_text(json.dumps(_hf_config(cfg, trunk_only, dtype), indent=2) + "\n")
 
-    prefix = _PREFIX[cfg.arch]
-    files = {"model.safetensors": [s for s in specs if not s.hf.startswith(("lm_head.", "score."))
-                                   or (s.hf.startswith("lm_head.") and not trunk_only)],
+    prefix, lm_head = _PREFIX[cfg.arch], _HEAD[cfg.arch]
+    files = {"model.safetensors": [s for s in specs if not (s.hf == lm_head or s.hf.startswith("score."))
+                                   or (s.hf == lm_head and not trunk_only)],
              SCORE_FILE: [s for s in specs if s.hf.startswith("score.")]}
     for file, file_specs in files.items():
         if not file_specs:

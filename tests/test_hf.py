@@ -190,16 +190,17 @@ def test_unsupported_architecture(ckpt, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config.update(architectures=["BertForMaskedLM"], model_type="bert")
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="BertForMaskedLM.*supported: GPT2LMHeadModel.*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="BertForMaskedLM.*supported: GPT2LMHeadModel.*LlamaForCausalLM.*"
+                                         "GPTNeoXForCausalLM"):
         hf.load_pretrained(path)
 
 
 def test_unsupported_feature_names_key(ckpt, tmp_path):
     path = _copy(ckpt, "llama", tmp_path)
     config = json.loads((path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="RoPE scaling.*llama3"):
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='yarn' is not supported; valid: default, llama3"):
         hf.load_pretrained(path)
 
 

@@ -1,5 +1,11 @@
-"""Decoder-only transformer: GPT-3 (learned positions, LayerNorm, GELU) or LLaMA (RoPE, RMSNorm,
-SwiGLU, grouped-query attention), chosen by `ModelConfig.arch`.
+"""Decoder-only transformer: GPT-3 (learned positions, LayerNorm, GELU), LLaMA (RoPE, RMSNorm, gated
+MLP, grouped-query attention) or GPT-NeoX (RoPE, LayerNorm, GELU, biases), chosen by `ModelConfig.arch`.
+
+Hugging Face families are the same code with config keys (see config_lib.model_config): Qwen2 q/k/v
+biases, Qwen3 per-head q/k RMSNorm, Gemma embedding scale, (1 + w) RMSNorm and GeGLU, Gemma 2 pre-
+and post-norms, soft-capped attention / final logits and a query scale, Mistral / Gemma 2 sliding-
+window attention (per layer, as a scanned per-layer window), GPT-NeoX parallel residual and partial
+rotary, Llama-3 RoPE frequency scaling.
 
 The model is a pure function of (params, tokens, positions, segment_ids): `segment_ids` gives
 each token its packed example (0 = padding), so attention never crosses an example and never
@@ -36,7 +42,13 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-ARCHS = ("gpt", "llama")
+ARCHS = ("gpt", "llama", "neox")
+LAYERNORM_ARCHS = ("gpt", "neox")  # LayerNorm with bias, biases on every projection, plain (ungated) MLP
+# MLP activations; '' in the config = the arch's own (DEFAULT_ACTIVATION).
+ACTIVATIONS = {"gelu_tanh": functools.partial(nn.gelu, approximate=True),
+               "gelu": functools.partial(nn.gelu, approximate=False), "silu": nn.silu}
+DEFAULT_ACTIVATION = {"gpt": "gelu_tanh", "llama": "silu", "neox": "gelu"}
+ROPE_SCALINGS = ("default", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +70,51 @@ class ModelConfig:
     remat: str = "none"
     scan_unroll: int = 1
     causal_blocks: int = 1
+    # Family options; the defaults are plain GPT-3 / LLaMA (meanings: config_lib.model_config).
+    activation: str = ""  # '' -> the arch's own, resolved in __post_init__
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norm_unit_offset: bool = False
+    embed_scale: bool = False
+    sandwich_norm: bool = False
+    parallel_residual: bool = False
+    rotary_pct: float = 1.0
+    rope_scaling: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    query_pre_attn_scalar: float = 0.0
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    sliding_window: int = 0
+    sliding_pattern: str = "S"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"config.model.arch={self.arch!r}; valid: {', '.join(ARCHS)}")
+        if not self.activation:
+            object.__setattr__(self, "activation", DEFAULT_ACTIVATION[self.arch])
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"config.model.activation={self.activation!r}; valid: '' (the arch's own), "
+                             f"{', '.join(ACTIVATIONS)}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"config.model.rope_scaling={self.rope_scaling!r}; valid: {', '.join(ROPE_SCALINGS)}")
+        if not 0.0 < self.rotary_pct <= 1.0 or (self.arch != "gpt" and self.rotary_dim % 2):
+            raise ValueError(f"config.model.rotary_pct={self.rotary_pct} must be in (0, 1] and give an even number "
+                             f"of rotary dims (head_dim {self.head_dim} -> {self.rotary_dim})")
+        if not self.sliding_pattern or set(self.sliding_pattern) - set("SF"):
+            raise ValueError(f"config.model.sliding_pattern={self.sliding_pattern!r}; must be a non-empty string of "
+                             f"'S' (sliding-window layer) and 'F' (full-attention layer), repeated over the layers")
+        for key in ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config.model.{key}={getattr(self, key)}; must be >= 0 (0 = off)")
+        if self.arch in LAYERNORM_ARCHS and (self.qkv_bias or self.norm_unit_offset):
+            raise ValueError(f"config.model.arch={self.arch!r} has LayerNorms and attention biases already: "
+                             f"qkv_bias and norm_unit_offset apply to arch 'llama' only")
+        if self.arch == "gpt" and (self.rotary_pct != 1.0 or self.rope_scaling != "default"):
+            raise ValueError("config.model.arch='gpt' has learned positions: rotary_pct and rope_scaling apply to "
+                             "arch 'llama' / 'neox' only")
         for key in ("scan_unroll", "causal_blocks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config.model.{key}={getattr(self, key)}; must be >= 1 (1 = off)")
@@ -83,6 +136,17 @@ class ModelConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates (all of them unless rotary_pct < 1), as HF: int()."""
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def layer_windows(self) -> tuple:
+        """Per layer: the sliding window (keys at most window - 1 slots back), or 0 for full attention."""
+        pattern = self.sliding_pattern
+        return tuple(self.sliding_window if pattern[i % len(pattern)] == "S" else 0 for i in range(self.num_layers))
+
 
 def _init(names, scale=0.02):
     return nn.with_logical_partitioning(nn.initializers.normal(scale), names)
@@ -97,33 +161,76 @@ def _ones(names):
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt) or RMSNorm (llama), statistics in float32."""
+    """LayerNorm (gpt, neox) or RMSNorm (llama) over the last axis, statistics in float32.
+
+    norm_unit_offset (Gemma): the RMSNorm scales by (1 + w) in float32, w initialised at 0.
+    """
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x):
-        if self.cfg.arch == "gpt":
+        if self.cfg.arch in LAYERNORM_ARCHS:
             return nn.LayerNorm(epsilon=self.cfg.norm_eps, dtype=self.cfg.compute_dtype,
                                 scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)))(x)
-        scale = self.param("scale", _ones(("norm",)), (x.shape[-1],), jnp.float32)
+        offset = self.cfg.norm_unit_offset
+        scale = self.param("scale", (_zeros if offset else _ones)(("norm",)), (x.shape[-1],), jnp.float32)
+        if offset:
+            scale = 1.0 + scale.astype(jnp.float32)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
         return (x32 * scale).astype(self.cfg.compute_dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding, 'rotate half' layout (the Hugging Face LLaMA convention).
+def rope_inv_freq(theta: float, dim: int, scaling: Optional[dict] = None) -> Array:
+    """[dim / 2] float32 RoPE inverse frequencies theta^(-2i/dim).
 
-    x: [B, T, N, D]; positions: [B, T].
+    scaling: {'rope_type': 'llama3', 'factor', 'low_freq_factor', 'high_freq_factor',
+    'original_max_position_embeddings'} (Llama 3.1): wavelengths longer than original / low_freq_factor
+    are stretched by `factor`, shorter than original / high_freq_factor kept, and those between
+    interpolated smoothly; None or rope_type 'default' = plain RoPE.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if not scaling or scaling["rope_type"] == "default":
+        return inv_freq
+    if scaling["rope_type"] != "llama3":
+        raise ValueError(f"rope_type {scaling['rope_type']!r}; valid: {', '.join(ROPE_SCALINGS)}")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    stretched = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.where(medium, smoothed, stretched)
+
+
+def rope(x: Array, positions: Array, theta: float, *, rotary_dim: Optional[int] = None,
+         scaling: Optional[dict] = None) -> Array:
+    """Rotary embedding, 'rotate half' layout (the Hugging Face LLaMA / GPT-NeoX convention).
+
+    x: [B, T, N, D]; positions: [B, T]. rotary_dim: rotate only the first rotary_dim dims of each
+    head (GPT-NeoX's partial rotary), the rest pass through. scaling: see `rope_inv_freq`.
     """
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    r = d if rotary_dim is None else rotary_dim
+    inv_freq = rope_inv_freq(theta, r, scaling)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, r/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
+    xr = x32 if r == d else x32[..., :r]
+    x1, x2 = jnp.split(xr, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    out = xr * jnp.cos(angles) + rotated * jnp.sin(angles)
+    if r < d:
+        out = jnp.concatenate([out, x32[..., r:]], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _rope_scaling(cfg: ModelConfig) -> Optional[dict]:
+    if cfg.rope_scaling == "default":
+        return None
+    return dict(rope_type=cfg.rope_scaling, factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_max_len)
 
 
 def attention_mask(q_segments: Array, kv_segments: Array, q_pos_in_kv: Array) -> Array:
@@ -135,14 +242,23 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_pos_in_kv: Array) ->
     return (causal & same & (kv_segments[:, None, :] != 0))[:, None]
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array, cache: Optional[tuple] = None) -> Array:
+def window_mask(mask: Array, distance: Array, window: Array) -> Array:
+    """mask [B, 1, T, S] & (distance [T, S] < window), window a scalar (0 = no window): with distance
+    = query slot - key slot, a query sees itself and the window - 1 slots before it (Hugging Face's
+    sliding window)."""
+    return mask & ((distance < window) | (window == 0))[None, None]
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, cache: Optional[tuple] = None, *,
+              scale: Optional[float] = None, softcap: float = 0.0) -> Array:
     """Softmax attention, also over cached keys when `cache` is given (one joint softmax, with no
     concatenation of the cache: that would copy it).
 
     q [B, T, N, D]; k, v [B, T, K, D] with N = K * G (grouped-query); mask [B, 1, T, T] boolean.
     cache: (k_cache, v_cache, mask_cache) with k/v_cache [B, K, S, D] (the cache's layout: slots
     next to head_dim, so the dots read it without a transpose) and mask_cache [B, 1, T, S].
-    Returns [B, T, N, D].
+    scale: multiplies the queries (default D ** -0.5). softcap > 0: scores -> softcap * tanh(scores /
+    softcap) before the mask (Gemma 2). Returns [B, T, N, D].
 
     The softmax is normalised after the value product (divide [B, T, N, D] by the row sums rather
     than the [B, N, T, S] probabilities) and its max is a stop_gradient shift: on CPU this is one
@@ -151,11 +267,14 @@ def attention(q: Array, k: Array, v: Array, mask: Array, cache: Optional[tuple] 
     """
     b, t, n, d = q.shape
     kh = k.shape[2]
-    qg = (q * (d ** -0.5)).reshape(b, t, kh, n // kh, d)
+    qg = (q * (d ** -0.5 if scale is None else scale)).reshape(b, t, kh, n // kh, d)
     parts = [(k, v, mask, "bskd")] + ([(*cache, "bksd")] if cache is not None else [])
     neg = jnp.finfo(jnp.float32).min
-    scores = [jnp.where(m[:, :, None], jnp.einsum(f"btkgd,{lay}->bkgts", qg, kk, preferred_element_type=jnp.float32),
-                        neg) for kk, _, m, lay in parts]  # [B, K, G, T, S_part]
+
+    def scores_of(kk, lay):
+        x = jnp.einsum(f"btkgd,{lay}->bkgts", qg, kk, preferred_element_type=jnp.float32)
+        return softcap * jnp.tanh(x / softcap) if softcap else x
+    scores = [jnp.where(m[:, :, None], scores_of(kk, lay), neg) for kk, _, m, lay in parts]  # [B, K, G, T, S_part]
     shift = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in scores]))
     weights = [jnp.exp(x - shift) for x in scores]
     total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, K, G, T]
@@ -164,16 +283,17 @@ def attention(q: Array, k: Array, v: Array, mask: Array, cache: Optional[tuple] 
     return (out / total.transpose(0, 3, 1, 2)[..., None]).astype(q.dtype).reshape(b, t, n, d)
 
 
-def causal_attention(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1) -> Array:
+def causal_attention(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1, **kw) -> Array:
     """`attention` for a causal mask, with the queries split into `blocks` equal blocks that each attend
     only to the keys up to their own end (the rest are masked anyway): (blocks + 1) / (2 * blocks) of
-    the score work. One block when the length does not divide evenly."""
+    the score work. One block when the length does not divide evenly. kw: scale, softcap."""
     t = q.shape[1]
     if blocks <= 1 or t % blocks:
-        return attention(q, k, v, mask)
+        return attention(q, k, v, mask, **kw)
     h = t // blocks
     return jnp.concatenate([attention(q[:, i * h:(i + 1) * h], k[:, :(i + 1) * h], v[:, :(i + 1) * h],
-                                      mask[:, :, i * h:(i + 1) * h, :(i + 1) * h]) for i in range(blocks)], axis=1)
+                                      mask[:, :, i * h:(i + 1) * h, :(i + 1) * h], **kw) for i in range(blocks)],
+                           axis=1)
 
 
 class Proj(nn.Module):
@@ -207,28 +327,34 @@ class Attention(nn.Module):
     def __call__(self, x, positions, mask, layer_cache, cache_index):
         cfg = self.cfg
         dt = cfg.compute_dtype
-        bias = cfg.arch == "gpt"
+        bias = cfg.arch in LAYERNORM_ARCHS
+        qkv_bias = bias or cfg.qkv_bias  # Qwen2: biases on q, k, v only
         out_scale = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
 
         def proj(name, heads, axis_name):
-            return Proj((cfg.d_model,), (heads, cfg.head_dim), ("embed", axis_name, "head_dim"), bias, dt,
+            return Proj((cfg.d_model,), (heads, cfg.head_dim), ("embed", axis_name, "head_dim"), qkv_bias, dt,
                         name=name)(x)
 
         q = proj("query", cfg.num_heads, "heads")
         k = proj("key", cfg.num_kv_heads, "kv_heads")
         v = proj("value", cfg.num_kv_heads, "kv_heads")
-        if cfg.arch == "llama":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dims, before RoPE
+            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
+        if cfg.arch != "gpt":
+            kw = dict(rotary_dim=cfg.rotary_dim, scaling=_rope_scaling(cfg))
+            q, k = rope(q, positions, cfg.rope_theta, **kw), rope(k, positions, cfg.rope_theta, **kw)
+        akw = dict(scale=cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None,
+                   softcap=cfg.attn_softcap)
 
         if layer_cache is None:
             new_kv = None
-            out = causal_attention(q, k, v, mask, cfg.causal_blocks)
+            out = causal_attention(q, k, v, mask, cfg.causal_blocks, **akw)
         else:  # the cache is read here and written once for all layers by the caller
             cdt = layer_cache["k"].dtype
             k, v = k.astype(cdt).astype(dt), v.astype(cdt).astype(dt)  # as a later step will read them
             mask_cache, mask = mask
             cached = (layer_cache["k"].astype(dt), layer_cache["v"].astype(dt), mask_cache)
-            out = attention(q, k, v, mask, None if mask_cache is None else cached)
+            out = attention(q, k, v, mask, None if mask_cache is None else cached, **akw)
             new_kv = {"k": k.transpose(0, 2, 1, 3).astype(cdt), "v": v.transpose(0, 2, 1, 3).astype(cdt)}
         out = Proj((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"), bias, dt,
                    out_scale, name="out")(out)
@@ -243,30 +369,53 @@ class Mlp(nn.Module):
         cfg = self.cfg
         dt = cfg.compute_dtype
         out_scale = 0.02 / math.sqrt(2 * cfg.num_layers)
-        if cfg.arch == "gpt":
+        act = ACTIVATIONS[cfg.activation]
+        if cfg.arch in LAYERNORM_ARCHS:
             h = nn.Dense(cfg.mlp_dim, dtype=dt, name="wi", kernel_init=_init(("embed", "mlp")),
                          bias_init=_zeros(("mlp",)))(x)
-            h = nn.gelu(h)
+            h = act(h)
             return nn.Dense(cfg.d_model, dtype=dt, name="wo", kernel_init=_init(("mlp", "embed"), out_scale),
                             bias_init=_zeros(("embed",)))(h)
+        # gated: SwiGLU (llama), GeGLU (Gemma, activation='gelu_tanh')
         gate = nn.Dense(cfg.mlp_dim, dtype=dt, use_bias=False, name="wi_gate", kernel_init=_init(("embed", "mlp")))(x)
         up = nn.Dense(cfg.mlp_dim, dtype=dt, use_bias=False, name="wi_up", kernel_init=_init(("embed", "mlp")))(x)
         return nn.Dense(cfg.d_model, dtype=dt, use_bias=False, name="wo",
-                        kernel_init=_init(("mlp", "embed"), out_scale))(nn.silu(gate) * up)
+                        kernel_init=_init(("mlp", "embed"), out_scale))(act(gate) * up)
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+    """Pre-norm block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))).
+
+    sandwich_norm (Gemma 2): attn and mlp outputs are normed again before the residual add.
+    parallel_residual (GPT-NeoX): x + drop(attn(norm(x))) + drop(mlp(norm'(x))), both from the same x.
+    window: this layer's sliding window (scanned; 0 = full attention), applied with `distances`
+    (query slot - key slot: [T, T], or (cache part [T, S] or None, new part) with a cache).
+    """
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, cache_index):
-        drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
-        h, new_kv = Attention(self.cfg, name="attn")(Norm(self.cfg, name="ln_attn")(x), positions, mask,
-                                                     layer_cache, cache_index)
-        x = x + drop(h)
-        x = x + drop(Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="ln_mlp")(x)))
+    def __call__(self, x, layer_cache, window, positions, mask, distances, cache_index):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        if window is not None:
+            if isinstance(mask, tuple):
+                mask = tuple(None if m is None else window_mask(m, d, window) for m, d in zip(mask, distances))
+            else:
+                mask = window_mask(mask, distances, window)
+        h, new_kv = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x), positions, mask,
+                                                layer_cache, cache_index)
+        if cfg.sandwich_norm:
+            h = Norm(cfg, name="ln_post_attn")(h)
+
+        def mlp(y):
+            y = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(y))
+            return Norm(cfg, name="ln_post_mlp")(y) if cfg.sandwich_norm else y
+        if cfg.parallel_residual:
+            x = x + drop(h) + drop(mlp(x))
+        else:
+            x = x + drop(h)
+            x = x + drop(mlp(x))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         return x, new_kv
 
@@ -292,12 +441,18 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed", dtype=cfg.compute_dtype,
                          embedding_init=_init(("vocab", "embed")))
         x = embed(tokens)
+        if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype as transformers does
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
         if cfg.arch == "gpt":
             pos_table = self.param("pos_embed", _init(("length", "embed"), 0.01), (cfg.max_len, cfg.d_model), jnp.float32)
             x = x + jnp.take(pos_table, positions, axis=0).astype(x.dtype)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
+        windows, distances = None, None
+        if cfg.sliding_window:
+            windows = jnp.asarray(cfg.layer_windows, jnp.int32)  # [L], scanned with the layers
+            distances = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]  # query slot - key slot
         if cache is None:
             layer_caches = None
             mask = attention_mask(segment_ids, segment_ids, jnp.broadcast_to(jnp.arange(t), (b, t)))
@@ -313,16 +468,22 @@ class Transformer(nn.Module):
                 written = jnp.arange(cache["segment_ids"].shape[1]) < cache_index
                 mask_cache = attention_mask(segment_ids, cache["segment_ids"], jnp.full((b, t), cache_index)) & written
             mask = (mask_cache, attention_mask(segment_ids, segment_ids, jnp.broadcast_to(jnp.arange(t), (b, t))))
+            if windows is not None:
+                slots = jnp.arange(cache["segment_ids"].shape[1])
+                distances = (None if mask_cache is None else (cache_index + jnp.arange(t))[:, None] - slots[None, :],
+                             distances)
 
         block = Block
         if REMAT_POLICIES[cfg.remat] is not None:
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=cfg.num_layers,
                         # Unrolling helps small training steps; it slowed the decode step down (measured).
                         unroll=cfg.scan_unroll if cache is None else 1,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_kv = stack(cfg, deterministic, name="layers")(x, layer_caches, positions, mask, cache_index)
+        x, new_kv = stack(cfg, deterministic, name="layers")(x, layer_caches, windows, positions, mask, distances,
+                                                             cache_index)
         if last_only:
             x = x[:, -1:]
         x = Norm(cfg, name="ln_final")(x)
@@ -333,6 +494,8 @@ class Transformer(nn.Module):
             else:
                 out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, name="lm_head",
                                kernel_init=_init(("embed", "vocab")))(x)
+            if cfg.final_softcap:  # Gemma 2, in the compute dtype as transformers does
+                out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
             out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_vocab"))
         else:  # scalar head, N(0, 1/sqrt(d_model + 1)) as in the paper's reward model
             out = nn.Dense(1, dtype=jnp.float32, name="scalar_head",
