@@ -18,6 +18,7 @@ def get_config(preset: str = "tiny"):
     config = config_lib.base_config("ppo", preset)
     config.model.dropout = 0.0  # the first PPO ratio must be exactly 1: no dropout in the policy
     # train.num_steps counts PPO iterations (one rollout batch + its updates); 256k episodes / 512.
+    # The lr schedules count optimizer updates: warmup_steps iterations = warmup_steps x minibatches x epochs.
     config.train = config_lib.train_config(num_steps=30 if cpu else 500, batch_size=32 if cpu else 512, cpu=cpu)
     config.train.log_every = 1
     config.train.eval_every = 10 if cpu else 50
@@ -31,37 +32,45 @@ def get_config(preset: str = "tiny"):
     config.value_optim.end_lr_frac = 1.0
     ctx = config.model.max_len
     config.data = ml_collections.ConfigDict(dict(
-        train="",            # JSONL of {prompt} for rollouts ('' = built-in synthetic prompts)
+        train="",            # JSONL / Parquet of {prompt} or {messages} for rollouts ('' = built-in prompts)
         eval="",             # held-out prompts JSONL ('' = the last 5 % of the training split)
         ptx="",              # pretraining text JSONL {text} for PPO-ptx ('' = built-in synthetic corpus)
         dir="",              # where TFDS writes ArrayRecord files ('' = WORKDIR/tfds)
-        tokenizer="",        # SentencePiece .model ('' = the SFT stage's)
+        tokenizer="",        # .model, tokenizer.json or a checkpoint directory ('' = the SFT stage's)
+        chat_template="",    # '' = the SFT stage's / the tokenizer's, 'none', a built-in name or a .jinja file
+        fields="",           # column renames 'prompt:question' (canonical:column)
         max_prompt_len=ctx // 2,        # prompts are cropped from the left to this many tokens
         ptx_seq_len=ctx,     # tokens per pretraining row
         builtin_size=4000,   # built-in prompts / pretraining documents when the paths are ''
     ))
     config.ppo = ml_collections.ConfigDict(dict(
         rm_workdir="",           # reward-model stage workdir (or its export): frozen RM, value init
+        reward="rm",             # 'rm' (the trained reward model) or 'verifier' (config.ppo.verifier)
+        verifier="",             # 'module:function' (prompt, response) -> float, for reward='verifier'
+        advantage_estimator="gae",  # 'gae' (value model, the paper's) or critic-free 'grpo', 'dr_grpo', 'rloo'
+        group_size=1,            # samples per prompt (consecutive rows); >= 2 for the critic-free estimators
         max_new_tokens=ctx // 2,  # response length limit
-        temperature=1.0,         # sampling temperature (paper: 1)
+        temperature=1.0,         # sampling temperature (paper: 1); log-probs use the same temperature
         top_k=0,                 # 0 = no top-k filter
         top_p=1.0,               # 1 = no nucleus filter
         minibatch_size=8 if cpu else 64,  # episodes per gradient step
+        rollout_chunk=0,         # rows per sampler call and per rollout forward pass (0 = minibatch_size)
         ppo_epochs=1 if not cpu else 2,   # passes over each rollout batch
         clip_eps=0.2,            # policy ratio clip
         value_clip_eps=0.2,      # value clip around the rollout values
         gamma=1.0,               # discount (paper: 1)
         gae_lambda=0.95,         # GAE lambda
-        kl_coef=0.02,            # beta: per-token KL penalty against the SFT model
+        kl_coef=0.02,            # beta: KL penalty coefficient against the SFT model
+        kl_penalty="reward",     # 'reward': -beta*k1 per token in the reward (the paper's); 'loss': beta*KL loss term
+        kl_estimator="k1",       # k1 for kl_penalty='reward' (the only correct one there); k3 or k2 for 'loss'
         kl_target=0.0,           # > 0: adaptive beta towards this KL per sequence (Ziegler et al. 2019)
         kl_horizon=10000,        # adaptive controller horizon, in episodes
-        kl_estimator="k1",       # per-token KL estimate: k1 (log ratio, the paper's) or k3
         ptx_coef=0.0 if cpu else 27.8,   # gamma: pretraining log-likelihood weight (0 = plain PPO)
         ptx_batch_size=32 if cpu else 512,  # pretraining rows per minibatch (paper: 8x the episodes)
         whiten_rewards=False,    # whiten per-token rewards over the batch before GAE
-        no_eos_score=0.0,        # score given to responses without EOS when penalize_no_eos
-        penalize_no_eos=False,   # replace the RM score of unfinished responses by no_eos_score
-        ema_decay=0.992,         # EMA of policy weights kept for evaluation
+        penalize_no_eos=False,   # subtract no_eos_penalty from the score of responses without an EOS
+        no_eos_penalty=1.0,      # how much lower a truncated response scores (RM units; demonstrations mean 0)
+        ema_decay=0.992,         # EMA of policy weights (bias-corrected), exported as export_ema/
         value_coef=1.0,          # weight of the value loss (separate network and optimizer)
     ))
     return config

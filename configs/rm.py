@@ -20,7 +20,7 @@ def get_config(preset: str = "tiny"):
     config.data = config_lib.data_config(seq_len=ctx, max_prompt_len=ctx // 2, max_response_len=ctx // 2)
     del config.data["max_response_len"], config.data["pack"]  # completions are never packed
     config.data.max_k = 9                  # most completions per prompt (paper: K = 4..9)
-    config.data.demonstrations = ""        # JSONL {prompt, response} for the bias ('' = the SFT stage's data)
+    config.data.demonstrations = ""        # {prompt, response} / {messages} file for the bias ('' = the SFT stage's data)
     config.data.builtin_size = 2000        # built-in comparison prompts when data.train is ''
     config.rm = ml_collections.ConfigDict(dict(
         bias_examples=2000,  # demonstrations scored to fix the bias (mean reward 0 on them)

@@ -3,8 +3,8 @@
 Layout of a stage workdir:
     config.json      the config that created the checkpoints (checked on every resume)
     checkpoints/N/   train state (params, optimizer, step, rng, ...) + data iterator state (JSON)
-    export/          params only + meta.json (model config, tokenizer, extras such as the RM bias)
-    tokenizer.model  the tokenizer every later stage inherits
+    export/          params only + meta.json (model config, extras such as the RM bias) + the tokenizer
+                     files (and chat_template.jinja) every later stage inherits
 
 Restore order in a stage: resume from its own checkpoints -> init from the previous stage's
 export -> scratch. Incompatible configs are refused before anything is written.
@@ -19,6 +19,9 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from instructgpt_jax import sharding
+from instructgpt_jax.errors import UserError
 
 # Keys that may change between an interrupted run and its resumption without changing what
 # the run computes (schedule length, logging, layout of devices).
@@ -69,7 +72,7 @@ class Manager:
                 with open(cfg_path) as f:
                     diff = config_diff(json.load(f), current)
                 if diff:
-                    raise ValueError(
+                    raise UserError(
                         f"{self.workdir} holds checkpoints of a different config; nothing was changed. "
                         f"Use a new --workdir, or restore these keys:\n  " + "\n  ".join(diff))
         os.makedirs(self.workdir, exist_ok=True)
@@ -108,9 +111,10 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def export(workdir: str, params: Any, meta: dict, tokenizer_path: Optional[str] = None, name: str = EXPORT_DIR) -> str:
-    """Params-only export (plus meta.json) that the next stage loads. Written to a temporary
-    directory and renamed, so an interrupted export never leaves a half-written one."""
+def export(workdir: str, params: Any, meta: dict, save_tokenizer: Optional[Any] = None, name: str = EXPORT_DIR) -> str:
+    """Params-only export (plus meta.json, and the tokenizer files `save_tokenizer(directory)` writes)
+    that the next stage loads. Written to a temporary directory and renamed, so an interrupted export
+    never leaves a half-written one."""
     final = os.path.join(os.path.abspath(workdir), name)
     tmp = final + ".tmp"
     if jax.process_index() == 0 and os.path.exists(tmp):
@@ -119,8 +123,8 @@ def export(workdir: str, params: Any, meta: dict, tokenizer_path: Optional[str] 
     ckptr.save(os.path.join(tmp, "params"), params)
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        if tokenizer_path:
-            shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        if save_tokenizer is not None:
+            save_tokenizer(tmp)
         write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -136,7 +140,7 @@ def export_path(path: str) -> str:
         return path
     if os.path.exists(os.path.join(path, EXPORT_DIR, "meta.json")):
         return os.path.join(path, EXPORT_DIR)
-    raise FileNotFoundError(f"{path}: no exported params here (expected {EXPORT_DIR}/meta.json); "
+    raise UserError(f"{path}: no exported params here (expected {EXPORT_DIR}/meta.json); "
                             f"has that stage finished?")
 
 
@@ -151,6 +155,33 @@ def load_export(path: str, abstract_params: Any) -> Any:
     return ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract_params)
 
 
+def load_params(path: str, model, mesh) -> Any:
+    """An export's params for `model` (a Flax module), straight into their shardings on `mesh`:
+    the one way every stage and the evaluation put a previous stage's weights on the mesh."""
+    return load_export(path, sharding.model_abstract(model, mesh))
+
+
+def previous_export(config) -> Optional[str]:
+    """The export of the stage this one starts from (`config.init.from_workdir`), or None."""
+    return export_path(config.init.from_workdir) if config.init.from_workdir else None
+
+
+def stage_train_data(path: str) -> str:
+    """The training file a finished stage read (its config.json's data.train), else its built-in
+    data file, else ''. Accepts the stage's workdir or its export directory."""
+    workdir = os.path.abspath(path)
+    if os.path.basename(workdir).startswith(EXPORT_DIR):
+        workdir = os.path.dirname(workdir)
+    cfg_path = os.path.join(workdir, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            train = json.load(f).get("data", {}).get("train", "")
+        if train:
+            return train
+    builtin = os.path.join(workdir, "builtin_data", "demonstrations_train.jsonl")
+    return builtin if os.path.exists(builtin) else ""
+
+
 def check_model_matches(meta_model: dict, model_cfg: ml_collections.ConfigDict, source: str,
                         keys=("arch", "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
                               "head_dim", "mlp_dim", "max_len", "tie_embeddings")) -> None:
@@ -158,7 +189,7 @@ def check_model_matches(meta_model: dict, model_cfg: ml_collections.ConfigDict, 
     diff = {k: (meta_model.get(k), model_cfg[k]) for k in keys if meta_model.get(k) != model_cfg[k]}
     if diff:
         lines = ", ".join(f"{k}: export {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{source} was trained with a different model shape than config.model ({lines}); "
+        raise UserError(f"{source} was trained with a different model shape than config.model ({lines}); "
                          f"pick the matching preset or override config.model.*")
 
 

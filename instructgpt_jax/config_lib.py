@@ -6,6 +6,8 @@ stage's own keys.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 # name: (arch, layers, d_model, heads, kv_heads, d_head, mlp_dim, context, vocab)
@@ -220,13 +222,37 @@ def replace(config: ml_collections.ConfigDict, **overrides) -> ml_collections.Co
 def data_config(*, seq_len: int, max_prompt_len: int, max_response_len: int) -> ml_collections.ConfigDict:
     """The `config.data` block of the LM stages (pretrain, SFT)."""
     return ml_collections.ConfigDict(dict(
-        train="",                # JSONL training file ('' = the built-in synthetic corpus)
-        eval="",                 # held-out JSONL ('' = the last 5 % of the training split)
+        train="",                # JSONL / Parquet training file ('' = built-in data on the command line's CPU presets)
+        eval="",                 # held-out JSONL / Parquet ('' = the last 5 % of the training split)
         dir="",                  # where TFDS writes ArrayRecord files ('' = WORKDIR/tfds)
-        tokenizer="",            # SentencePiece .model ('' = previous stage's, else trained on the training text)
+        tokenizer="",            # .model, tokenizer.json or a checkpoint directory ('' = previous stage's, else trained)
+        chat_template="",        # '' = the previous stage's / the tokenizer's, 'none', 'chatml', 'llama2', 'llama3', a .jinja
+        fields="",               # column renames 'prompt:question,response:answer' (canonical:column)
         seq_len=seq_len,         # tokens per row (packed)
         max_prompt_len=max_prompt_len,      # prompts longer than this are cropped from the left
         max_response_len=max_response_len,  # responses longer than this are cropped from the right
         pack=True,               # pack several examples per row (attention never crosses them)
         builtin_size=4000,       # examples of the built-in corpus when data.train is ''
     ))
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(spec: str, preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
+    """The one config loader (tests, notebooks, the pipeline, the memory plan use it; main.py's --config
+    flag is the same file): 'sft', 'configs/sft.py' or 'path/x.py:PRESET' -> `get_config(PRESET)`, with
+    dotted-key overrides (`load('ppo', 'tiny', **{'ppo.kl_coef': 0.1})`; unknown keys are errors)."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    preset = preset if preset is not None else (arg or None)
+    if not path.endswith(".py"):
+        path = os.path.join(CONFIG_DIR, f"{path}.py")
+    if not os.path.exists(path):
+        names = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
+        raise ValueError(f"config {spec!r}: no file {path}; valid stage configs: {', '.join(names)}")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(preset) if preset is not None else module.get_config()
+    return replace(config, **overrides) if overrides else config

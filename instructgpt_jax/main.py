@@ -164,7 +164,11 @@ def run(argv):
         raise errors.UserError(f"config.stage={config.stage!r}; valid: {', '.join(STAGES)}")
     logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
     stage = importlib.import_module(f"instructgpt_jax.{STAGES[config.stage]}")
-    final = stage.train(config, _WORKDIR.value)
+    if config.stage == "pipeline":
+        final = stage.train(config, _WORKDIR.value)
+    else:  # a data path left '' reads the built-in miniature world's rows (CPU presets' defaults)
+        from instructgpt_jax.miniature import world
+        final = stage.train(config, _WORKDIR.value, builtin_data=world.builtin_rows)
     shown = {k: v for k, v in (final or {}).items() if isinstance(v, float) and "per_sec" not in k}
     if jax.process_index() == 0 and shown:
         print(f"{config.stage} finished in {_WORKDIR.value}: " +

@@ -1,15 +1,20 @@
-"""PPO / PPO-ptx: the SFT policy against a frozen reward model, with a per-token KL penalty
-towards the frozen SFT model and (ptx_coef > 0) a pretraining log-likelihood term.
+"""The RL stage: PPO / PPO-ptx with a value model, and the critic-free group methods (GRPO, Dr. GRPO,
+RLOO), against a frozen reward model or a programmatic verifier, with a KL penalty towards the
+frozen SFT model (per-token k1 in the reward, or a k3 / k2 loss term) and (ptx_coef > 0) the
+pretraining log-likelihood.
 
-Reads top to bottom: mesh -> data -> init (four models) -> rollout -> update -> loop -> save.
-One iteration: sample a batch of responses (jitted KV-cache sampler), score them with the RM,
-recompute old log-probs / reference log-probs / values with the training forward pass, shape the
-rewards (`rl.kl_penalized_rewards`), GAE + whitening, then `ppo_epochs` passes of shuffled
-minibatches updating policy and value with separate optimizers, and the policy EMA.
+Reads top to bottom: mesh -> data -> init -> rollout -> update -> loop -> save.
+One iteration: sample `group_size` responses per prompt (the jitted KV-cache sampler, in chunks of
+`rollout_chunk` rows), score them (RM on the response with an EOS appended when none was sampled,
+exactly as the RM was trained; or the verifier), recompute old / reference log-probs and values
+with the training forward pass (chunks of the minibatch's shape), compute advantages (GAE on the
+KL-shaped per-token rewards, or group-relative), then `ppo_epochs` passes of shuffled minibatch
+updates of the policy (and value model), and the bias-corrected EMA of the policy.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import time
 
 import jax
@@ -17,261 +22,307 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, losses, rl, sampling, sharding, train_lib
+from instructgpt_jax import checkpoints, losses, rl, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import prepare
+from instructgpt_jax.errors import UserError
 from instructgpt_jax.models import ModelConfig, Transformer
-from instructgpt_jax.rm import rewards_at
+
+ADVANTAGE_ESTIMATORS = ("gae",) + rl.GROUP_ADVANTAGE_KINDS
+REWARDS = ("rm", "verifier")
+KL_PENALTIES = ("reward", "loss")
+
+
+def check_config(config) -> None:
+    """Options that cannot work together, refused before anything runs (one line each)."""
+    cfg, b = config.ppo, config.train.batch_size
+    for key, value, valid in (("advantage_estimator", cfg.advantage_estimator, ADVANTAGE_ESTIMATORS),
+                              ("reward", cfg.reward, REWARDS), ("kl_penalty", cfg.kl_penalty, KL_PENALTIES)):
+        if value not in valid:
+            raise UserError(f"config.ppo.{key}={value!r}; valid: {', '.join(valid)}")
+    if cfg.kl_penalty == "reward" and cfg.kl_estimator != "k1":
+        raise UserError(f"config.ppo.kl_estimator={cfg.kl_estimator!r} with kl_penalty='reward': rewards are constants "
+                        f"to PPO, so only k1 gives the KL's gradient there; use kl_penalty='loss' for k2 / k3")
+    if cfg.kl_penalty == "loss" and cfg.kl_estimator not in ("k2", "k3"):
+        raise UserError(f"config.ppo.kl_estimator={cfg.kl_estimator!r} with kl_penalty='loss': valid k2, k3 (k1 as a "
+                        f"loss term has zero expected gradient)")
+    critic_free = cfg.advantage_estimator != "gae"
+    if critic_free and cfg.group_size < 2:
+        raise UserError(f"config.ppo.group_size={cfg.group_size}: advantage_estimator={cfg.advantage_estimator!r} "
+                        f"compares samples of one prompt, so it needs group_size >= 2")
+    chunk = cfg.rollout_chunk or cfg.minibatch_size
+    for what, n, d in (("config.train.batch_size", b, cfg.minibatch_size), ("config.train.batch_size", b, chunk),
+                       ("config.train.batch_size", b, cfg.group_size), ("config.ppo.rollout_chunk", chunk, cfg.group_size)):
+        if n % d:
+            raise UserError(f"{what}={n} is not a multiple of {d} (config.ppo.minibatch_size / rollout_chunk / "
+                            f"group_size must divide it)")
+    if cfg.reward == "verifier" and not cfg.verifier:
+        raise UserError("config.ppo.reward='verifier' needs config.ppo.verifier='module:function' (prompt, response) "
+                        "-> float, e.g. 'instructgpt_jax.miniature.world:verify'")
+    if cfg.reward == "rm" and not cfg.rm_workdir:
+        raise UserError("config.ppo.rm_workdir must name the reward-model stage's workdir (or set "
+                        "config.ppo.reward='verifier')")
+
+
+def load_verifier(spec: str):
+    """'package.module:function' -> the function (prompt text, response text) -> float."""
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"config.ppo.verifier={spec!r} is not an importable 'module:function' ({e})") from None
 
 
 # ----------------------------------------------------------------------------- pure pieces
 
-def sequence_inputs(tokens, prompt_mask, response_mask):
-    """Full rows as every model sees them: segment 1 on real prompt + response tokens, 0 on pads."""
-    segments = jnp.concatenate([prompt_mask.astype(jnp.int32), response_mask.astype(jnp.int32)], axis=1)
-    return tokens, sampling.left_pad_positions(segments), segments
-
-
-def response_logprobs(params, model, tokens, positions, segments, p):
-    """log pi(y_t | x, y_<t) of the response tokens [B, N] and the logits [B, N, V] they come from."""
-    logits = model.apply({"params": params}, tokens, positions, segments)[:, p - 1:-1]
-    return losses.token_logprobs(logits, tokens[:, p:]), logits
-
-
-def response_values(params, model, tokens, positions, segments, p):
-    """V(state before each response token) [B, N]: the scalar head at the token just before it."""
-    return model.apply({"params": params}, tokens, positions, segments)[:, p - 1:-1]
-
-
-def rollout_stats(policy_params, ref_params, value_params, rm_params, sample, kl_beta, *, policy, value_model,
-                  rm_model, rm_bias, cfg):
-    """Everything the update needs from one sampled batch. Pure; jitted by the caller."""
+def rollout_forward(params, sample, *, policy, value_model, rm_model, eos_id, temperature, rm_bias):
+    """Old and reference log-probs, values and RM scores of one chunk of samples. Pure; jitted on chunks
+    of the minibatch's shape, so the first update's ratio comes from the same program shape.
+    params: {'policy', 'reference', 'value' (or None), 'rm' (or None)}."""
     p = sample["prompt_mask"].shape[1]
     mask = sample["response_mask"]
-    tokens, positions, segments = sequence_inputs(sample["tokens"], sample["prompt_mask"], mask)
-    old_logp, logits = response_logprobs(policy_params, policy, tokens, positions, segments, p)
-    ref_logp, _ = response_logprobs(ref_params, policy, tokens, positions, segments, p)
-    values = response_values(value_params, value_model, tokens, positions, segments, p) * mask
-    # RM score at the last response token (its EOS when one was sampled), with the fitted bias.
-    last = p + jnp.maximum(sample["lengths"] - 1, 0)
-    score = rewards_at(rm_model.apply({"params": rm_params}, tokens, positions, segments), last) + rm_bias
-    if cfg.penalize_no_eos:
-        score = jnp.where(sample["ended"], score, cfg.no_eos_score)
-    rewards = rl.kl_penalized_rewards(score, old_logp, ref_logp, mask, kl_beta, kl_estimator=cfg.kl_estimator)
-    if cfg.whiten_rewards:
-        rewards = rl.whiten(rewards, mask, shift_mean=False)
-    advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
-    advantages = rl.whiten(advantages, mask)
-    kl_seq = (rl.per_token_kl(old_logp, ref_logp, cfg.kl_estimator) * mask).sum(-1)
-    entropy = losses.masked_mean(losses.entropy(logits), mask)
-    batch = dict(tokens=tokens, positions=positions, segments=segments, mask=mask, old_logp=old_logp,
-                 old_values=values, advantages=advantages, returns=returns)
-    metrics = dict(score=score.mean(), kl=kl_seq.mean(), entropy=entropy, response_length=mask.sum(-1).mean(),
-                   eos_rate=sample["ended"].mean(), reward_total=(rewards * mask).sum(-1).mean())
-    return batch, metrics
+    rows = scoring.sequence_inputs(sample["tokens"], sample["prompt_mask"], mask)
+    out = {"old_logp": scoring.response_logprobs(params["policy"], policy, *rows, p, temperature)[0],
+           "ref_logp": scoring.response_logprobs(params["reference"], policy, *rows, p, temperature)[0]}
+    if params.get("value") is not None:
+        out["values"] = scoring.response_values(params["value"], value_model, *rows, p) * mask
+    if params.get("rm") is not None:  # scored as in RM training: an EOS closes every completion
+        t, pos, seg, last = scoring.append_eos(sample["tokens"], sample["prompt_mask"], mask, sample["ended"], eos_id)
+        out["scores"] = scoring.score(params["rm"], t, seg, pos, last, model=rm_model, bias=rm_bias)
+    return out
 
 
-def update_step(state, rollout, idx, ptx, rng, *, policy, value_model, policy_tx, value_tx, cfg, prompt_len):
-    """One PPO minibatch: policy (+ ptx) and value gradient steps with their own optimizers, then EMA.
-    (state, rollout, minibatch indices, pretraining batch, rng) -> (state, metrics). Pure."""
-    del rng  # no dropout in PPO (the first ratio must be exactly 1)
+def advantages(scores, old_logp, ref_logp, values, mask, ended, kl_beta, *, cfg):
+    """Advantages, returns and metrics of one rollout batch [B, N]. Pure; jitted by the caller.
+
+    gae: per-token rewards −β·k1 (kl_penalty 'reward') with the score at the last token, GAE, whitening.
+    grpo / dr_grpo / rloo: one sequence reward (score, minus β·Σk1 when the KL is in the reward),
+    group-relative over each prompt's `group_size` consecutive samples, given to every response token."""
+    if cfg.penalize_no_eos:  # subtracted: a truncated response scores `no_eos_penalty` below its RM score
+        scores = jnp.where(ended, scores, scores - cfg.no_eos_penalty)
+    beta = kl_beta if cfg.kl_penalty == "reward" else 0.0
+    kl_seq = (rl.per_token_kl(old_logp, ref_logp, "k1") * mask).sum(-1)
+    if cfg.advantage_estimator == "gae":
+        rewards = rl.kl_penalized_rewards(scores, old_logp, ref_logp, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = rl.whiten(rewards, mask, shift_mean=False)
+        adv, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
+        adv = rl.whiten(adv, mask)
+        reward_total = (rewards * mask).sum(-1)
+    else:
+        reward_total = scores - beta * kl_seq
+        adv = rl.group_advantages(reward_total, cfg.group_size, kind=cfg.advantage_estimator)[:, None] * mask
+        returns = jnp.zeros_like(adv)
+    metrics = dict(score=scores.mean(), kl=kl_seq.mean(), response_length=mask.sum(-1).mean(),
+                   eos_rate=ended.mean(), reward_total=reward_total.mean())
+    return adv, returns, metrics
+
+
+def update_step(state, rollout, idx, ptx, *, policy, value_model, policy_tx, value_tx, cfg, prompt_len):
+    """One minibatch: policy (+ KL loss term, + ptx) and value gradient steps with their own optimizers,
+    then the policy EMA. (state, rollout, minibatch indices, pretraining batch) -> (state, metrics).
+    The reference's log-probs come with the rollout. Pure; no dropout (the first ratio must be exactly 1)."""
     mb = jax.tree.map(lambda x: x[idx], rollout)
     p = prompt_len
+    rows = (mb["tokens"], mb["positions"], mb["segments"])
 
     def policy_loss(params):
-        logp, logits = response_logprobs(params, policy, mb["tokens"], mb["positions"], mb["segments"], p)
+        logp, logits = scoring.response_logprobs(params, policy, *rows, p, cfg.temperature)
         loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps)
-        aux = dict(aux, pg_loss=loss)
-        if cfg.ptx_coef > 0:  # PPO-ptx: gamma * pretraining NLL on every minibatch
+        aux = dict(aux, pg_loss=loss, entropy=losses.masked_mean(losses.entropy(jax.lax.stop_gradient(logits)),
+                                                                 mb["mask"]))
+        if cfg.kl_penalty == "loss":  # β·KL(π‖π_ref) as a loss term, with its own (correct) gradient
+            kl, _ = losses.kl_loss(logp, mb["ref_logp"], mb["mask"], estimator=cfg.kl_estimator)
+            loss = loss + state["kl_beta"] * kl
+            aux["kl_loss"] = kl
+        if cfg.ptx_coef > 0:  # PPO-ptx: γ · pretraining NLL on every minibatch
             ptx_logits = policy.apply({"params": params}, ptx["tokens"], ptx["positions"], ptx["segment_ids"])
             ptx_l, _ = losses.ptx_loss(ptx_logits, ptx["targets"], ptx["loss_mask"])
             loss = loss + cfg.ptx_coef * ptx_l
             aux["ptx_loss"] = ptx_l
         return loss, aux
 
-    def value_loss(params):
-        v = response_values(params, value_model, mb["tokens"], mb["positions"], mb["segments"], p)
-        loss, aux = losses.value_loss(v, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
-        return cfg.value_coef * loss, dict(aux, value_loss=loss)
+    (_, metrics), grads = jax.value_and_grad(policy_loss, has_aux=True)(state["policy"]["params"])
+    new = dict(state, policy=train_lib.apply_gradients(state["policy"], grads, policy_tx),
+               updates=state["updates"] + 1)
+    metrics["policy_grad_norm"] = train_lib.global_norm(grads)
+    # EMA from zero, read through `ema_params` with Adam's bias correction: a true average of the updates' policies
+    new["ema"] = jax.tree.map(lambda e, x: cfg.ema_decay * e + (1 - cfg.ema_decay) * x, state["ema"],
+                              new["policy"]["params"])
+    if "value" in state:
+        def value_loss(params):
+            v = scoring.response_values(params, value_model, *rows, p)
+            loss, aux = losses.value_loss(v, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
+            return cfg.value_coef * loss, dict(aux, value_loss=loss)
 
-    (_, p_aux), p_grads = jax.value_and_grad(policy_loss, has_aux=True)(state["policy"]["params"])
-    (_, v_aux), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state["value"]["params"])
-
-    def apply(part, grads, tx):
-        updates, opt_state = tx.update(grads, part["opt_state"], part["params"])
-        return {"params": jax.tree.map(jnp.add, part["params"], updates), "opt_state": opt_state}
-
-    new_policy = apply(state["policy"], p_grads, policy_tx)
-    ema = jax.tree.map(lambda e, x: cfg.ema_decay * e + (1 - cfg.ema_decay) * x, state["ema"], new_policy["params"])
-    new_state = dict(state, policy=new_policy, value=apply(state["value"], v_grads, value_tx), ema=ema)
-    metrics = dict(p_aux, **v_aux, policy_grad_norm=train_lib.global_norm(p_grads),
-                   value_grad_norm=train_lib.global_norm(v_grads))
-    return new_state, metrics
-
-
-# ----------------------------------------------------------------------------- models
-
-def load_models(config, mesh):
-    """Policy + reference (from the SFT export) and reward + value (from the RM export), all sharded
-    by the same rules. The RM / value model may be a different size from the policy."""
-    sft = prepare.init_source(config)
-    if not sft:
-        raise ValueError("config.init.from_workdir must name the SFT stage's workdir (policy and reference)")
-    if not config.ppo.rm_workdir:
-        raise ValueError("config.ppo.rm_workdir must name the reward-model stage's workdir")
-    checkpoints.check_model_matches(checkpoints.read_export_meta(sft)["model"], config.model, sft)
-    rm_meta = checkpoints.read_export_meta(config.ppo.rm_workdir)
-    if "rm_bias" not in rm_meta:
-        raise ValueError(f"{config.ppo.rm_workdir} is not a reward-model export (no rm_bias in its meta.json)")
-    policy = Transformer(ModelConfig.from_config(config.model))
-    rm_model = Transformer(ModelConfig.from_config(rm_meta["model"]), head="scalar")
-    dummy = jnp.zeros((1, 8), jnp.int32)
-
-    def load(model, path):
-        shapes, shards = sharding.param_shardings(lambda r: model.init(r, dummy)["params"], mesh)
-        return checkpoints.load_export(path, checkpoints.abstract_like(shapes, shards))
-
-    return dict(policy=policy, rm_model=rm_model, sft_params=load(policy, sft),
-                rm_params=load(rm_model, config.ppo.rm_workdir), rm_bias=float(rm_meta["rm_bias"]))
+        (_, v_aux), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state["value"]["params"])
+        new["value"] = train_lib.apply_gradients(state["value"], v_grads, value_tx)
+        metrics.update(v_aux, value_grad_norm=train_lib.global_norm(v_grads))
+    return new, metrics
 
 
-def init_state(m, policy_tx, value_tx, config):
-    # Copies (not aliases): the frozen reference / RM must survive the donated updates.
-    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
-    policy, value = copy(m["sft_params"]), copy(m["rm_params"])
-    return {"step": jnp.zeros((), jnp.int32),
-            "policy": {"params": policy, "opt_state": sharding.init_optimizer(policy_tx, policy)},
-            "value": {"params": value, "opt_state": sharding.init_optimizer(value_tx, value)},
-            "ema": copy(policy), "kl_beta": rl.kl_controller_init(config.ppo.kl_coef)}
+def ema_params(state, decay: float):
+    """The bias-corrected EMA of the policy: ema / (1 − decay^updates) (the SFT weights weigh nothing)."""
+    n = jnp.maximum(state["updates"], 1).astype(jnp.float32)
+    return jax.tree.map(lambda e: e / (1.0 - decay ** n), state["ema"])
 
 
 # ----------------------------------------------------------------------------- stage
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Run PPO (ptx_coef > 0: PPO-ptx); exports the policy (and its EMA). Resumes from `workdir`."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
+    """Run the RL stage; exports the policy (and its bias-corrected EMA). Resumes from `workdir`."""
     cfg = config.ppo
+    critic_free = cfg.advantage_estimator != "gae"
     # --- mesh
+    check_config(config)
     mesh = sharding.make_mesh(config.mesh)
     sharding.batch_size_per_process(config.train.batch_size, mesh)
-    if config.train.batch_size % cfg.minibatch_size:
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not a multiple of "
-                         f"config.ppo.minibatch_size={cfg.minibatch_size}")
-
     manager = checkpoints.Manager(workdir, config)  # refuses an incompatible workdir before any work
 
-    # --- data
-    data = prepare.prepare_ppo(config, workdir)
-    p, n = config.data.max_prompt_len, cfg.max_new_tokens
+    # --- data: prompts (each repeated group_size times, consecutively) and pretraining text for ptx
+    data = prepare.prepare_ppo(config, workdir, builtin_data)
+    tok = data.tokenizer
+    p, n, b, g = config.data.max_prompt_len, cfg.max_new_tokens, config.train.batch_size, cfg.group_size
+    chunk = cfg.rollout_chunk or cfg.minibatch_size
+    n_mb = b // cfg.minibatch_size
+    updates_per_iteration = n_mb * cfg.ppo_epochs
 
-    # --- init: four models on one mesh
-    m = load_models(config, mesh)
-    policy, rm_model = m["policy"], m["rm_model"]
-    policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
-    value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps)
-    state, state_shardings = sharding.place(init_state(m, policy_tx, value_tx, config), mesh)
-    if manager.latest_step() is not None:
-        state, data_state = manager.restore(checkpoints.abstract_like(state, state_shardings))
-        data.prompts.set_state(data_state["prompts"])
+    # --- init: policy and reference from SFT; reward model; value model (gae) from the RM, else from SFT
+    sft = checkpoints.previous_export(config)
+    if not sft:
+        raise UserError("config.init.from_workdir must name the SFT stage's workdir (policy and reference)")
+    checkpoints.check_model_matches(checkpoints.read_export_meta(sft)["model"], config.model, sft)
+    policy = Transformer(ModelConfig.from_config(config.model))
+    reference = checkpoints.load_params(sft, policy, mesh)
+    rm_model, rm_params, rm_bias = None, None, 0.0
+    if cfg.rm_workdir:
+        rm = scoring.RewardModel.load(cfg.rm_workdir, mesh)
+        rm_model, rm_params, rm_bias = rm.model, rm.params, rm.bias
+    verifier = load_verifier(cfg.verifier) if cfg.reward == "verifier" else None
+    policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps, updates_per_iteration)
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (the frozen models must survive donated updates)
+    policy_params = copy(reference)
+    state = {"step": jnp.zeros((), jnp.int32), "updates": jnp.zeros((), jnp.int32),
+             "policy": {"params": policy_params, "opt_state": sharding.init_optimizer(policy_tx, policy_params)},
+             "ema": jax.tree.map(jnp.zeros_like, reference), "kl_beta": rl.kl_controller_init(cfg.kl_coef)}
+    value_model, value_tx = None, None
+    if not critic_free:
+        if rm_model is not None:
+            value_model, value_params = rm_model, copy(rm_params)
+        else:  # no RM (verifier reward): the SFT trunk with a fresh scalar head
+            from instructgpt_jax import rm as rm_stage
+            value_model = Transformer(policy.cfg, head="scalar")
+            value_params = rm_stage.init_params(value_model, policy, mesh, jax.random.PRNGKey(config.seed), sft)
+        value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps, updates_per_iteration)
+        state["value"] = {"params": value_params, "opt_state": sharding.init_optimizer(value_tx, value_params)}
+
+    def set_data_state(saved):
+        data.prompts.set_state(saved["prompts"])
         if data.ptx is not None:
-            data.ptx.set_state(data_state["ptx"])
+            data.ptx.set_state(saved["ptx"])
+
+    state, state_shardings = train_lib.place_and_resume(state, mesh, manager, set_data_state)
     data_state = lambda: {"prompts": data.prompts.get_state(),  # noqa: E731
                           "ptx": data.ptx.get_state() if data.ptx is not None else None}
+    repl = sharding.replicated(mesh)
 
-    # --- rollout: one jitted sampler + one jitted scoring program
-    sampler = sampling.make_sampler(policy, max_new_tokens=n, eos_id=data.tokenizer.eos_id,
-                                    pad_id=data.tokenizer.pad_id, temperature=cfg.temperature, top_k=cfg.top_k,
-                                    top_p=cfg.top_p)
-    stats_fn = jax.jit(functools.partial(rollout_stats, policy=policy, value_model=rm_model, rm_model=rm_model,
-                                         rm_bias=m["rm_bias"], cfg=cfg))
+    # --- rollout: sampler and forward passes in chunks of `chunk` rows
+    sampler = sampling.make_sampler(policy, max_new_tokens=n, eos_id=tok.eos_ids, pad_id=tok.pad_id,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    forward = jax.jit(functools.partial(rollout_forward, policy=policy, value_model=value_model, rm_model=rm_model,
+                                        eos_id=prepare.end_id(tok, data.chat_template), temperature=cfg.temperature,
+                                        rm_bias=rm_bias))
+    advantages_fn = jax.jit(functools.partial(advantages, cfg=cfg))
+
+    def verifier_scores(prompts, sample):
+        """The verifier on this process's rows (decoded responses), as a global [B] array."""
+        local = b // jax.process_count()
+        start = jax.process_index() * local
+        responses = sharding.to_host(sample["response"])[start:start + local]
+        texts = [verifier(pr, tok.decode(r)) for pr, r in zip(prompts["prompt_text"], responses)]
+        return sharding.host_to_global({"s": np.asarray(texts, np.float32)}, mesh)["s"]
 
     def rollout(state, prompts, rng):
-        g = sharding.host_to_global(prompts, mesh)
-        sample = sampler(state["policy"]["params"], g["prompt_tokens"], g["prompt_mask"], rng)
-        sample["prompt_mask"] = g["prompt_mask"]
-        return stats_fn(state["policy"]["params"], m["sft_params"], state["value"]["params"], m["rm_params"],
-                        sample, state["kl_beta"])
+        """Sample and score one batch; returns (rollout arrays for the update, metrics)."""
+        prompts = {k: np.repeat(v, g, axis=0) for k, v in prompts.items()}  # group_size samples per prompt
+        glob = sharding.host_to_global(prompts, mesh)
+        params = {"policy": state["policy"]["params"], "reference": reference, "rm": rm_params,
+                  "value": state["value"]["params"] if "value" in state else None}
+        parts = []
+        for c in range(0, b, chunk):
+            s = sampler(state["policy"]["params"], glob["prompt_tokens"][c:c + chunk],
+                        glob["prompt_mask"][c:c + chunk], jax.random.fold_in(rng, c))
+            s["prompt_mask"] = glob["prompt_mask"][c:c + chunk]
+            parts.append(dict(s, **forward(params, s)))
+        s = {k: jnp.concatenate([x[k] for x in parts]) for k in parts[0] if k != "logits"}
+        scores = verifier_scores(prompts, s) if verifier is not None else s["scores"]
+        adv, returns, metrics = advantages_fn(scores, s["old_logp"], s["ref_logp"], s.get("values"),
+                                              s["response_mask"], s["ended"], state["kl_beta"])
+        tokens, positions, segments = scoring.sequence_inputs(s["tokens"], s["prompt_mask"], s["response_mask"])
+        batch = dict(tokens=tokens, positions=positions, segments=segments, mask=s["response_mask"],
+                     old_logp=s["old_logp"], ref_logp=s["ref_logp"], advantages=adv)
+        if "values" in s:
+            batch.update(old_values=s["values"], returns=returns)
+            metrics["explained_variance"] = rl.explained_variance(s["values"], returns, s["response_mask"])
+        return batch, metrics
 
     # --- update
-    repl = sharding.replicated(mesh)
-    update_fn = jax.jit(functools.partial(update_step, policy=policy, value_model=rm_model, policy_tx=policy_tx,
+    update_fn = jax.jit(functools.partial(update_step, policy=policy, value_model=value_model, policy_tx=policy_tx,
                                           value_tx=value_tx, cfg=cfg, prompt_len=p),
-                        in_shardings=(state_shardings, None, None, None, repl),
+                        in_shardings=(state_shardings, None, None, None),
                         out_shardings=(state_shardings, repl), donate_argnums=0)
-    kl_update = jax.jit(functools.partial(rl.kl_update, target=cfg.kl_target or None, horizon=cfg.kl_horizon),
-                        out_shardings=repl)
-    increment = jax.jit(lambda x: x + 1, out_shardings=repl)
     no_ptx = {"tokens": jnp.zeros((1, 1), jnp.int32)}  # placeholder when ptx_coef == 0
+    rng = jax.random.PRNGKey(config.seed)
 
     def iteration(state, step):
-        """Rollout a batch, then `ppo_epochs` shuffled passes of minibatch updates; returns metrics."""
+        """Rollout a batch, then `ppo_epochs` shuffled passes of minibatch updates; returns host metrics."""
         it_rng = jax.random.fold_in(rng, step)
         t0 = time.perf_counter()
-        batch, r_metrics = rollout(state, next(data.prompts), jax.random.fold_in(it_rng, 0))
-        r_metrics = jax.device_get(r_metrics)
+        batch, metrics = rollout(state, next(data.prompts), jax.random.fold_in(it_rng, 0))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t1 = time.perf_counter()
-        u_metrics = []
+        updates = []
         for epoch in range(cfg.ppo_epochs):
-            perm = jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch), config.train.batch_size)
+            perm = jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch), b)
             for j in range(n_mb):
                 ptx = sharding.host_to_global(next(data.ptx), mesh) if data.ptx is not None else no_ptx
                 idx = perm[j * cfg.minibatch_size:(j + 1) * cfg.minibatch_size]
-                state, mb_metrics = update_fn(state, batch, idx, ptx, jax.random.fold_in(it_rng, 100 + j))
-                u_metrics.append(mb_metrics)
-        u_metrics = {k: float(np.mean([x[k] for x in jax.device_get(u_metrics)])) for k in u_metrics[0]}
+                state, mb_metrics = update_fn(state, batch, idx, ptx)
+                updates.append(mb_metrics)
+        updates = jax.device_get(updates)
+        metrics.update({k: float(np.mean([u[k] for u in updates])) for k in updates[0]})
         t2 = time.perf_counter()
-        state["kl_beta"] = kl_update(state["kl_beta"], r_metrics["kl"], config.train.batch_size)
-        state["step"] = increment(state["step"])
-        tokens = config.train.batch_size * (p + n)
-        metrics = {**{k: float(v) for k, v in r_metrics.items()}, **u_metrics, "beta": float(state["kl_beta"]),
-                   "explained_variance": float(rl.explained_variance(batch["old_values"], batch["returns"],
-                                                                     batch["mask"])),
-                   "rollout_tokens_per_sec": tokens / (t1 - t0),
-                   "update_tokens_per_sec": tokens * cfg.ppo_epochs / (t2 - t1)}
+        beta = rl.kl_update(state["kl_beta"], metrics["kl"], b, target=cfg.kl_target or None, horizon=cfg.kl_horizon)
+        state["kl_beta"] = jax.device_put(jnp.float32(beta), repl)
+        state["step"] = jax.device_put(jnp.int32(step), repl)
+        tokens = b * (p + n)
+        metrics.update(beta=float(beta), rollout_tokens_per_sec=tokens / (t1 - t0),
+                       update_tokens_per_sec=tokens * cfg.ppo_epochs / (t2 - t1))
         return state, metrics
 
+    def evaluate(state) -> dict:
+        """Score (RM or verifier) and KL to SFT of the current policy's samples on held-out prompts."""
+        scores, kls = [], []
+        for i, prompts in enumerate(data.eval_prompts()):
+            if config.train.eval_batches and i >= config.train.eval_batches:
+                break
+            if not np.asarray(prompts["prompt_mask"]).any(-1).all():
+                break  # the final, padded batch: its empty rows have nothing to continue
+            _, met = rollout(state, prompts, jax.random.PRNGKey(10_000 + i))
+            scores.append(float(met["score"]))
+            kls.append(float(met["kl"]))
+        return {"eval_score": float(np.mean(scores)), "eval_kl": float(np.mean(kls))} if scores else {}
+
     # --- loop
-    rng = jax.random.PRNGKey(config.seed)
-    start, total = int(state["step"]), config.train.num_steps
-    writer = train_lib.MetricWriter(workdir, resume_step=start)
-    progress = train_lib.Progress(total, start, "ppo", config.train.progress)
-    n_mb = config.train.batch_size // cfg.minibatch_size
-    last = {}
-    try:
-        with sharding.use(mesh):
-            for step in range(start + 1, total + 1):
-                state, last = iteration(state, step)
-                train_lib.check_finite(step, last, keys=("pg_loss", "value_loss", "score"))
-                is_last = step == total
-                if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
-                    last.update(evaluate(rollout, state, data, config))
-                if step % config.train.log_every == 0 or is_last:
-                    writer.write(step, last)
-                progress.update(1, score=last["score"], kl=last["kl"])
-                if step % config.train.checkpoint_every == 0 or is_last:
-                    manager.save(step, state, data_state(), force=is_last)
-    finally:  # finish in-flight async saves, also on Ctrl-C / errors
-        progress.close()
-        manager.close()
-        writer.close()
+    state, last = train_lib.fit(config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
+                                step=iteration, data_state=data_state, evaluate_fn=evaluate,
+                                finite_keys=("pg_loss", "value_loss", "score"), shown=("score", "kl"))
 
-    # --- save: the policy (and its EMA, for evaluation) for the next stage / evaluation
-    meta = {"stage": "ppo", "model": config.model.to_dict(), "step": int(state["step"]),
-            "ptx_coef": cfg.ptx_coef, "kl_beta": float(state["kl_beta"])}
-    checkpoints.export(workdir, state["policy"]["params"], meta=meta, tokenizer_path=data.tokenizer_path)
-    checkpoints.export(workdir, state["ema"], meta=dict(meta, ema_decay=cfg.ema_decay),
-                       tokenizer_path=data.tokenizer_path, name="export_ema")
+    # --- save: the policy and its bias-corrected EMA, for the next stage / evaluation
+    meta = {"stage": "ppo", "model": config.model.to_dict(), "step": int(state["step"]), "ptx_coef": cfg.ptx_coef,
+            "kl_beta": float(state["kl_beta"]), "advantage_estimator": cfg.advantage_estimator,
+            "reward": cfg.reward}
+    checkpoints.export(workdir, state["policy"]["params"], meta=meta, save_tokenizer=data.save_tokenizer)
+    checkpoints.export(workdir, jax.jit(functools.partial(ema_params, decay=cfg.ema_decay))(state),
+                       meta=dict(meta, ema_decay=cfg.ema_decay, ema_updates=int(state["updates"])),
+                       save_tokenizer=data.save_tokenizer, name="export_ema")
     return last
-
-
-def evaluate(rollout, state, data, config) -> dict:
-    """RM score and KL to SFT of the current policy's samples on held-out prompts."""
-    scores, kls = [], []
-    for i, prompts in enumerate(data.eval_prompts()):
-        if config.train.eval_batches and i >= config.train.eval_batches:
-            break
-        if not np.asarray(prompts["prompt_mask"]).any(-1).all():
-            break  # the final, padded batch: its empty rows have nothing to continue
-        _, met = jax.device_get(rollout(state, prompts, jax.random.PRNGKey(10_000 + i)))
-        scores.append(float(met["score"]))
-        kls.append(float(met["kl"]))
-    return {"eval_score": float(np.mean(scores)), "eval_kl": float(np.mean(kls))} if scores else {}
-

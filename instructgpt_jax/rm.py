@@ -3,13 +3,10 @@
 Reads top to bottom: mesh -> data -> init -> step -> loop -> bias -> save.
 One batch element is one prompt with all its K completions: each completion runs through the
 model once ([B*K, T] rows) and all C(K,2) pairs are formed from the K scalars by `losses.rm_loss`.
-
-Importable scoring for notebooks, PPO and evaluation: `RewardModel.load(path, mesh)` and
-`score(params, tokens, segment_ids, positions, last_index, model=..., bias=...)`.
+Scoring a trained RM (PPO, evaluation, notebooks) is `scoring.RewardModel`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -17,183 +14,112 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, losses, sharding, train_lib
-from instructgpt_jax.data import iterators, prepare
+from instructgpt_jax import checkpoints, losses, scoring, sharding, train_lib
+from instructgpt_jax.data import prepare
 from instructgpt_jax.models import ModelConfig, Transformer
 
 
-def rewards_at(values, last_index):
-    """values [..., T] -> the value at each row's last token [...] (where the reward is read)."""
-    return jnp.take_along_axis(values, last_index[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
-def score(params, tokens, segment_ids, positions, last_index, *, model, bias=0.0):
-    """Reward of each sequence, read at `last_index` (its EOS), plus the normalising bias.
-
-    tokens / segment_ids / positions: [..., T]; last_index: [...]. Returns float32 [...].
-    """
-    lead = tokens.shape[:-1]
-    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    values = model.apply({"params": params}, flat(tokens), flat(positions), flat(segment_ids))
-    return rewards_at(values.reshape(*lead, -1), last_index) + bias
-
-
-def rm_loss_fn(params, batch, rng, *, model, deterministic):
+def loss_fn(params, batch, rng, frozen=None, *, model):
+    """`losses.rm_loss` on the K rewards of each prompt; metrics: pair accuracy, reward mean / std."""
+    del frozen
     b, k, t = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, t)  # noqa: E731
     values = model.apply({"params": params}, flat(batch["tokens"]), flat(batch["positions"]),
-                         flat(batch["segment_ids"]), deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
-    rewards = rewards_at(values.reshape(b, k, t), batch["last_index"])
+                         flat(batch["segment_ids"]), deterministic=rng is None,
+                         rngs=None if rng is None else {"dropout": rng})
+    rewards = scoring.rewards_at(values.reshape(b, k, t).astype(jnp.float32), batch["last_index"])
     loss, aux = losses.rm_loss(rewards, batch["ranks"], batch["valid"])
     valid = batch["valid"].astype(jnp.float32)
     n = jnp.maximum(valid.sum(), 1.0)
     mean = (rewards * valid).sum() / n
-    return loss, {"accuracy": aux["accuracy"], "weight": aux["num_prompts"], "num_pairs": aux["num_pairs"],
+    return loss, {"accuracy": aux["accuracy"], "accuracy_weight": aux["num_pairs"], "weight": aux["num_prompts"],
                   "reward_mean": mean, "reward_std": jnp.sqrt(((rewards - mean) ** 2 * valid).sum() / n)}
-
-
-def train_step(state, batch, rng, *, model, tx, grad_accum=1):
-    """(state, batch, rng) -> (state, metrics). Pure; jitted by the caller."""
-    rng = jax.random.fold_in(rng, state["step"])
-    loss_fn = functools.partial(rm_loss_fn, model=model, deterministic=False)
-    loss, aux, grads = train_lib.accumulate_gradients(loss_fn, state["params"], batch, rng, grad_accum)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-    metrics = {"loss": loss, "accuracy": aux["accuracy"], "reward_mean": aux["reward_mean"],
-               "reward_std": aux["reward_std"], "grad_norm": train_lib.global_norm(grads)}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-
-def eval_step(params, batch, *, model):
-    """Sums over one batch: the caller adds them up for exact split-level means."""
-    loss, aux = rm_loss_fn(params, batch, None, model=model, deterministic=True)
-    return {"loss_sum": loss * aux["weight"], "prompts": aux["weight"],
-            "correct": aux["accuracy"] * aux["num_pairs"], "pairs": aux["num_pairs"]}
-
-
-def evaluate(eval_fn, params, batches, mesh, max_batches: int = 0) -> dict:
-    totals = train_lib.sum_over_batches(eval_fn, params, batches, mesh, max_batches)
-    if not totals:
-        return {}
-    return {"eval_loss": totals["loss_sum"] / max(totals["prompts"], 1.0),
-            "eval_accuracy": totals["correct"] / max(totals["pairs"], 1.0)}
 
 
 def init_params(rm_model, lm_model, mesh, rng, sft_export=None):
     """Scalar-head params, with every trunk weight taken from the SFT export when given
     (the LM head, if untied, is dropped; the scalar head starts at N(0, 1/sqrt(d+1)), bias 0)."""
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    params, shardings = sharding.init_sharded(lambda r: rm_model.init(r, dummy)["params"], rng, mesh)
+    params = sharding.init_model(rm_model, rng, mesh)
     if sft_export:
-        shapes, lm_shardings = sharding.param_shardings(lambda r: lm_model.init(r, dummy)["params"], mesh)
-        sft = checkpoints.load_export(sft_export, checkpoints.abstract_like(shapes, lm_shardings))
+        sft = checkpoints.load_params(sft_export, lm_model, mesh)
         params = {k: sft[k] if k in sft else v for k, v in params.items()}
-    return params, shardings
+    return params
 
 
-def demonstration_bias(params, model, data: prepare.StageData, config, mesh) -> tuple[float, int]:
+def _last_reply(row: dict) -> dict:
+    """A demonstration as (prompt conversation, reply): a chat row's last assistant turn is the reply."""
+    messages = row.get("messages") or []
+    if not messages:
+        return {"prompt": row["prompt"], "response": row["response"], "messages": []}
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": "", "response": messages[last]["content"], "messages": messages[:last]}
+
+
+def demonstration_bias(rm: scoring.RewardModel, data: prepare.StageData, config, mesh) -> tuple[float, int]:
     """Bias b such that the SFT demonstrations score a mean of 0: b = -mean r(x, y_demo)."""
     demos = data.extra_sources["demonstrations"]
     n = min(len(demos), config.rm.bias_examples)
     b = config.train.batch_size
-    rm = RewardModel(model, params, 0.0, {})
     rewards = []
     for start in range(0, n, b):
-        rows = [demos[i] for i in range(start, min(start + b, n))]
+        rows = [_last_reply(demos[i]) for i in range(start, min(start + b, n))]
         rows += rows[:1] * (b - len(rows))  # fixed shape: one compiled program
         r = rm.score_texts(data.tokenizer, [x["prompt"] for x in rows], [x["response"] for x in rows],
+                           messages=[x["messages"] for x in rows], chat_template=data.chat_template,
                            seq_len=config.data.seq_len, max_prompt_len=config.data.max_prompt_len, mesh=mesh)
         rewards.extend(r[:min(b, n - start)].tolist())
     return -float(np.mean(rewards)), len(rewards)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Train the reward model; export params with the fitted bias. Resumes from `workdir`."""
     # --- mesh
     mesh = sharding.make_mesh(config.mesh)
     sharding.batch_size_per_process(config.train.batch_size, mesh)
-
     manager = checkpoints.Manager(workdir, config)  # refuses an incompatible workdir before any work
 
     # --- data
-    data = prepare.prepare_comparisons(config, workdir)
+    data = prepare.prepare_comparisons(config, workdir, builtin_data)
     train_iter = data.train_iterator()
-    model_cfg = ModelConfig.from_config(config.model)
-    sft_export = prepare.init_source(config)
+    sft_export = checkpoints.previous_export(config)
     if sft_export:
         checkpoints.check_model_matches(checkpoints.read_export_meta(sft_export)["model"], config.model, sft_export)
 
     # --- init: resume -> SFT export -> scratch
-    rm_model, lm_model = Transformer(model_cfg, head="scalar"), Transformer(model_cfg)
+    model_cfg = ModelConfig.from_config(config.model)
+    model = Transformer(model_cfg, head="scalar")
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
     resuming = manager.latest_step() is not None
-    params, _ = init_params(rm_model, lm_model, mesh, rng, None if resuming else sft_export)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": sharding.init_optimizer(tx, params)}
-    state, state_shardings = train_lib.place_and_resume(state, mesh, manager, train_iter)
+    params = init_params(model, Transformer(model_cfg), mesh, rng, None if resuming else sft_export)
+    state, state_shardings = train_lib.place_and_resume(train_lib.new_state(params, tx), mesh, manager,
+                                                        train_iter.set_state)
 
     # --- step
+    objective = functools.partial(loss_fn, model=model)
     step_fn = train_lib.jit_train_step(
-        functools.partial(train_step, model=rm_model, tx=tx, grad_accum=config.train.grad_accum), state_shardings, mesh)
-    repl = sharding.replicated(mesh)
-    eval_fn = jax.jit(functools.partial(eval_step, model=rm_model), out_shardings=repl)
+        functools.partial(train_lib.train_step, loss_fn=objective, tx=tx, grad_accum=config.train.grad_accum),
+        state_shardings, mesh)
+    eval_fn = train_lib.jit_eval_step(objective, mesh)
 
     # --- loop
     state, last = train_lib.fit(
-        config=config, workdir=workdir, mesh=mesh, manager=manager, state=state, step_fn=step_fn,
-        train_iter=train_iter, rng=rng,
-        tokens_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len,
-        evaluate_fn=lambda p: evaluate(eval_fn, p, data.eval_iterator(), mesh, config.train.eval_batches))
+        config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
+        step=train_lib.batches_step(step_fn, train_iter, mesh, rng), data_state=train_iter.get_state,
+        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len,
+        evaluate_fn=lambda s: train_lib.evaluate(eval_fn, s["params"], data.eval_iterator(), mesh,
+                                                 config.train.eval_batches))
 
     # --- bias: demonstrations average 0 (the paper normalises the RM before RL)
     with sharding.use(mesh):
-        bias, n_demos = demonstration_bias(state["params"], rm_model, data, config, mesh)
+        bias, n_demos = demonstration_bias(scoring.RewardModel(model, state["params"], 0.0, {}), data, config, mesh)
     last.update(bias=bias)
     writer = train_lib.MetricWriter(workdir, resume_step=config.train.num_steps)
     writer.write(config.train.num_steps, {"bias": bias})
     writer.close()
 
     # --- save
-    checkpoints.export(workdir, state["params"], tokenizer_path=data.tokenizer_path, meta={
+    checkpoints.export(workdir, state["params"], save_tokenizer=data.save_tokenizer, meta={
         "stage": "rm", "model": config.model.to_dict(), "step": int(state["step"]), "rm_bias": bias,
         "bias_demonstrations": n_demos, "data_stats": data.stats()})
     return last
-
-
-@dataclasses.dataclass
-class RewardModel:
-    """A trained, exported reward model: `rm(tokens, segment_ids, positions, last_index)` -> rewards + bias."""
-    model: Transformer
-    params: dict
-    bias: float
-    meta: dict
-
-    @classmethod
-    def load(cls, path: str, mesh=None, model_overrides: dict | None = None) -> "RewardModel":
-        meta = checkpoints.read_export_meta(path)
-        if "rm_bias" not in meta:
-            raise ValueError(f"{path} is a {meta.get('stage')!r} export, not a reward model (no rm_bias)")
-        mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-        cfg = ModelConfig.from_config({**meta["model"], **(model_overrides or {})})
-        model = Transformer(cfg, head="scalar")
-        shapes, shardings = sharding.param_shardings(
-            lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], mesh)
-        params = checkpoints.load_export(path, checkpoints.abstract_like(shapes, shardings))
-        return cls(model, params, float(meta["rm_bias"]), meta)
-
-    def __call__(self, tokens, segment_ids, positions, last_index):
-        return _jit_score(self.params, tokens, segment_ids, positions, last_index, model=self.model, bias=self.bias)
-
-    def score_texts(self, tokenizer, prompts, completions, *, seq_len: int, max_prompt_len: int,
-                    mesh=None) -> np.ndarray:
-        """Rewards (bias included) of (prompt, completion) strings, formatted exactly as in RM training."""
-        rows = [iterators.scoring_example(p, c, tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len)
-                for p, c in zip(prompts, completions)]
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        if mesh is not None and len(rows) % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0:
-            batch = sharding.global_from_full(batch, mesh)
-        out = self(batch["tokens"], batch["segment_ids"], batch["positions"], batch["last_index"])
-        return np.asarray(sharding.to_host(out))
-
-
-_jit_score = jax.jit(score, static_argnames="model")

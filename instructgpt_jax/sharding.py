@@ -118,6 +118,22 @@ def param_shardings(init_fn: Callable[[jax.Array], Any], mesh: Mesh):
     return shapes, logical_to_shardings(nn.get_partition_spec(abstract), shapes, mesh)
 
 
+def _model_init(model):
+    import jax.numpy as jnp
+    return lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def init_model(model, rng: jax.Array, mesh: Mesh):
+    """Fresh params of a Flax model (called on [1, 8] tokens), created already sharded."""
+    return init_sharded(_model_init(model), rng, mesh)[0]
+
+
+def model_abstract(model, mesh: Mesh):
+    """Abstract params of a model with their shardings on `mesh` (jax.ShapeDtypeStruct leaves)."""
+    shapes, shardings = param_shardings(_model_init(model), mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def init_optimizer(tx: optax.GradientTransformation, params: Any):
     """`tx.init(params)` with every params-shaped part of the state (Adam mu and nu) sharded like the
     params and the rest (step counts) replicated. A plain `jax.jit(tx.init)` leaves those zeros
@@ -147,8 +163,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def default_mesh() -> Mesh:
+    """Every device on the fsdp axis: what a notebook gets without a config."""
+    return make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Ways a batch is split: rows per step must be a multiple of this."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def divides_batch(rows: int, mesh: Mesh) -> bool:
+    return rows % data_parallel_size(mesh) == 0
+
+
 def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = data_parallel_size(mesh)
     if global_batch % n:
         raise ValueError(f"batch size {global_batch} is not divisible by the data-parallel degree "
                          f"data*fsdp = {n}; change config.train.batch_size or config.mesh")

@@ -2,6 +2,7 @@
 writers, the progress bar, and the NaN guard. Stage files wire these; they own no logic here."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,18 +20,23 @@ from instructgpt_jax import checkpoints, sharding
 
 # ----------------------------------------------------------------------------- optimizer
 
-def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
-    """Linear warmup from warmup_init_frac * lr, then cosine decay to end_lr_frac * lr."""
+def lr_schedule(optim_cfg, num_steps: int, updates_per_step: int = 1) -> optax.Schedule:
+    """Linear warmup from warmup_init_frac * lr, then cosine decay to end_lr_frac * lr.
+
+    `num_steps` and `optim_cfg.warmup_steps` count stage steps; the schedule is evaluated once per
+    optimizer update, and a PPO iteration makes `updates_per_step` of them (minibatches x epochs), so
+    both are scaled: the paper's "10-iteration warmup" lasts 10 iterations, not 10 minibatches.
+    """
     peak = optim_cfg.lr
-    warmup = int(optim_cfg.warmup_steps)
-    cosine = optax.cosine_decay_schedule(peak, max(num_steps - warmup, 1), alpha=optim_cfg.end_lr_frac)
+    total, warmup = num_steps * updates_per_step, int(optim_cfg.warmup_steps) * updates_per_step
+    cosine = optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=optim_cfg.end_lr_frac)
     if warmup <= 0:
         return cosine
     ramp = optax.linear_schedule(peak * optim_cfg.warmup_init_frac, peak, warmup)
     return optax.join_schedules([ramp, cosine], [warmup])
 
 
-def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, num_steps: int, updates_per_step: int = 1) -> optax.GradientTransformation:
     """AdamW (paper: b1 0.9, b2 0.95) with global-norm clipping; no weight decay on biases / norms."""
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
@@ -38,9 +44,20 @@ def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
     parts = []
     if optim_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-    parts.append(optax.adamw(lr_schedule(optim_cfg, num_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
+    parts.append(optax.adamw(lr_schedule(optim_cfg, num_steps, updates_per_step), b1=optim_cfg.b1, b2=optim_cfg.b2,
                              eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+def new_state(params, tx) -> dict:
+    """A supervised train state: step counter, params, optimizer state sharded like the params."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": sharding.init_optimizer(tx, params)}
+
+
+def apply_gradients(part: dict, grads, tx) -> dict:
+    """{params, opt_state} after one optimizer update."""
+    updates, opt_state = tx.update(grads, part["opt_state"], part["params"])
+    return dict(part, params=optax.apply_updates(part["params"], updates), opt_state=opt_state)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -88,6 +105,54 @@ def accumulate_gradients(loss_fn: Callable, params: Any, batch: dict, rng: jax.A
 
 def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- the generic step
+
+def train_step(state, batch, rng, frozen=None, *, loss_fn, tx, grad_accum: int = 1):
+    """One optimizer step of any objective: (state, batch, rng[, frozen]) -> (state, metrics). Pure.
+
+    `loss_fn(params, batch, rng, frozen) -> (loss, aux)`: `rng` is None in evaluation (no dropout),
+    `frozen` holds models that are not trained (a DPO reference, ...) and is passed through as an
+    argument, never baked into the program. aux['weight'] is the count the loss is a mean over; the
+    other aux entries are metrics (weight-averaged over microbatches).
+    """
+    rng = jax.random.fold_in(rng, state["step"])
+    fn = lambda p, b, r: loss_fn(p, b, r, frozen)  # noqa: E731
+    loss, aux, grads = accumulate_gradients(fn, state["params"], batch, rng, grad_accum)
+    state = dict(apply_gradients(state, grads, tx), step=state["step"] + 1)
+    metrics = {"loss": loss, "grad_norm": global_norm(grads),
+               **{k: v for k, v in aux.items() if k != "weight" and not k.endswith("_weight")}}
+    return state, metrics
+
+
+def eval_step(params, batch, frozen=None, *, loss_fn):
+    """Weighted sums of the loss and metrics over one batch (added up over an eval split).
+    A metric `m` is weighted by aux['m_weight'] when given (e.g. accuracy over pairs), else by aux['weight']."""
+    loss, aux = loss_fn(params, batch, None, frozen)
+    w = aux["weight"]
+    sums = {"loss": loss * w, "weight": w}
+    for k, v in aux.items():
+        if k != "weight" and not k.endswith("_weight"):
+            sums[k] = v * aux.get(f"{k}_weight", w)
+            sums[f"{k}_weight"] = aux.get(f"{k}_weight", w)
+    return sums
+
+
+def jit_eval_step(loss_fn, mesh):
+    return jax.jit(functools.partial(eval_step, loss_fn=loss_fn), out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_fn, params, batches, mesh, max_batches: int = 0, frozen=None) -> dict:
+    """'eval_<metric>' means over the first `max_batches` batches (0 = all) of an eval iterator."""
+    totals = sum_over_batches(lambda p, b: eval_fn(p, b, frozen), params, batches, mesh, max_batches)
+    if not totals:
+        return {}
+    out = {"eval_loss": totals["loss"] / max(totals["weight"], 1e-8)}
+    for k, v in totals.items():
+        if k not in ("loss", "weight") and not k.endswith("_weight"):
+            out[f"eval_{k}"] = v / max(totals[f"{k}_weight"], 1e-8)
+    return out
 
 
 def sum_over_batches(eval_fn, params, batches, mesh, max_batches: int = 0) -> dict:
@@ -187,54 +252,64 @@ def check_finite(step: int, metrics: dict, keys=("loss",)) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
-def place_and_resume(state, mesh, manager, train_iter):
+def place_and_resume(state, mesh, manager, set_data_state: Callable[[dict], None]):
     """Put a fresh state on the mesh; if the workdir holds a checkpoint, restore it onto the same
-    shardings (any mesh) together with the data position. Returns (state, shardings)."""
+    shardings (any mesh) and hand the saved data position to `set_data_state`. Returns (state, shardings)."""
     state, shardings = sharding.place(state, mesh)
     if manager.latest_step() is not None:
         state, data_state = manager.restore(checkpoints.abstract_like(state, shardings))
-        train_iter.set_state(data_state)
+        set_data_state(data_state)
     return state, shardings
 
 
-def jit_train_step(step_fn, state_shardings, mesh):
-    """`step_fn(state, batch, rng)` jitted with explicit shardings and the state donated."""
+def jit_train_step(step_fn, state_shardings, mesh, frozen=None):
+    """`step_fn(state, batch, rng, frozen)` jitted with explicit shardings and the state donated;
+    returns `step(state, batch, rng)` with the frozen models (already on the mesh) bound."""
     repl = sharding.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(state_shardings, None, repl), out_shardings=(state_shardings, repl),
-                   donate_argnums=0)
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, None, repl, None),
+                     out_shardings=(state_shardings, repl), donate_argnums=0)
+    return lambda state, batch, rng: jitted(state, batch, rng, frozen)
 
 
-def fit(*, config, workdir: str, mesh, manager, state, step_fn, train_iter, evaluate_fn, rng,
-        tokens_per_step: int):
-    """The supervised loop shared by pretrain / SFT / RM: step, log, evaluate, checkpoint.
+def batches_step(step_fn, train_iter, mesh, rng):
+    """A loop step that feeds the next batch of `train_iter` to a jitted train step."""
+    return lambda state, step: step_fn(state, sharding.host_to_global(next(train_iter), mesh), rng)
 
-    `step_fn(state, global_batch, rng) -> (state, metrics)` is jitted with donated state;
-    `evaluate_fn(params) -> dict` returns eval metrics. Returns (final state, last logged metrics).
+
+def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callable[[], dict],
+        evaluate_fn: Callable | None = None, units_per_step: float = 0, units: str = "tokens",
+        finite_keys=("loss",), shown=("loss",)):
+    """The loop every stage shares: step, log, evaluate, checkpoint, progress bar, clean shutdown.
+
+    `step(state, step_number) -> (state, metrics)` runs one stage step (an optimizer step, or a whole
+    PPO iteration); metrics are fetched from the device only on log steps. `evaluate_fn(state) -> dict`
+    runs every `train.eval_every` steps and at the end. `data_state()` is saved with each checkpoint.
+    Returns (final state, last logged metrics).
     """
     start, total = int(state["step"]), config.train.num_steps
-    schedule = lr_schedule(config.optim, total)
     writer = MetricWriter(workdir, resume_step=start)
     progress = Progress(total, start, config.stage, config.train.progress)
     speed = Throughput()
     last = {}
     try:
         with sharding.use(mesh):
-            for step in range(start + 1, total + 1):
-                state, metrics = step_fn(state, sharding.host_to_global(next(train_iter), mesh), rng)
-                speed.add(tokens_per_step)
-                progress.update(1)
-                is_last = step == total
-                if step % config.train.log_every == 0 or is_last:
+            for n in range(start + 1, total + 1):
+                state, metrics = step(state, n)
+                speed.add(units_per_step)
+                is_last = n == total
+                if n % config.train.log_every == 0 or is_last:
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    check_finite(step, last)
-                    last.update(lr=float(schedule(step - 1)), tokens_per_sec=speed.rate())
-                    if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
-                        last.update(evaluate_fn(state["params"]))
-                    writer.write(step, last)
-                    progress.update(0, loss=last["loss"])
-                if step % config.train.checkpoint_every == 0 or is_last:
-                    check_finite(step, jax.device_get(metrics))  # never save a NaN state
-                    manager.save(step, state, train_iter.get_state(), force=is_last)
+                    check_finite(n, last, finite_keys)
+                    if units_per_step:
+                        last[f"{units}_per_sec"] = speed.rate()
+                    if evaluate_fn is not None and (is_last or (config.train.eval_every
+                                                                and n % config.train.eval_every == 0)):
+                        last.update(evaluate_fn(state))
+                    writer.write(n, last)
+                progress.update(1, **{k: last[k] for k in shown if k in last})
+                if n % config.train.checkpoint_every == 0 or is_last:
+                    check_finite(n, jax.device_get(metrics), finite_keys)  # never save a NaN state
+                    manager.save(n, state, data_state(), force=is_last)
     finally:  # also on Ctrl-C / errors: finish in-flight async saves so the last good one is complete
         progress.close()
         manager.close()

@@ -30,7 +30,7 @@ import numpy as np
 from instructgpt_jax import checkpoints, losses, sharding, train_lib
 from instructgpt_jax.miniature import world
 from instructgpt_jax.data import iterators
-from instructgpt_jax.data.tokenizer import Tokenizer
+from instructgpt_jax.data.tokenizer import load_tokenizer
 from instructgpt_jax.models import ModelConfig, Transformer
 
 MODELS = ("base", "sft", "ppo", "ppo_ptx")
@@ -64,7 +64,7 @@ def load_lm(path: str, mesh):
     model = Transformer(ModelConfig.from_config(checkpoints.read_export_meta(path)["model"]))
     shapes, shards = sharding.param_shardings(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], mesh)
     params = checkpoints.load_export(path, checkpoints.abstract_like(shapes, shards))
-    return model, params, Tokenizer.load(os.path.join(path, "tokenizer.model"))
+    return model, params, load_tokenizer(path)
 
 
 def _fixed_batches(rows: list[dict], batch_size: int):
@@ -155,7 +155,7 @@ def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldo
     from instructgpt_jax import sampling
     sft_model, sft_params, tok = load_lm(exports["sft"], mesh)
     # One sampler for all models (same architecture), the same settings and the same seed for each.
-    sampler = sampling.make_sampler(sft_model, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
+    sampler = sampling.make_sampler(sft_model, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_ids,
                                     pad_id=tok.pad_id, temperature=cfg.temperature, greedy=cfg.temperature == 0)
     rm = RewardModel.load(rm_path, mesh)
     text = text_batches(heldout_texts, tok, seq_len=cfg.heldout_seq_len, batch_size=cfg.batch_size)

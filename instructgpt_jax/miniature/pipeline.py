@@ -158,7 +158,7 @@ def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
     mesh = sharding.make_mesh(config.sft.mesh)
     model, params, tok = evaluate.load_lm(sft_dir, mesh)
     temps = list(c.temperatures)
-    samplers = [sampling.make_sampler(model, max_new_tokens=c.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+    samplers = [sampling.make_sampler(model, max_new_tokens=c.max_new_tokens, eos_id=tok.eos_ids, pad_id=tok.pad_id,
                                       temperature=t) for t in temps]
     rng = random.Random(f"comparisons/{config.seed}")
     splits = {}

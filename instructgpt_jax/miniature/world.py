@@ -659,3 +659,24 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> str:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return path
+
+
+def builtin_rows(kind: str, n: int, seed: int, split: str) -> list[dict]:
+    """The built-in data of one kind ('text', 'demonstrations', 'comparisons', 'prompts') and split:
+    what a stage reads when its data path is '' (the command line supplies this to `data.prepare`)."""
+    if kind == "text":
+        return pretraining(n, seed)
+    if kind == "demonstrations":
+        return demonstrations(n, seed)
+    if kind == "comparisons":
+        return comparisons(n, k=(4, 9), seed=seed)
+    if kind == "prompts":
+        return [{"prompt": r["prompt"]} for r in prompts(n, seed, split=split)]
+    raise ValueError(f"unknown data kind {kind!r}; valid: text, demonstrations, comparisons, prompts")
+
+
+def verify(prompt: str, response: str) -> float:
+    """A programmatic reward (RL with verifiable rewards): 1 if the response's answer is exactly right and
+    harmless, else 0. `config.ppo.verifier='instructgpt_jax.miniature.world:verify'` selects it."""
+    answer = parse_answer(response)
+    return float(score(prompt, answer) == 1.0 and is_harmless(answer))

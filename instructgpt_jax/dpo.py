@@ -1,0 +1,81 @@
+"""DPO family (sigmoid DPO, IPO, listwise Plackett–Luce) offline from the RM's K-wise comparisons.
+
+Reads top to bottom: mesh -> data -> init -> step -> loop -> save. The same data, train step and
+loop as the reward model; the objective is `losses.dpo_loss` on the summed completion log-probs
+of the policy and of the frozen SFT reference, which is passed to the step as `frozen`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from instructgpt_jax import checkpoints, losses, scoring, sharding, train_lib
+from instructgpt_jax.data import prepare
+from instructgpt_jax.errors import UserError
+from instructgpt_jax.models import ModelConfig, Transformer
+
+
+def loss_fn(params, batch, rng, reference, *, model, beta, loss_type):
+    """dpo_loss on Δ = log π(y|x) − log π_ref(y|x); metrics: pair accuracy, implicit rewards βΔ of the
+    preferred / dispreferred completions and their margin, and KL(π‖π_ref) summed over each
+    completion's tokens (exact over the vocabulary, at the data's prefixes)."""
+    logits, targets, mask = scoring.completion_logits(params, model, batch, rng=rng)
+    ref_logits = jax.lax.stop_gradient(scoring.completion_logits(reference, model, batch)[0])
+    b, k = batch["ranks"].shape
+    per_seq = lambda x: jnp.where(mask, x, 0.0).sum(-1).reshape(b, k)  # noqa: E731
+    logp, ref_logp = per_seq(losses.token_logprobs(logits, targets)), per_seq(losses.token_logprobs(ref_logits, targets))
+    loss, aux = losses.dpo_loss(logp, ref_logp, batch["ranks"], batch["valid"], beta, loss_type)
+    lp = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(jnp.float32))
+    kl = per_seq(jnp.sum(jnp.exp(lp) * (lp - jax.nn.log_softmax(ref_logits.astype(jnp.float32))), -1))
+    return loss, {"weight": aux["num_prompts"], "accuracy": aux["accuracy"], "accuracy_weight": aux["num_pairs"],
+                  "chosen_reward": aux["chosen_reward"], "rejected_reward": aux["rejected_reward"],
+                  "margin": aux["margin"], "kl": losses.masked_mean(kl, batch["valid"])}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
+    """Train the policy with the DPO family from the SFT export; exports it like SFT. Resumes."""
+    # --- mesh
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.batch_size_per_process(config.train.batch_size, mesh)
+    manager = checkpoints.Manager(workdir, config)
+
+    # --- data: the reward model's comparisons (no demonstrations: DPO has no bias to fit)
+    data = prepare.prepare_comparisons(config, workdir, builtin_data, demonstrations=False)
+    train_iter = data.train_iterator()
+    sft = checkpoints.previous_export(config)
+    if not sft:
+        raise UserError("config.init.from_workdir must name the SFT stage's workdir (policy and frozen reference)")
+    checkpoints.check_model_matches(checkpoints.read_export_meta(sft)["model"], config.model, sft)
+
+    # --- init: policy = reference = SFT; resume overwrites the policy
+    model = Transformer(ModelConfig.from_config(config.model))
+    reference = checkpoints.load_params(sft, model, mesh)
+    tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
+    rng = jax.random.PRNGKey(config.seed)
+    policy = jax.tree.map(jnp.copy, reference)  # a copy: the train state is donated, the reference is not
+    state, state_shardings = train_lib.place_and_resume(train_lib.new_state(policy, tx), mesh, manager,
+                                                        train_iter.set_state)
+
+    # --- step
+    objective = functools.partial(loss_fn, model=model, beta=config.dpo.beta, loss_type=config.dpo.loss_type)
+    step_fn = train_lib.jit_train_step(
+        functools.partial(train_lib.train_step, loss_fn=objective, tx=tx, grad_accum=config.train.grad_accum),
+        state_shardings, mesh, frozen=reference)
+    eval_fn = train_lib.jit_eval_step(objective, mesh)
+
+    # --- loop
+    state, last = train_lib.fit(
+        config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
+        step=train_lib.batches_step(step_fn, train_iter, mesh, rng), data_state=train_iter.get_state,
+        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len,
+        evaluate_fn=lambda s: train_lib.evaluate(eval_fn, s["params"], data.eval_iterator(), mesh,
+                                                 config.train.eval_batches, frozen=reference))
+
+    # --- save: the policy, loadable wherever an SFT export is
+    checkpoints.export(workdir, state["params"], save_tokenizer=data.save_tokenizer, meta={
+        "stage": "dpo", "model": config.model.to_dict(), "step": int(state["step"]), "beta": config.dpo.beta,
+        "loss_type": config.dpo.loss_type, "data_stats": data.stats()})
+    return last

@@ -1,0 +1,142 @@
+"""Applying a model to token sequences: response log-probs, values, rewards at the last token.
+
+Every stage and the evaluation read models through these functions, so the RM scores what PPO
+samples exactly as it was trained, and the PPO ratio, the DPO log-ratios and the reported KL all
+come from one alignment of logits with tokens. Pure functions (jit them, or call them inside a
+jitted step), plus `RewardModel`, a loaded reward model with its fitted bias.
+
+Two layouts:
+  * rollout rows: [B, P + N] = a left-padded prompt (`prompt_mask` [B, P]) then N response slots
+    (`response_mask` [B, N], 1 up to and including EOS); positions count from each row's first real
+    token, segment 0 marks pads (`sequence_inputs`).
+  * scored rows (RM / DPO data): [..., T] right-padded BOS + prompt + completion + EOS, with
+    `last_index` [...] (the EOS) and `prompt_len` [...] (BOS + prompt tokens).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructgpt_jax import checkpoints, losses, sharding
+from instructgpt_jax.errors import UserError
+from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.sampling import left_pad_positions
+
+
+def sequence_inputs(tokens, prompt_mask, response_mask):
+    """Rollout rows as every model sees them: (tokens, positions, segments); segment 1 on real
+    prompt + response tokens, 0 on pads (which attend to nothing and are never read)."""
+    segments = jnp.concatenate([prompt_mask.astype(jnp.int32), response_mask.astype(jnp.int32)], axis=1)
+    return tokens, left_pad_positions(segments), segments
+
+
+def response_logprobs(params, model, tokens, positions, segments, prompt_len: int, temperature: float = 1.0):
+    """log π(y_t | x, y_<t) of the N response tokens of rollout rows [B, P + N] -> ([B, N] float32,
+    the [B, N, V] logits they come from). `temperature` divides the logits as the sampler did."""
+    logits = model.apply({"params": params}, tokens, positions, segments)[:, prompt_len - 1:-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return losses.token_logprobs(logits, tokens[:, prompt_len:]), logits
+
+
+def response_values(params, model, tokens, positions, segments, prompt_len: int):
+    """V(state before each response token) [B, N]: a scalar-head model at the token just before it."""
+    return model.apply({"params": params}, tokens, positions, segments)[:, prompt_len - 1:-1].astype(jnp.float32)
+
+
+def rewards_at(values, last_index):
+    """values [..., T] -> the value at each row's `last_index` [...] (where a reward is read)."""
+    return jnp.take_along_axis(values, last_index[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def score(params, tokens, segment_ids, positions, last_index, *, model, bias=0.0):
+    """Reward of each scored row (read at `last_index`, its EOS) plus the fitted bias.
+    tokens / segment_ids / positions: [..., T]; last_index: [...]. Returns float32 [...]."""
+    lead = tokens.shape[:-1]
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    values = model.apply({"params": params}, flat(tokens), flat(positions), flat(segment_ids))
+    return rewards_at(values.reshape(*lead, -1).astype(jnp.float32), last_index) + bias
+
+
+def completion_logits(params, model, batch, *, rng=None):
+    """Logits over scored rows and the mask of the completion tokens they predict (EOS included).
+
+    batch: tokens / segment_ids / positions [B, K, T], last_index / prompt_len [B, K]. The logits at t
+    predict token t + 1, so targets are tokens[:, :, 1:] and the mask is 1 on targets at indices
+    prompt_len .. last_index. Returns (logits [B*K, T-1, V], targets [B*K, T-1], mask [B*K, T-1]).
+    `rng` turns dropout on (training)."""
+    b, k, t = batch["tokens"].shape
+    flat = lambda x: x.reshape(b * k, *x.shape[2:])  # noqa: E731
+    tokens = flat(batch["tokens"])
+    logits = model.apply({"params": params}, tokens, flat(batch["positions"]), flat(batch["segment_ids"]),
+                         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})[:, :-1]
+    target = jnp.arange(1, t)[None]
+    mask = (target >= flat(batch["prompt_len"])[:, None]) & (target <= flat(batch["last_index"])[:, None])
+    return logits, tokens[:, 1:], mask
+
+
+def completion_logprobs(params, model, batch, *, rng=None):
+    """Summed log π(completion | prompt) of scored rows, EOS included: [B, K] float32
+    (rows whose `valid` is 0 give meaningless values: mask them)."""
+    logits, targets, mask = completion_logits(params, model, batch, rng=rng)
+    b, k = batch["tokens"].shape[:2]
+    return jnp.where(mask, losses.token_logprobs(logits, targets), 0.0).sum(-1).reshape(b, k)
+
+
+def append_eos(tokens, prompt_mask, response_mask, ended, eos_id: int):
+    """Rollout rows scored as the RM was trained: every completion ends with an EOS.
+
+    A response cut at max_new_tokens (no EOS sampled) gets an EOS appended, exactly as the RM's
+    training rows (`iterators.scoring_example`) append one after a cut completion. Returns
+    (tokens, positions, segments [B, P + N + 1], last_index [B])."""
+    b, p = prompt_mask.shape
+    lengths = response_mask.sum(-1).astype(jnp.int32)
+    tokens = jnp.concatenate([tokens, jnp.zeros((b, 1), tokens.dtype)], axis=1)
+    last = p + lengths - ended.astype(jnp.int32)  # the sampled EOS, or the slot after the last token
+    tokens = jnp.where(jnp.arange(tokens.shape[1])[None] == last[:, None], eos_id, tokens)
+    response = (jnp.arange(response_mask.shape[1] + 1)[None] <= (last - p)[:, None]).astype(jnp.int32)
+    t, pos, seg = sequence_inputs(tokens, prompt_mask, response)
+    return t, pos, seg, last
+
+
+@dataclasses.dataclass
+class RewardModel:
+    """An exported reward model: `rm(tokens, segment_ids, positions, last_index)` -> rewards + bias."""
+    model: Transformer
+    params: dict
+    bias: float
+    meta: dict
+
+    @classmethod
+    def load(cls, path: str, mesh=None, model_overrides: dict | None = None) -> "RewardModel":
+        meta = checkpoints.read_export_meta(path)
+        if "rm_bias" not in meta:
+            raise UserError(f"{path} is a {meta.get('stage')!r} export, not a reward model (no rm_bias "
+                            f"in its meta.json); give the RM stage's workdir")
+        mesh = mesh or sharding.default_mesh()
+        model = Transformer(ModelConfig.from_config({**meta["model"], **(model_overrides or {})}), head="scalar")
+        return cls(model, checkpoints.load_params(path, model, mesh), float(meta["rm_bias"]), meta)
+
+    def __call__(self, tokens, segment_ids, positions, last_index):
+        return _jit_score(self.params, tokens, segment_ids, positions, last_index, model=self.model, bias=self.bias)
+
+    def score_texts(self, tokenizer, prompts, completions, *, seq_len: int, max_prompt_len: int,
+                    mesh=None, chat_template=None, messages=None) -> np.ndarray:
+        """Rewards (bias included) of (prompt, completion) pairs, formatted exactly as in RM training
+        (with `chat_template`: the prompt conversation `messages[i]`, or user = prompt, then the reply)."""
+        from instructgpt_jax.data import iterators
+        messages = messages or [None] * len(prompts)
+        rows = [iterators.scoring_example(p, c, tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
+                                          chat_template=chat_template, messages=m)
+                for p, c, m in zip(prompts, completions, messages)]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        if mesh is not None and sharding.divides_batch(len(rows), mesh):
+            batch = sharding.global_from_full(batch, mesh)
+        out = self(batch["tokens"], batch["segment_ids"], batch["positions"], batch["last_index"])
+        return np.asarray(sharding.to_host(out))
+
+
+_jit_score = jax.jit(score, static_argnames="model")
