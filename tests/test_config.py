@@ -57,3 +57,26 @@ def test_replace_rejects_unknown_keys():
     assert config_lib.replace(config, **{"train.num_steps": 3}).train.num_steps == 3
     with pytest.raises(KeyError, match="valid keys here"):
         config_lib.replace(config, **{"train.num_stepz": 3})
+
+
+def test_every_preset_builds_its_model():
+    from instructgpt_jax.models import ModelConfig
+    cfgs = {p: ModelConfig.from_config(config_lib.model_config(p)) for p in config_lib.PRESETS}  # validates every row
+    assert set(config_lib.PRESET_KEYS) <= set(config_lib.PRESETS)
+    for keys in config_lib.PRESET_KEYS.values():  # only real config.model keys, with their types
+        assert set(keys) <= set(config_lib.model_config("tiny"))
+    assert cfgs["qwen2.5-0.5b"].qkv_bias and cfgs["qwen2.5-0.5b"].tie_embeddings and not cfgs["qwen2.5-7b"].tie_embeddings
+    assert cfgs["qwen3-8b"].qk_norm and cfgs["qwen3-8b"].head_dim * cfgs["qwen3-8b"].num_heads == 4096
+    assert cfgs["gemma2-2b"].layer_windows[:3] == (4096, 0, 4096) and cfgs["gemma2-2b"].final_softcap == 30.0
+    assert cfgs["gemma-2b"].activation == "gelu_tanh" and cfgs["gemma-2b"].embed_scale
+    assert cfgs["mistral-7b"].layer_windows == (4096,) * 32
+    assert (cfgs["pythia-1b"].arch, cfgs["pythia-1b"].rotary_dim, cfgs["pythia-1b"].parallel_residual) == ("neox", 64,
+                                                                                                        True)
+    assert (cfgs["tiny"].activation, cfgs["llama2-7b"].activation, cfgs["llama3-8b"].rope_theta) == (
+        "gelu_tanh", "silu", 500000.0)
+
+
+def test_family_key_override_from_command_line():
+    config = _parse(f"--config={ROOT}/configs/sft.py:tiny", "--config.model.arch=llama",
+                    "--config.model.sliding_window=16", "--config.model.sliding_pattern=SF")
+    assert (config.model.sliding_window, config.model.sliding_pattern, config.model.activation) == (16, "SF", "")

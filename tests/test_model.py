@@ -7,7 +7,8 @@ import pytest
 
 from instructgpt_jax import config_lib
 from instructgpt_jax.models import ModelConfig, Transformer, param_count
-from instructgpt_jax.models.transformer import attention, attention_mask, causal_attention
+from instructgpt_jax.models.transformer import (attention, attention_mask, causal_attention, embedding_scale,
+                                                rope_inv_freq, window_mask)
 
 
 def _abstract_params(preset):
@@ -31,12 +32,65 @@ def test_gpt3_125m_count_by_hand():
     assert param_count(nn.unbox(_abstract_params("125m"))["params"]) == expected
 
 
-def test_every_weight_has_logical_axes():
-    specs = nn.get_partition_spec(_abstract_params("tiny"))["params"]
-    shapes = nn.unbox(_abstract_params("tiny"))["params"]
+# one preset per family: every weight, new ones included, carries its logical axes
+@pytest.mark.parametrize("preset", ["tiny", "tinyllama-1.1b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma2-2b", "pythia-160m"])
+def test_every_weight_has_logical_axes(preset):
+    abstract = _abstract_params(preset)
+    specs = nn.get_partition_spec(abstract)["params"]
+    shapes = nn.unbox(abstract)["params"]
     for spec, shape in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
                            jax.tree.leaves(shapes)):
         assert len(spec) == len(shape.shape)
+    attn, layers = specs["layers"]["attn"], specs["layers"]
+    if preset.startswith("qwen2"):
+        assert tuple(attn["query"]["bias"]) == ("layers", "heads", "head_dim")
+        assert tuple(attn["key"]["bias"]) == ("layers", "kv_heads", "head_dim") and "bias" not in attn["out"]
+    if preset.startswith("qwen3"):
+        assert tuple(attn["q_norm"]["scale"]) == ("layers", "norm") and "bias" not in attn["query"]
+    if preset.startswith("gemma2"):
+        assert tuple(layers["ln_post_attn"]["scale"]) == tuple(layers["ln_post_mlp"]["scale"]) == ("layers", "norm")
+    if preset.startswith("pythia"):
+        assert tuple(layers["mlp"]["wi"]["bias"]) == ("layers", "mlp") and "pos_embed" not in specs
+        assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
+
+
+def test_family_keys_are_validated_and_resolved():
+    assert [ModelConfig(arch=a).activation for a in ("gpt", "llama", "neox")] == ["gelu_tanh", "silu", "gelu"]
+    assert ModelConfig(arch="llama", activation="gelu_tanh").activation == "gelu_tanh"
+    assert ModelConfig(num_layers=5, sliding_window=4, sliding_pattern="SSF").layer_windows == (4, 4, 0, 4, 4)
+    assert ModelConfig(arch="neox", head_dim=64, rotary_pct=0.25).rotary_dim == 16
+    for kw, key in [(dict(activation="relu"), "activation"), (dict(sliding_pattern="SG"), "sliding_pattern"),
+                    (dict(arch="llama", rotary_pct=0.0), "rotary_pct"), (dict(qkv_bias=True), "qkv_bias"),
+                    (dict(arch="llama", rope_scaling="yarn"), "rope_scaling"), (dict(attn_softcap=-1.0), "attn_softcap"),
+                    (dict(rotary_pct=0.5), "rotary_pct")]:
+        with pytest.raises(ValueError, match=f"config.model.{key}"):
+            ModelConfig(**kw)
+
+
+def test_window_mask_is_a_band_of_window_slots():
+    causal = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    distance = jnp.arange(5)[:, None] - jnp.arange(5)[None, :]
+    got = np.asarray(window_mask(causal, distance, jnp.int32(2)))[0, 0].astype(int)
+    np.testing.assert_array_equal(got, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0],
+                                        [0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(window_mask(causal, distance, jnp.int32(0)), causal)  # 0 = full attention
+
+
+def test_llama3_rope_frequencies_by_hand():
+    # theta 10000, dim 8: wavelengths 2*pi*[1, 10, 100, 1000]; original 256 -> stretched above 256,
+    # kept below 64, in between interpolated with s = (256 / wavelength - 1) / 3
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=256)
+    inv = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+    s = (256 / (2 * np.pi * 100) - 1) / 3
+    want = [inv[0], inv[1], (1 - s) * inv[2] / 8 + s * inv[2], inv[3] / 8]
+    np.testing.assert_allclose(rope_inv_freq(10000.0, 8, scaling), want, rtol=1e-6)
+    np.testing.assert_allclose(rope_inv_freq(10000.0, 8), inv, rtol=1e-6)
+
+
+def test_embedding_scale_is_rounded_to_the_compute_dtype():
+    assert float(embedding_scale(48, jnp.bfloat16)) == 6.9375  # sqrt(48) = 6.928..., as transformers' bf16 Gemma
+    assert float(embedding_scale(48, jnp.float32)) == float(np.float32(np.sqrt(48)))
 
 
 @pytest.fixture(scope="module", params=["gpt", "llama"])

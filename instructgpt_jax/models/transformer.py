@@ -110,11 +110,11 @@ class ModelConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"config.model.{key}={getattr(self, key)}; must be >= 0 (0 = off)")
         if self.arch in LAYERNORM_ARCHS and (self.qkv_bias or self.norm_unit_offset):
-            raise ValueError(f"config.model.arch={self.arch!r} has LayerNorms and attention biases already: "
-                             f"qkv_bias and norm_unit_offset apply to arch 'llama' only")
+            raise ValueError(f"config.model.qkv_bias / norm_unit_offset apply to arch 'llama' only (arch "
+                             f"{self.arch!r} has LayerNorms and attention biases already)")
         if self.arch == "gpt" and (self.rotary_pct != 1.0 or self.rope_scaling != "default"):
-            raise ValueError("config.model.arch='gpt' has learned positions: rotary_pct and rope_scaling apply to "
-                             "arch 'llama' / 'neox' only")
+            raise ValueError("config.model.rotary_pct / rope_scaling apply to arch 'llama' / 'neox' only (arch 'gpt' "
+                             "has learned positions)")
         for key in ("scan_unroll", "causal_blocks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config.model.{key}={getattr(self, key)}; must be >= 1 (1 = off)")
@@ -240,6 +240,12 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_pos_in_kv: Array) ->
     causal = kv_index[None, None, :] <= q_pos_in_kv[:, :, None]
     same = q_segments[:, :, None] == kv_segments[:, None, :]
     return (causal & same & (kv_segments[:, None, :] != 0))[:, None]
+
+
+def embedding_scale(d_model: int, dtype) -> Array:
+    """Gemma's embedding normaliser sqrt(d_model), rounded to the compute dtype first as transformers
+    does (bfloat16: sqrt(2048) = 45.25..., applied as 45.25)."""
+    return jnp.asarray(math.sqrt(d_model), dtype)
 
 
 def window_mask(mask: Array, distance: Array, window: Array) -> Array:
@@ -441,8 +447,8 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed", dtype=cfg.compute_dtype,
                          embedding_init=_init(("vocab", "embed")))
         x = embed(tokens)
-        if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype as transformers does
-            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if cfg.embed_scale:
+            x = x * embedding_scale(cfg.d_model, x.dtype)
         if cfg.arch == "gpt":
             pos_table = self.param("pos_embed", _init(("length", "embed"), 0.01), (cfg.max_len, cfg.d_model), jnp.float32)
             x = x + jnp.take(pos_table, positions, axis=0).astype(x.dtype)
