@@ -147,6 +147,23 @@ def test_export_loads_in_transformers_and_round_trips(family, kind, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, f["params"])
 
 
+@pytest.mark.parametrize("kind", ["neox", "gemma2"])  # own base-model prefix and head name; four norms
+def test_trunk_only_export_is_the_base_model(family, kind, tmp_path):
+    f = family(kind)
+    rm = Transformer(f["model"].cfg, head="scalar")
+    head = {"kernel": np.full((64, 1), 0.5, np.float32), "bias": np.array([0.3], np.float32)}
+    params = {k: v for k, v in f["params"].items() if k != "lm_head"} | {"scalar_head": head}
+    hf.save_pretrained(rm, params, tmp_path, trunk_only=True)
+    base = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    assert type(base).__name__ == {"neox": "GPTNeoXModel", "gemma2": "Gemma2Model"}[kind]
+    want = f["ref"].base_model.state_dict()
+    assert set(base.state_dict()) == set(want)
+    for name, x in base.state_dict().items():
+        assert torch.equal(x, want[name]), name
+    _, params2 = hf.load_pretrained(tmp_path, head="scalar")
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
 @pytest.mark.parametrize("kind", ["mistral", "gemma2"])  # sliding window on every / alternating layers; soft-caps
 def test_greedy_kv_cache_sampling_equals_full_recompute(family, kind):
     f = family(kind)
