@@ -77,12 +77,13 @@ def test_window_mask_is_a_band_of_window_slots():
 
 
 def test_llama3_rope_frequencies_by_hand():
-    # theta 10000, dim 8: wavelengths 2*pi*[1, 10, 100, 1000]; original 256 -> stretched above 256,
-    # kept below 64, in between interpolated with s = (256 / wavelength - 1) / 3
+    # theta 10000, dim 8: wavelengths 2*pi*[1, 10, 100, 1000]; original 1024 -> stretched above 1024,
+    # kept below 256, in between (2*pi*100) interpolated with s = (1024 / wavelength - 1) / 3
     scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=256)
+                   original_max_position_embeddings=1024)
     inv = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
-    s = (256 / (2 * np.pi * 100) - 1) / 3
+    s = (1024 / (2 * np.pi * 100) - 1) / 3
+    assert 0 < s < 1
     want = [inv[0], inv[1], (1 - s) * inv[2] / 8 + s * inv[2], inv[3] / 8]
     np.testing.assert_allclose(rope_inv_freq(10000.0, 8, scaling), want, rtol=1e-6)
     np.testing.assert_allclose(rope_inv_freq(10000.0, 8), inv, rtol=1e-6)
