@@ -132,6 +132,18 @@ def test_config_keys_read_from_each_family(family):
     assert (ll.rope_scaling, ll.rope_factor, ll.rope_original_max_len) == ("llama3", 8.0, 64)
 
 
+def test_model_config_dict_resets_every_family_key_of_a_preset(family):
+    """A stage does config.model.update(model_config_dict(path)): whatever preset it started from (here
+    gemma2-2b and pythia-160m, far from every default), the result is the checkpoint's model."""
+    from instructgpt_jax import config_lib
+    for kind in KINDS:
+        f = family(kind)
+        for preset in ("gemma2-2b", "pythia-160m"):
+            config = config_lib.model_config(preset)
+            config.update(hf.model_config_dict(f["path"]))
+            assert ModelConfig.from_config(config) == f["model"].cfg, (kind, preset)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_loads_in_transformers_and_round_trips(family, kind, tmp_path):
     f = family(kind)
