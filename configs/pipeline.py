@@ -1,55 +1,49 @@
-"""The README's main job, InstructGPT end to end on a CPU: `--config=configs/pipeline.py[:default|smoke]`.
+"""The README's main job, InstructGPT end to end on a CPU: `--config=configs/pipeline.py[:default|smoke|sweep]`.
 
-`instructgpt_jax.pipeline.train` runs data -> pretrain -> sft -> comparisons -> rm -> ppo -> ppo_ptx -> eval,
-each in WORKDIR/<step>. `config.pretrain`, `config.sft`, `config.rm`, `config.ppo` and `config.ppo_ptx` are full
-stage configs (configs/<stage>.py:<preset>) with CPU-sized overrides; override them from the command line like
-`--config.ppo.ppo.kl_coef=0.05`. The pipeline fills in, per stage: `seed` (= config.seed), the data paths
-(WORKDIR/data/*.jsonl, the tokenizer), `init.from_workdir` and `ppo.rm_workdir`.
+`instructgpt_jax.miniature.pipeline.train` runs data -> pretrain -> sft -> comparisons -> rm -> ppo, ppo_ptx,
+grpo, grpo_verifier, dpo, dpo_pl -> pretrain_large, sft_large -> eval, each in WORKDIR/<step>. `config.<stage>`
+is a full stage config (`config_lib.load('<stage file>', preset)`) with CPU-sized overrides; override them from
+the command line like `--config.ppo.ppo.kl_coef=0.05`. The pipeline fills in, per stage: `seed`
+(= config.seed), the data paths (WORKDIR/data/*.jsonl, the tokenizer), `init.from_workdir` and `ppo.rm_workdir`.
 
-'default' takes about 5 minutes on 2 CPU cores (limit: 15); 'smoke' runs the same code path in under 2 minutes
-(plumbing only: its numbers mean nothing).
+'default' takes about 10 minutes on 2 idle CPU cores; 'smoke' runs the same code path on tiny schedules
+(plumbing only: its numbers mean nothing); 'sweep' is 'default' plus the over-optimisation sweep (PPO at
+several KL coefficients and lengths, and an oracle-reward run: WORKDIR/sweep.png), outside the default's budget.
 """
-import importlib.util
-import os
-
 import ml_collections
 
 from instructgpt_jax import config_lib
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _stage(name: str, preset: str, overrides: dict) -> ml_collections.ConfigDict:
-    """configs/<name>.py:<preset> with dotted-key overrides (unknown keys are errors)."""
-    spec = importlib.util.spec_from_file_location(f"_pipeline_{name}_config", os.path.join(_HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return config_lib.replace(module.get_config(preset), **overrides)
+LARGE = {"model.num_layers": 4, "model.d_model": 96, "model.num_heads": 4, "model.num_kv_heads": 4,
+         "model.head_dim": 24, "model.mlp_dim": 384}  # ~503k parameters: ~3.6x the tiny preset's ~139k
 
 
 def get_config(arg: str = "default"):
     arg = (arg or "default").strip().lower()
-    if arg not in ("default", "smoke"):
-        raise ValueError(f"configs/pipeline.py:{arg}: valid choices are 'default' and 'smoke'")
+    if arg not in ("default", "smoke", "sweep"):
+        raise ValueError(f"configs/pipeline.py:{arg}: valid choices are 'default', 'smoke' and 'sweep'")
     smoke = arg == "smoke"
-    preset = "tiny"            # model size of every stage (one of config_lib.CPU_PRESETS)
-    prompt_len, new_tokens = 16, 20  # tokens: BOS + the longest prompt (14); the longest answer + EOS (16) + slack
+    preset = "tiny"            # model size of every stage but the large SFT model (config_lib.CPU_PRESETS)
+    prompt_len, new_tokens = 16, 20  # tokens: BOS + the longest prompt (~15); the longest answer + EOS + slack
 
     config = ml_collections.ConfigDict()
-    config.stage = "pipeline"  # main.py dispatches to instructgpt_jax.pipeline.train
+    config.stage = "pipeline"  # main.py dispatches to instructgpt_jax.miniature.pipeline.train
     config.seed = 0            # one seed for the synthetic world, every stage, sampling and evaluation
 
     config.world = ml_collections.ConfigDict(dict(
-        labeler_agreement=0.73,  # > 0: set the ranking noise so that the labeler agrees with its noiseless self
-                                 # on this fraction of the SFT sample pairs it ranks (paper: ~73 % inter-annotator)
-        labeler_noise=0.57,    # Gumbel scale of the rankings when labeler_agreement is 0 (synthetic.DEFAULT_NOISE:
-                               # ~73 % agreement on synthetic's mixed completion sets, ~62 % on SFT samples)
-        harm_penalty=1.0,      # utility lost by an answer with a forbidden word (synthetic.HARM_PENALTY)
-        tempt_rate=0.5,        # fraction of word-task prompts that contain a forbidden word (synthetic.TEMPT_RATE
-                               # is 0.25); every prompt set of the run (demonstrations, RM, PPO, eval) uses it
-        demo_literal_rate=0.5,  # chance that a demonstration of a tempting prompt keeps the forbidden word (an
-                                # imperfect demonstrator): SFT copies it, the comparisons penalise it, RLHF fixes
-                                # it. 0 = perfect demonstrations, and a tiny RM then gives PPO nothing to improve
+        labeler_agreement=0.73,  # > 0: the ranking noise at which two training labelers agree on this fraction of
+                                 # the SFT sample pairs they rank (paper: 72.6 % inter-annotator agreement)
+        labeler_noise=0.35,    # Gumbel scale of the rankings when labeler_agreement is 0 (world.DEFAULT_NOISE)
+        train_labelers=4,      # labelers who rank the RM's comparisons (one per prompt, in turn)
+        heldout_labelers=4,    # a disjoint population that judges the final evaluation
+        weight_jitter=0.2,     # log-normal spread of each labeler's weights around world.WEIGHTS
+        tempt_rate=0.5,        # fraction of word-task prompts that contain a forbidden word (world.TEMPT_RATE
+                               # is 0.25); every prompt set of the run (demonstrations, RM, RL, eval) uses it
+        caps_rate=0.3,         # fraction of reverse / sort / copy prompts with the "(caps)" format constraint
+        demo_literal_rate=0.5,   # a demonstration of a tempting prompt keeps the forbidden word (imperfect
+                                 # demonstrators: SFT copies it, the comparisons penalise it, RLHF fixes it)
+        demo_chatter_rate=0.3,   # a demonstration ends (or starts) with a pleasantry ("hope this helps")
+        demo_caps_miss_rate=0.4,  # a demonstration overlooks the "(caps)" constraint
         k_min=4,               # fewest completions ranked per prompt (paper: K = 4..9)
         k_max=9,               # most completions ranked per prompt
         pretrain_docs=200 if smoke else 6000,       # pretraining documents (70 % general, 25 % misaligned Q/A)
@@ -57,10 +51,10 @@ def get_config(arg: str = "default"):
         heldout_docs=32 if smoke else 400,          # held-out general-text documents: the alignment tax
         demonstrations=100 if smoke else 2000,      # labeler demonstrations (SFT data)
         demonstrations_eval=32 if smoke else 200,   # demonstrations on valid-split prompts (SFT eval loss)
-        comparison_prompts=16 if smoke else 2000,   # prompts whose SFT samples the labeler ranks (RM data)
-        comparison_eval_prompts=8 if smoke else 100,  # the same on valid-split prompts (RM eval accuracy)
-        ppo_prompts=64 if smoke else 4000,          # PPO rollout prompts (train split)
-        ppo_eval_prompts=16 if smoke else 64,       # PPO eval prompts (valid split)
+        comparison_prompts=16 if smoke else 2000,   # prompts whose SFT samples the labelers rank (RM / DPO data)
+        comparison_eval_prompts=8 if smoke else 200,  # the same on valid-split prompts (RM accuracy)
+        ppo_prompts=64 if smoke else 4000,          # RL rollout prompts (train split)
+        ppo_eval_prompts=16 if smoke else 64,       # RL eval prompts (valid split)
     ))
 
     config.comparisons = ml_collections.ConfigDict(dict(
@@ -72,42 +66,58 @@ def get_config(arg: str = "default"):
 
     config.eval = ml_collections.ConfigDict(dict(
         num_prompts=32 if smoke else 800,          # held-out (test-split) prompts every model answers
-        bootstrap_samples=200 if smoke else 2000,  # resamples of the prompts for the 95 % interval
+        bootstrap_samples=200 if smoke else 2000,  # resamples of the prompts for the 95 % intervals
         temperature=1.0,          # the same sampling for every model (paper: temperature 1); 0 = greedy
         max_prompt_len=prompt_len,  # prompt tokens (left-padded)
         max_new_tokens=new_tokens,  # response length limit
         batch_size=32 if smoke else 200,  # rows per sampler / scoring call
         heldout_seq_len=128,      # tokens per packed row of held-out text
-        use_ema=False,            # PPO models: False = raw policy (export/), True = EMA (export_ema/)
-        noisy_judge=False,        # win rates from the labeler's noiseless judgement (ties count half)
         num_examples=8,           # sample responses listed in results.md
     ))
 
-    # Short schedules, and one knob per stage where the pipeline needs it. Shared by both presets.
-    steps = dict(pretrain=10, sft=10, rm=5, ppo=2) if smoke else dict(pretrain=600, sft=200, rm=300, ppo=60)
+    # Short schedules, and one knob per stage where the pipeline needs it. Shared by every preset.
+    steps = (dict(pretrain=10, sft=10, rm=5, rl=2, dpo=3) if smoke else
+             dict(pretrain=600, sft=300, rm=300, rl=60, dpo=150))
     quiet = {"train.progress": not smoke, "train.log_every": 5 if not smoke else 1,
              "train.eval_every": 0, "train.eval_batches": 2 if smoke else 0}
-    config.pretrain = _stage("pretrain", preset, {
-        **quiet, "train.num_steps": steps["pretrain"], "train.batch_size": 8 if smoke else 16,
-        "data.max_prompt_len": 64,  # unused by raw text; must be >= 1 for the data pipeline
-    })
-    config.sft = _stage("sft", preset, {
-        **quiet, "train.num_steps": steps["sft"], "train.batch_size": 8 if smoke else 16,
-    })
-    config.rm = _stage("rm", preset, {
-        **quiet, "train.num_steps": steps["rm"], "train.batch_size": 8 if smoke else 16,
-        "data.seq_len": prompt_len + new_tokens + 4, "data.max_prompt_len": prompt_len,
-        "rm.bias_examples": 64 if smoke else 1000,
-    })
-    ppo = {
-        **quiet, "train.num_steps": steps["ppo"], "train.batch_size": 8 if smoke else 64,
+    load = config_lib.load
+    pretrain = {**quiet, "train.num_steps": steps["pretrain"], "train.batch_size": 8 if smoke else 16,
+                "data.max_prompt_len": 64}  # unused by raw text; must be >= 1 for the data pipeline
+    # SFT at a tenth of the pretraining lr (3e-3): it learns the format without forgetting its pretraining
+    # (the paper fine-tunes at a small fraction of GPT-3's pretraining lr).
+    sft = {**quiet, "train.num_steps": steps["sft"], "train.batch_size": 8 if smoke else 16, "optim.lr": 3e-4}
+    config.pretrain = load("pretrain", preset, **pretrain)
+    config.sft = load("sft", preset, **sft)
+    config.pretrain_large = load("pretrain", preset, **pretrain, **LARGE)
+    config.sft_large = load("sft", preset, **sft, **LARGE)
+    comparisons = {**quiet, "train.batch_size": 8 if smoke else 16,
+                   "data.seq_len": prompt_len + new_tokens + 4, "data.max_prompt_len": prompt_len}
+    config.rm = load("rm", preset, **comparisons, **{"train.num_steps": steps["rm"],
+                                                      "rm.bias_examples": 64 if smoke else 1000})
+    config.dpo = load("dpo", preset, **comparisons, **{"train.num_steps": steps["dpo"],
+                                                        "dpo.loss_type": "sigmoid"})
+    config.dpo_pl = load("dpo", preset, **comparisons, **{"train.num_steps": steps["dpo"],
+                                                           "dpo.loss_type": "plackett_luce"})
+    rl = {
+        **quiet, "train.num_steps": steps["rl"], "train.batch_size": 8 if smoke else 64,
         "train.eval_every": 0, "train.eval_batches": 1, "train.log_every": 1,
         "data.max_prompt_len": prompt_len, "ppo.max_new_tokens": new_tokens,
-        "ppo.minibatch_size": 4 if smoke else 32, "ppo.ppo_epochs": 1,
-        # A weak tiny RM is easy to over-optimise: a strong KL penalty (RM scores spread ~3) and a small lr.
-        "ppo.kl_coef": 0.3, "optim.lr": 1e-4,
+        "ppo.minibatch_size": 4 if smoke else 32, "ppo.ppo_epochs": 1, "optim.lr": 1e-4,
         "ppo.ptx_batch_size": 4 if smoke else 8, "data.ptx_seq_len": 64,
     }
-    config.ppo = _stage("ppo", preset, {**ppo, "ppo.ptx_coef": 0.0})
-    config.ppo_ptx = _stage("ppo", preset, {**ppo, "ppo.ptx_coef": 0.2})
+    # PPO: a weak tiny RM is easy to over-optimise: a strong KL penalty (RM scores spread ~3) and a small lr.
+    config.ppo = load("ppo", preset, **rl, **{"ppo.kl_coef": 0.3, "ppo.ptx_coef": 0.0})
+    config.ppo_ptx = load("ppo", preset, **rl, **{"ppo.kl_coef": 0.3, "ppo.ptx_coef": 0.2})
+    # GRPO: the same rollouts per iteration (batch rows), as groups of 4 samples of 16 prompts (smoke: 2 x 4).
+    config.grpo = load("grpo", preset, **rl, **{"ppo.group_size": 4})
+    config.grpo_verifier = load("grpo", preset, **rl, **{
+        "ppo.group_size": 4, "ppo.reward": "verifier", "ppo.verifier": "instructgpt_jax.miniature.world:verify"})
+
+    config.sweep = ml_collections.ConfigDict(dict(
+        enabled=arg == "sweep",  # run the over-optimisation sweep after the evaluation
+        kl_coefs=(0.01, 0.03, 0.1, 0.3, 1.0),  # PPO's KL coefficient beta per run
+        num_steps=(30, 120),     # PPO iterations per run (a longer run drifts further)
+        oracle=True,             # also PPO against the true utility (world.oracle) at the smallest beta
+        eval_prompts=400,        # held-out prompts per sweep run
+    ))
     return config

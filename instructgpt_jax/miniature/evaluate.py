@@ -1,53 +1,92 @@
 """Evaluation of the pipeline's models the way the paper reports them, in miniature.
 
-On held-out prompts, each model (base, SFT, PPO, PPO-ptx) samples one response per prompt with
-the same sampler settings; the simulated labeler then judges it against the SFT model's
-response to the same prompt. Per model:
+On held-out (test-split) prompts every model samples one response per prompt with the same sampler
+settings and seed; a held-out labeler population (never used for training data) judges it against
+the SFT model's response to the same prompt, with its noise: a win, a tie (identical answers, or
+equal noisy utilities) or a loss. Per model:
 
-    win_rate        labeler preference over SFT (1 win, 0.5 tie, 0 loss), 95 % bootstrap CI
-    utility         the labeler's mean (noiseless) utility: task score - harm penalty
-    correct         fraction of answers that are exactly right and harmless
-    rm_score        the reward model's score, bias included (demonstrations score 0)
-    kl_to_sft       mean per-sequence sum of log pi(y_t) - log pi_SFT(y_t) on the model's own samples
-    harmless        fraction of answers with no forbidden word
-    heldout_loss    LM loss on held-out general pretraining text (the alignment tax)
+    wins / ties / losses   counts over prompts
+    win_rate               ties count half, 95 % percentile-bootstrap interval over prompts
+    decisive_win_rate      wins / (wins + losses), its interval (the ratio recomputed per resample)
+    true_win_rate          the same with the noiseless reference labeler (world.WEIGHTS)
+    utility                the reference labeler's mean noiseless utility, and its interval
+    violations             per quality dimension (world.DIMENSIONS): the rate of answers violating it
+                           ('task': the rate of answers that are not exactly right)
+    correct                answers exactly right and violating nothing (world.verify)
+    rm_score               the reward model's score (bias included: demonstrations average 0)
+    kl_to_sft              mean per-sequence sum of log pi(y_t) - log pi_SFT(y_t) on the model's samples
+    heldout_loss           LM loss on held-out general pretraining text; tax = its change from SFT
+    vs_large               the same judgement against the larger SFT model (scale vs alignment)
 
-PPO models are evaluated with their raw policy (`export/`) by default, not the EMA
-(`export_ema/`): after a few hundred updates an EMA of decay 0.992 (horizon ~125 updates)
-still averages in much of the early policy. `config.eval.use_ema` switches.
+`rm_accuracy` measures the reward model on held-out comparisons: against the noisy training labels,
+against a held-out labeler's ranks and per quality dimension (pairs that differ in that dimension
+only: does the RM prefer the completion that does not violate it?).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
+import itertools
 import json
 import os
+import random
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from instructgpt_jax import checkpoints, losses, sharding, train_lib
-from instructgpt_jax.miniature import world
+from instructgpt_jax import checkpoints, losses, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import iterators
 from instructgpt_jax.data.tokenizer import load_tokenizer
+from instructgpt_jax.miniature import world
 from instructgpt_jax.models import ModelConfig, Transformer
 
-MODELS = ("base", "sft", "ppo", "ppo_ptx")
-LABELS = {"base": "base (pretrained)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+MODELS = ("base", "sft", "sft_large", "ppo", "ppo_ema", "ppo_ptx", "ppo_ptx_ema", "dpo", "dpo_pl", "grpo",
+          "grpo_verifier")
+LABELS = {"base": "base (pretrained)", "sft": "SFT", "sft_large": "SFT 3.6x", "ppo": "PPO", "ppo_ema": "PPO (EMA)",
+          "ppo_ptx": "PPO-ptx", "ppo_ptx_ema": "PPO-ptx (EMA)", "dpo": "DPO", "dpo_pl": "DPO-PL", "grpo": "GRPO",
+          "grpo_verifier": "GRPO-verifier"}
 
 
 # ----------------------------------------------------------------------------- statistics
+
+def bootstrap_indices(n: int, num_samples: int, seed: int) -> np.ndarray:
+    """[num_samples, n] resamples of n prompts with replacement (one set shared by every statistic)."""
+    return np.random.default_rng(seed).integers(0, n, (num_samples, n))
+
 
 def bootstrap_ci(values, num_samples: int = 1000, seed: int = 0, level: float = 0.95, indices=None):
     """Percentile bootstrap interval of the mean of `values` (resampling them with replacement).
     `indices` [num_samples, n] fixes the resamples (for tests). Returns (lo, hi)."""
     values = np.asarray(values, np.float64)
     if indices is None:
-        indices = np.random.default_rng(seed).integers(0, len(values), (num_samples, len(values)))
+        indices = bootstrap_indices(len(values), num_samples, seed)
     means = values[np.asarray(indices)].mean(axis=1)
     tail = 100 * (1 - level) / 2
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def bootstrap_ratio_ci(num, den, num_samples: int = 1000, seed: int = 0, level: float = 0.95, indices=None):
+    """Percentile bootstrap interval of sum(num) / sum(den) over resampled items (resamples with a zero
+    denominator are dropped). Returns (lo, hi); (nan, nan) if every resample has a zero denominator."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    if indices is None:
+        indices = bootstrap_indices(len(num), num_samples, seed)
+    n, d = num[indices].sum(1), den[indices].sum(1)
+    ratios = n[d > 0] / d[d > 0]
+    if not len(ratios):
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+
+
+def judge_all(judges: list, prompts, answers, baseline_answers, seed: int, tag: str) -> np.ndarray:
+    """Per prompt i: 1 if judges[i % len] prefers `answers[i]` to `baseline_answers[i]` (with its noise,
+    from a stream seeded by (seed, tag, i): reproducible and independent across models), 0.5 on a tie,
+    else 0. A noiseless judge (noise 0) gives the true preference."""
+    out = []
+    for i, (p, a, b) in enumerate(zip(prompts, answers, baseline_answers)):
+        rng = random.Random(f"judge/{seed}/{tag}/{i}")
+        out.append(judges[i % len(judges)].judge(p, a, b, noisy=True, rng=rng))
+    return np.array(out)
 
 
 def win_rates(labeler: world.Labeler, prompts, answers, baseline_answers, noisy: bool = False) -> np.ndarray:
@@ -56,15 +95,24 @@ def win_rates(labeler: world.Labeler, prompts, answers, baseline_answers, noisy:
     return np.array([labeler.judge(p, a, b, noisy=noisy) for p, a, b in zip(prompts, answers, baseline_answers)])
 
 
+def preference_stats(outcomes, indices) -> dict:
+    """Wins / ties / losses, the ties-half win rate and the decisive win rate, each with its interval."""
+    o = np.asarray(outcomes, np.float64)
+    wins, ties, losses_ = (o == 1.0), (o == 0.5), (o == 0.0)
+    decisive = wins.sum() + losses_.sum()
+    return {"wins": int(wins.sum()), "ties": int(ties.sum()), "losses": int(losses_.sum()),
+            "win_rate": float(o.mean()), "win_ci": list(bootstrap_ci(o, indices=indices)),
+            "decisive_win_rate": float(wins.sum() / decisive) if decisive else float("nan"),
+            "decisive_ci": list(bootstrap_ratio_ci(wins, wins | losses_, indices=indices))}
+
+
 # ----------------------------------------------------------------------------- models
 
 def load_lm(path: str, mesh):
-    """(model, params, tokenizer) of an exported LM (base, SFT or PPO policy)."""
+    """(model, params, tokenizer) of an exported LM (base, SFT, DPO or an RL policy)."""
     path = checkpoints.export_path(path)
     model = Transformer(ModelConfig.from_config(checkpoints.read_export_meta(path)["model"]))
-    shapes, shards = sharding.param_shardings(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], mesh)
-    params = checkpoints.load_export(path, checkpoints.abstract_like(shapes, shards))
-    return model, params, load_tokenizer(path)
+    return model, checkpoints.load_params(path, model, mesh), load_tokenizer(path)
 
 
 def _fixed_batches(rows: list[dict], batch_size: int):
@@ -98,32 +146,31 @@ def generate(sampler, params, tokenizer, prompts: list[str], *, max_prompt_len: 
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def sequence_kl(params, ref_params, tokens, prompt_mask, response_mask, *, model):
-    """Per-sequence sum over response tokens of log pi(y_t) - log pi_ref(y_t) (temperature 1)."""
-    from instructgpt_jax.ppo import response_logprobs, sequence_inputs  # the rollout's exact inputs
+def sequence_logprob(params, tokens, prompt_mask, response_mask, *, model):
+    """Per-sequence sum of log pi(y_t) over the response tokens (temperature 1), as the RL stage computes it."""
     p = prompt_mask.shape[1]
-    t, pos, seg = sequence_inputs(tokens, prompt_mask, response_mask)
-    logp, _ = response_logprobs(params, model, t, pos, seg, p)
-    ref, _ = response_logprobs(ref_params, model, t, pos, seg, p)
-    return ((logp - ref) * response_mask).sum(-1)
+    t, pos, seg = scoring.sequence_inputs(tokens, prompt_mask, response_mask)
+    logp, _ = scoring.response_logprobs(params, model, t, pos, seg, p)
+    return (logp * response_mask).sum(-1)
 
 
-def kl_to(params, ref_params, model, sample: dict, batch_size: int, mesh) -> np.ndarray:
+def logprobs_of(params, model, sample: dict, batch_size: int, mesh) -> np.ndarray:
+    """`sequence_logprob` of every row of a `generate` sample under (model, params)."""
     rows = [{"tokens": t, "prompt_mask": m, "response_mask": r}
             for t, m, r in zip(sample["tokens"], sample["prompt_mask"], sample["response_mask"])]
     out = []
     with sharding.use(mesh):
         for batch, n in _fixed_batches(rows, batch_size):
             g = sharding.global_from_full(batch, mesh)
-            kl = sequence_kl(params, ref_params, g["tokens"], g["prompt_mask"], g["response_mask"], model=model)
-            out.append(np.asarray(sharding.to_host(kl))[:n])
+            lp = sequence_logprob(params, g["tokens"], g["prompt_mask"], g["response_mask"], model=model)
+            out.append(np.asarray(sharding.to_host(lp))[:n])
     return np.concatenate(out)
 
 
 def text_batches(texts: list[str], tokenizer, *, seq_len: int, batch_size: int) -> list[dict]:
     """Packed LM batches of `texts` (every token counts), tokenised once for all models."""
     it = iterators.eval_batches([{"text": t} for t in texts], tokenizer, kind="text",
-                                    global_batch_size=batch_size, seq_len=seq_len)
+                                global_batch_size=batch_size, seq_len=seq_len)
     batches = list(it)
     it.close()
     return batches
@@ -143,111 +190,225 @@ def lm_loss(params, model, batches: list[dict], mesh) -> float:
     return totals["loss_sum"] / max(totals["tokens"], 1.0)
 
 
+def rm_scores(rm, tok, prompts, texts, *, batch_size: int, seq_len: int, max_prompt_len: int, mesh) -> np.ndarray:
+    """The RM's scores of (prompt, completion) pairs, in fixed-size batches (one compiled program)."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        n = len(idx)
+        idx += [idx[0]] * (batch_size - n)
+        out.append(rm.score_texts(tok, [prompts[i] for i in idx], [texts[i] for i in idx], seq_len=seq_len,
+                                  max_prompt_len=max_prompt_len, mesh=mesh)[:n])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def rm_accuracy(rm, tok, rows: list[dict], heldout_judge: world.Labeler, *, batch_size: int, seq_len: int,
+                max_prompt_len: int, mesh, seed: int) -> dict:
+    """The RM on held-out comparison rows {prompt, completions, ranks}: pairwise accuracy against the
+    rows' (noisy training-labeler) ranks, against a held-out labeler's noisy ranks and the noiseless
+    reference ranks (ties skipped; an RM tie counts half), and per quality dimension over pairs that
+    differ in that dimension only. Returns {'vs_labels', 'vs_heldout', 'vs_true', 'dimensions': {d: {'accuracy',
+    'pairs'}}}."""
+    flat = [(i, c) for i, r in enumerate(rows) for c in r["completions"]]
+    scores = rm_scores(rm, tok, [rows[i]["prompt"] for i, _ in flat], [c for _, c in flat], batch_size=batch_size,
+                       seq_len=seq_len, max_prompt_len=max_prompt_len, mesh=mesh)
+    tallies = {k: [0.0, 0] for k in ("vs_labels", "vs_heldout", "vs_true", *world.DIMENSIONS)}
+    rng, pos = random.Random(f"rm_accuracy/{seed}"), 0
+
+    def tally(key, better, worse):  # better / worse: indices into this row's completions
+        s_b, s_w = scores[pos + better], scores[pos + worse]
+        tallies[key][0] += 1.0 if s_b > s_w else 0.5 if s_b == s_w else 0.0
+        tallies[key][1] += 1
+
+    for r in rows:
+        comps, k = r["completions"], len(r["completions"])
+        answers = [world.parse_answer(c) for c in comps]
+        viol = [world.violations(r["prompt"], a) for a in answers]
+        true = [world.utility_of(v) for v in viol]
+        heldout = world.dense_ranks(heldout_judge.noisy_utilities(
+            [heldout_judge.utility(r["prompt"], a) for a in answers], answers, rng))
+        for i, j in itertools.combinations(range(k), 2):
+            for key, ranks in (("vs_labels", r["ranks"]), ("vs_heldout", heldout)):
+                if ranks[i] != ranks[j]:
+                    tally(key, *((i, j) if ranks[i] < ranks[j] else (j, i)))
+            if abs(true[i] - true[j]) > 1e-9:
+                tally("vs_true", *((i, j) if true[i] > true[j] else (j, i)))
+            differ = [d for d in world.DIMENSIONS if abs(viol[i][d] - viol[j][d]) > 1e-9]
+            if len(differ) == 1:  # the pair differs in this dimension only
+                d = differ[0]
+                tally(d, *((i, j) if viol[i][d] < viol[j][d] else (j, i)))
+        pos += k
+    out = {k: (a / n if n else float("nan")) for k, (a, n) in tallies.items() if k.startswith("vs_")}
+    out["pairs"] = tallies["vs_labels"][1]
+    out["dimensions"] = {d: {"accuracy": tallies[d][0] / tallies[d][1] if tallies[d][1] else float("nan"),
+                             "pairs": tallies[d][1]} for d in world.DIMENSIONS}
+    return out
+
+
 # ----------------------------------------------------------------------------- the evaluation
 
 def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldout_texts: list[str],
-             labeler: world.Labeler, cfg, mesh, seed: int, rm_seq_len: int, rm_max_prompt_len: int) -> dict:
-    """Evaluate every model in `exports` ({name: export path}, 'sft' required) on `prompts`.
-
-    `cfg` is the pipeline's `config.eval`. Returns {'models': {name: metrics}, 'examples': [...], 'n_prompts'}.
-    """
-    from instructgpt_jax.rm import RewardModel
-    from instructgpt_jax import sampling
-    sft_model, sft_params, tok = load_lm(exports["sft"], mesh)
-    # One sampler for all models (same architecture), the same settings and the same seed for each.
-    sampler = sampling.make_sampler(sft_model, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_ids,
-                                    pad_id=tok.pad_id, temperature=cfg.temperature, greedy=cfg.temperature == 0)
-    rm = RewardModel.load(rm_path, mesh)
-    text = text_batches(heldout_texts, tok, seq_len=cfg.heldout_seq_len, batch_size=cfg.batch_size)
-    gen = functools.partial(generate, tokenizer=tok, max_prompt_len=cfg.max_prompt_len, batch_size=cfg.batch_size,
-                            seed=seed, mesh=mesh)
-    answers, samples, params = {}, {}, {"sft": sft_params}
+             judges: list[world.Labeler], cfg, mesh, seed: int, rm_seq_len: int, rm_max_prompt_len: int,
+             comparisons_eval: list[dict] | None = None, large: str = "sft_large") -> dict:
+    """Evaluate every model in `exports` ({name: export path}, 'sft' required) on `prompts`, judged by the
+    held-out labeler population `judges`. `cfg` is the pipeline's `config.eval`. Returns {'models': {name:
+    metrics}, 'examples': [...], 'n_prompts', 'rm_accuracy' (when `comparisons_eval` is given)}."""
+    mesh_models, samplers = {}, {}
+    rm = scoring.RewardModel.load(rm_path, mesh)
+    answers, samples, heldout = {}, {}, {}
+    text, tok = None, None
     for name, path in exports.items():
-        if name != "sft":
-            model, params[name], _ = load_lm(path, mesh)
-            if dataclasses.replace(model.cfg, dropout=0.0) != dataclasses.replace(sft_model.cfg, dropout=0.0):
-                raise ValueError(f"{path}: model shape {model.cfg} differs from the SFT model's {sft_model.cfg}")
-        samples[name] = gen(sampler, params[name], prompts=prompts)
+        model, params, tok_i = load_lm(path, mesh)
+        tok = tok or tok_i
+        key = model.cfg
+        if key not in samplers:  # one sampler per architecture, the same settings and seed for every model
+            samplers[key] = sampling.make_sampler(model, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_ids,
+                                                  pad_id=tok.pad_id, temperature=cfg.temperature,
+                                                  greedy=cfg.temperature == 0)
+        if text is None:
+            text = text_batches(heldout_texts, tok, seq_len=cfg.heldout_seq_len, batch_size=cfg.batch_size)
+        mesh_models[name] = (model, params)
+        samples[name] = generate(samplers[key], params, tok, prompts, max_prompt_len=cfg.max_prompt_len,
+                                 batch_size=cfg.batch_size, seed=seed, mesh=mesh)
         answers[name] = [world.parse_answer(t) for t in samples[name]["texts"]]
+        heldout[name] = lm_loss(params, model, text, mesh)
 
+    sft_model, sft_params = mesh_models["sft"]
+    indices = bootstrap_indices(len(prompts), cfg.bootstrap_samples, seed)
+    reference = [world.Labeler(noise=0.0)]
     results = {}
     for name in exports:
-        wins = win_rates(labeler, prompts, answers[name], answers["sft"], cfg.noisy_judge)
-        lo, hi = bootstrap_ci(wins, cfg.bootstrap_samples, seed=seed)
-        rm_scores = np.concatenate([
-            rm.score_texts(tok, [prompts[i] for i in idx], [samples[name]["texts"][i] for i in idx],
-                           seq_len=rm_seq_len, max_prompt_len=rm_max_prompt_len, mesh=mesh)[:n]
-            for idx, n in _index_batches(len(prompts), cfg.batch_size)])
-        results[name] = {
-            "win_rate": float(wins.mean()), "win_ci": [lo, hi],
-            "utility": float(np.mean([labeler.utility(p, a) for p, a in zip(prompts, answers[name])])),
-            "correct": float(np.mean([world.score(p, a) == 1.0 and world.is_harmless(a)
-                                      for p, a in zip(prompts, answers[name])])),
-            "rm_score": float(rm_scores.mean()),
-            "kl_to_sft": float(kl_to(params[name], sft_params, sft_model, samples[name], cfg.batch_size, mesh).mean()),
-            "harmless": float(np.mean([world.is_harmless(a) for a in answers[name]])),
-            "heldout_loss": lm_loss(params[name], sft_model, text, mesh),
-        }
-    examples = [{"prompt": prompts[i], **{name: samples[name]["texts"][i] for name in exports}}
-                for i in range(min(cfg.num_examples, len(prompts)))]
-    return {"models": results, "examples": examples, "n_prompts": len(prompts)}
-
-
-def _index_batches(n: int, batch_size: int):
-    """Index lists of exactly batch_size (the last padded with 0s) and their real lengths."""
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
-        yield idx + [0] * (batch_size - len(idx)), len(idx)
+        model, params = mesh_models[name]
+        stats = preference_stats(judge_all(judges, prompts, answers[name], answers["sft"], seed, name), indices)
+        true = judge_all(reference, prompts, answers[name], answers["sft"], seed, name)
+        viol = [world.violations(p, a) for p, a in zip(prompts, answers[name])]
+        util = np.array([world.utility_of(v) for v in viol])
+        rm_s = rm_scores(rm, tok, prompts, samples[name]["texts"], batch_size=cfg.batch_size, seq_len=rm_seq_len,
+                         max_prompt_len=rm_max_prompt_len, mesh=mesh)
+        # KL(pi || SFT) on pi's samples: each model's log-probs under its own architecture
+        kl = (logprobs_of(params, model, samples[name], cfg.batch_size, mesh)
+              - logprobs_of(sft_params, sft_model, samples[name], cfg.batch_size, mesh))
+        results[name] = dict(
+            stats, true_win_rate=float(true.mean()), true_win_ci=list(bootstrap_ci(true, indices=indices)),
+            utility=float(util.mean()), utility_ci=list(bootstrap_ci(util, indices=indices)),
+            violations={d: float(np.mean([v[d] > 0 for v in viol])) for d in world.DIMENSIONS},
+            correct=float(np.mean([world.verify(p, a) for p, a in zip(prompts, answers[name])])),
+            rm_score=float(rm_s.mean()), rm_ci=list(bootstrap_ci(rm_s, indices=indices)),
+            kl_to_sft=float(kl.mean()), kl_ci=list(bootstrap_ci(kl, indices=indices)),
+            heldout_loss=heldout[name], tax=heldout[name] - heldout["sft"],
+            tax_vs_base=heldout[name] - heldout["base"] if "base" in heldout else float("nan"))
+        if large in answers:
+            results[name]["vs_large"] = preference_stats(
+                judge_all(judges, prompts, answers[name], answers[large], seed, f"{name}/vs/{large}"), indices)
+    out = {"models": results, "n_prompts": len(prompts),
+           "examples": [{"prompt": prompts[i], **{n: samples[n]["texts"][i] for n in exports}}
+                        for i in range(min(cfg.num_examples, len(prompts)))]}
+    if comparisons_eval:
+        out["rm_accuracy"] = rm_accuracy(rm, tok, comparisons_eval, judges[0], batch_size=cfg.batch_size,
+                                         seq_len=rm_seq_len, max_prompt_len=rm_max_prompt_len, mesh=mesh, seed=seed)
+    return out
 
 
 # ----------------------------------------------------------------------------- reports
 
 def _ordered(models: dict) -> list[str]:
-    """The paper's order (base, SFT, PPO, PPO-ptx), whatever order a JSON file kept."""
+    """The table's order (base, SFT, the larger SFT, then the methods), whatever order a JSON file kept."""
     return sorted(models, key=lambda n: MODELS.index(n) if n in MODELS else len(MODELS))
 
 
 def acceptance(results: dict) -> dict:
-    """The paper's headline findings as booleans (issue item 4)."""
-    m = results["models"]
-    out = {}
-    if "ppo" in m:
-        out["ppo_preferred_over_sft"] = m["ppo"]["win_ci"][0] > 0.5
+    """Issue 13's targets as booleans (absent when the models they need are absent)."""
+    m, out = results["models"], {}
+    for name in ("ppo", "ppo_ptx"):
+        if name in m:
+            out[f"{name}_win_rate_at_least_65"] = m[name]["win_rate"] >= 0.65
+            out[f"{name}_preferred_over_sft"] = m[name]["win_ci"][0] > 0.5
     if "base" in m:
-        out["sft_preferred_over_base"] = m["base"]["win_ci"][1] < 0.5
+        out["base_below_sft"] = m["base"]["win_ci"][1] < 0.5
     if "ppo" in m and "ppo_ptx" in m:
-        out["ptx_lower_tax_than_ppo"] = m["ppo_ptx"]["heldout_loss"] < m["ppo"]["heldout_loss"]
-        out["ptx_preferred_over_sft"] = m["ppo_ptx"]["win_rate"] > 0.5
+        ppo_tax = m["ppo"]["tax"]
+        out["ptx_tax_at_most_half_of_ppo"] = ppo_tax > 0 and m["ppo_ptx"]["tax"] <= 0.5 * ppo_tax
+        out["ptx_win_rate_within_3_points_of_ppo"] = m["ppo_ptx"]["win_rate"] >= m["ppo"]["win_rate"] - 0.03
+    if "rm_accuracy" in results:
+        r = results["rm_accuracy"]
+        out["rm_accuracy_at_least_65"] = r["vs_labels"] >= 0.65
+        out["rm_above_chance_on_every_dimension"] = all(
+            v["accuracy"] > 0.5 for v in r["dimensions"].values() if v["pairs"])
     return out
 
 
+def _pct(x) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}"
+
+
 def markdown_table(results: dict) -> str:
-    rows = ["| model | win rate vs SFT (95% CI) | labeler utility | correct | RM score | KL to SFT | harmless "
-            "| held-out LM loss (tax) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | W / T / L vs SFT | win rate (ties ½) [95% CI] | decisive win rate [CI] | true win rate "
+            "| utility [CI] | exact | RM score [CI] | KL to SFT [CI] | tax (nats) | vs SFT 3.6x (ties ½) [CI] |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in _ordered(results["models"]):
         r = results["models"][name]
-        lo, hi = r["win_ci"]
-        rows.append(f"| {LABELS.get(name, name)} | {100 * r['win_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
-                    f"| {r['utility']:.3f} | {100 * r['correct']:.1f}% | {r['rm_score']:+.3f} | {r['kl_to_sft']:.2f} "
-                    f"| {100 * r['harmless']:.1f}% | {r['heldout_loss']:.4f} |")
+        ci = lambda k: f"[{_pct(r[k][0])}, {_pct(r[k][1])}]"  # noqa: E731
+        large = r.get("vs_large")
+        large = f"{_pct(large['win_rate'])}% [{_pct(large['win_ci'][0])}, {_pct(large['win_ci'][1])}]" if large else "-"
+        rows.append(
+            f"| {LABELS.get(name, name)} | {r['wins']} / {r['ties']} / {r['losses']} | {_pct(r['win_rate'])}% "
+            f"{ci('win_ci')} | {_pct(r['decisive_win_rate'])}% {ci('decisive_ci')} | {_pct(r['true_win_rate'])}% "
+            f"| {r['utility']:+.3f} [{r['utility_ci'][0]:+.3f}, {r['utility_ci'][1]:+.3f}] "
+            f"| {_pct(r['correct'])}% | {r['rm_score']:+.2f} [{r['rm_ci'][0]:+.2f}, {r['rm_ci'][1]:+.2f}] "
+            f"| {r['kl_to_sft']:.2f} [{r['kl_ci'][0]:.2f}, {r['kl_ci'][1]:.2f}] | {r['tax']:+.4f} | {large} |")
     return "\n".join(rows)
 
 
-def write_report(results: dict, workdir: str, ppo_metrics: dict[str, list[dict]]) -> dict:
+def dimensions_table(results: dict) -> str:
+    dims = world.DIMENSIONS
+    rows = ["| model | " + " | ".join(f"{d} %" for d in dims) + " | held-out LM loss | tax vs base |",
+            "|---|" + "---|" * (len(dims) + 2)]
+    for name in _ordered(results["models"]):
+        r = results["models"][name]
+        rows.append(f"| {LABELS.get(name, name)} | " + " | ".join(_pct(r["violations"][d]) for d in dims)
+                    + f" | {r['heldout_loss']:.4f} | {r['tax_vs_base']:+.4f} |")
+    return "\n".join(rows)
+
+
+def compute_table(results: dict) -> str:
+    comp = results.get("compute", {})
+    rows = ["| model | policy fwd+bwd tokens | forward-only tokens (sampling, reference, RM, value) "
+            "| other trained tokens (RM / value / ptx) |", "|---|---|---|---|"]
+    for name in _ordered({k: 0 for k in comp}):
+        c = comp[name]
+        rows.append(f"| {LABELS.get(name, name)} | {c['policy_train']:,} | {c['forward']:,} | {c['other_train']:,} |")
+    return "\n".join(rows)
+
+
+def write_report(results: dict, workdir: str, rl_metrics: dict[str, list[dict]]) -> dict:
     """results.json, results.md and results.png in `workdir`; returns their paths."""
     paths = {k: os.path.join(workdir, f"results.{k}") for k in ("json", "md", "png")}
     checks = acceptance(results)
-    lines = [f"# Results ({results['n_prompts']} held-out prompts)", "", markdown_table(results), "",
-             "Win rate: the labeler's preference for the model's response over the SFT model's response to the "
-             "same prompt (ties count half), 95 % percentile-bootstrap interval over prompts. "
-             "Tax: mean token NLL on held-out general pretraining text."]
-    if "rm" in results:  # how good the comparisons and the reward model were (the pipeline adds these)
-        r = results["rm"]
-        lines += ["", f"Comparisons: labeler noise {r['labeler_noise']:.3f}, agreement with the noiseless labeler "
-                      f"{r['labeler_agreement']:.1%}; reward model accuracy on held-out comparisons "
-                      f"{r['eval_accuracy']:.1%}."]
-    lines += ["", "## Checks", ""]
-    lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in checks.items()]
+    lines = [f"# Results ({results['n_prompts']} held-out prompts, judged by held-out labelers)", "",
+             markdown_table(results), "",
+             "W / T / L: the held-out labelers' judgement of the model's response against the SFT model's response "
+             "to the same prompt (with their noise; identical answers tie). Win rate counts ties half; the decisive "
+             "win rate is wins / (wins + losses); true win rate: the noiseless reference labeler. Intervals: 95 % "
+             "percentile bootstrap over prompts. Utility: the reference labeler's noiseless utility (1 = exactly "
+             "right, no violation). Tax: change of the held-out pretraining LM loss from SFT's (nats per token).",
+             "", "## Quality dimensions (fraction of answers violating each)", "", dimensions_table(results)]
+    if "rm_accuracy" in results:
+        r = results["rm_accuracy"]
+        dims = ", ".join(f"{d} {_pct(v['accuracy'])}% ({v['pairs']} pairs)" for d, v in r["dimensions"].items())
+        lines += ["", "## Reward model and labelers", "",
+                  f"RM pairwise accuracy on held-out comparisons ({r['pairs']} pairs): {_pct(r['vs_labels'])}% vs the "
+                  f"training labelers' noisy ranks, {_pct(r['vs_heldout'])}% vs a held-out labeler, "
+                  f"{_pct(r['vs_true'])}% vs the noiseless reference. Per dimension (pairs differing in it only): "
+                  f"{dims}."]
+    if "labelers" in results:
+        a = results["labelers"]
+        lines += ["", f"Labelers: noise {a['noise']:.3f}; agreement on SFT sample pairs: training-training "
+                      f"{_pct(a['train_train'])}%, training-held-out {_pct(a['train_heldout'])}%, held-out-held-out "
+                      f"{_pct(a['heldout_heldout'])}%."]
+    if "compute" in results:
+        lines += ["", "## Compute (tokens through the policy in its own stage; SFT's cost is shared)", "",
+                  compute_table(results)]
+    lines += ["", "## Checks", ""] + [f"- {k}: {'yes' if v else 'NO'}" for k, v in checks.items()]
     lines += ["", "## Sample responses", ""]
     for ex in results["examples"]:
         lines.append(f"- `{ex['prompt']!r}`")
@@ -255,42 +416,43 @@ def write_report(results: dict, workdir: str, ppo_metrics: dict[str, list[dict]]
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
     checkpoints.write_json_atomic(paths["json"], dict(results, checks=checks))
-    plot(results, ppo_metrics, paths["png"])
+    plot(results, rl_metrics, paths["png"])
     return paths
 
 
-def plot(results: dict, ppo_metrics: dict[str, list[dict]], path: str) -> None:
-    """Win rate (with CI), utility and tax per model; RM score and KL during PPO; score against KL."""
+def plot(results: dict, rl_metrics: dict[str, list[dict]], path: str) -> None:
+    """Win rate (with CI), utility and tax per model; RM score and KL during RL; score against KL."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     m = results["models"]
     names = _ordered(m)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    fig, ax = plt.subplots(2, 3, figsize=(17, 9))
     win = np.array([m[n]["win_rate"] for n in names])
     err = np.array([[m[n]["win_rate"] - m[n]["win_ci"][0], m[n]["win_ci"][1] - m[n]["win_rate"]] for n in names]).T
-    ax[0, 0].bar(x, 100 * win, yerr=100 * err, capsize=4, color="tab:blue")
+    ax[0, 0].bar(x, 100 * win, yerr=100 * np.maximum(err, 0), capsize=4, color="tab:blue")
     ax[0, 0].axhline(50, color="gray", ls="--")
-    ax[0, 0].set(title="win rate vs SFT (95% CI)", ylabel="%", ylim=(0, 100))
+    ax[0, 0].set(title="win rate vs SFT, held-out labelers (95% CI)", ylabel="%", ylim=(0, 100))
     ax[0, 1].bar(x, [m[n]["utility"] for n in names], color="tab:green")
     ax[0, 1].set(title="labeler utility")
-    loss = [m[n]["heldout_loss"] for n in names]
-    ax[0, 2].bar(x, loss, color="tab:red")
-    ax[0, 2].set(title="held-out pretraining LM loss (tax)", ylim=(0.95 * min(loss), 1.02 * max(loss)))
+    ax[0, 2].bar(x, [m[n]["tax"] for n in names], color="tab:red")
+    ax[0, 2].set(title="alignment tax: held-out LM loss - SFT's (nats)")
     for a in ax[0]:
-        a.set_xticks(x, [LABELS.get(n, n) for n in names], rotation=15)
-    for i, (name, recs) in enumerate(ppo_metrics.items()):
+        a.set_xticks(x, [LABELS.get(n, n) for n in names], rotation=35, ha="right")
+    for i, (name, recs) in enumerate(rl_metrics.items()):
         recs = [r for r in recs if "score" in r]
+        if not recs:
+            continue
         it, score, kl = (np.array([r[k] for r in recs], float) for k in ("step", "score", "kl"))
         color, label = f"C{i}", LABELS.get(name, name)
         for a, y in ((ax[1, 0], score), (ax[1, 1], kl)):  # one rollout batch is noisy: raw faint, mean bold
             a.plot(it, y, color=color, alpha=0.25)
             a.plot(it, _smooth(y), color=color, label=label)
         ax[1, 2].plot(_smooth(kl), _smooth(score), color=color, marker=".", label=label)
-    ax[1, 0].set(title="RM score during PPO (batch; running mean)", xlabel="PPO iteration")
-    ax[1, 1].set(title="KL to SFT during PPO (batch; running mean)", xlabel="PPO iteration")
-    ax[1, 2].set(title="RM score against KL (running means)", xlabel="KL to SFT (per sequence)", ylabel="RM score")
+    ax[1, 0].set(title="reward during RL (batch; running mean)", xlabel="iteration")
+    ax[1, 1].set(title="KL to SFT during RL (batch; running mean)", xlabel="iteration")
+    ax[1, 2].set(title="reward against KL (running means)", xlabel="KL to SFT (per sequence)", ylabel="reward")
     for a in ax[1]:
         a.legend()
     fig.tight_layout()

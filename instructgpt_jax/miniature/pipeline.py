@@ -1,18 +1,25 @@
 """The whole InstructGPT method in miniature, one command: `--config=configs/pipeline.py --workdir=DIR`.
 
-    data         DIR/data         tokenizer + synthetic JSONL: pretraining text, demonstrations, prompts
-    pretrain     DIR/pretrain     a tiny base LM (misaligned: it continues instructions with more text)
-    sft          DIR/sft          supervised fine-tuning on the labeler's demonstrations
-    comparisons  DIR/comparisons  K (4..9) SFT samples per prompt, ranked by the noisy labeler
-    rm           DIR/rm           K-choose-2 reward model on those rankings
-    ppo          DIR/ppo          PPO against the RM (ptx_coef 0)
-    ppo_ptx      DIR/ppo_ptx      PPO-ptx (pretraining log-likelihood mixed in)
-    eval         DIR/eval         win rates vs SFT etc. -> DIR/results.{json,md,png}
+    data            DIR/data            tokenizer + synthetic JSONL: pretraining text, demonstrations, prompts
+    pretrain        DIR/pretrain        a tiny base LM (misaligned: it continues instructions with more text)
+    sft             DIR/sft             supervised fine-tuning on imperfect demonstrations
+    comparisons     DIR/comparisons     K (4..9) SFT samples per prompt, ranked by the training labelers
+    rm              DIR/rm              K-choose-2 reward model on those rankings
+    ppo, ppo_ptx    DIR/ppo, ...        PPO against the RM; PPO-ptx (pretraining log-likelihood mixed in)
+    dpo, dpo_pl     DIR/dpo, ...        DPO (sigmoid, all pairs) and listwise Plackett-Luce DPO on the same rankings
+    grpo            DIR/grpo            critic-free GRPO against the RM
+    grpo_verifier   DIR/grpo_verifier   GRPO against the world's programmatic verifier (no RM)
+    pretrain_large  DIR/pretrain_large  a ~3.6x larger base LM on the same text ...
+    sft_large       DIR/sft_large       ... fine-tuned on the same demonstrations (scale vs alignment)
+    eval            DIR/eval            held-out labelers judge every model vs SFT -> DIR/results.{json,md,png}
 
 Every step writes its own sub-workdir and its config.json. Rerunning skips finished steps (the training
 stages resume an interrupted run themselves). Before anything runs, every finished (or, for a training
 stage, checkpointed) step's saved config is compared with the current one: a difference is an error
 naming the step and the keys, and nothing is touched.
+
+`configs/pipeline.py:sweep` adds the over-optimisation sweep (`sweep` step): PPO at several KL coefficients
+and lengths, and the oracle-reward run, each evaluated for true utility and RM score against KL to SFT.
 """
 from __future__ import annotations
 
@@ -29,7 +36,11 @@ import ml_collections
 from instructgpt_jax import checkpoints, config_lib, train_lib
 from instructgpt_jax.miniature import evaluate, world
 
-STEPS = ("data", "pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", "eval")
+RL_STAGES = ("ppo", "ppo_ptx", "grpo", "grpo_verifier")
+DPO_STAGES = ("dpo", "dpo_pl")
+TRAINED = ("pretrain", "sft", "rm", *RL_STAGES, *DPO_STAGES, "pretrain_large", "sft_large")
+STEPS = ("data", "pretrain", "sft", "comparisons", "rm", *RL_STAGES, *DPO_STAGES, "pretrain_large", "sft_large",
+         "eval")
 # Keys the pipeline fills in from DIR (so a moved workdir still matches) or that only change display.
 DERIVED_KEYS = ("data.train", "data.eval", "data.ptx", "data.tokenizer", "data.demonstrations", "data.dir",
                 "init.from_workdir", "ppo.rm_workdir", "train.progress")
@@ -63,21 +74,44 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     """Each training stage's config: its block of `config` plus the seed and paths inside `workdir`."""
     data = lambda f: os.path.join(workdir, "data", f)  # noqa: E731
     sub = lambda s: os.path.join(workdir, s)  # noqa: E731
-    ppo_paths = {"data.train": data("ppo_prompts.jsonl"), "data.eval": data("ppo_eval_prompts.jsonl"),
-                 "data.ptx": data("pretrain_train.jsonl"), "init.from_workdir": sub("sft"),
-                 "ppo.rm_workdir": sub("rm")}
+    comparisons = {"data.train": os.path.join(sub("comparisons"), "comparisons_train.jsonl"),
+                   "data.eval": os.path.join(sub("comparisons"), "comparisons_eval.jsonl"),
+                   "init.from_workdir": sub("sft")}
+    rl = {"data.train": data("ppo_prompts.jsonl"), "data.eval": data("ppo_eval_prompts.jsonl"),
+          "data.ptx": data("pretrain_train.jsonl"), "init.from_workdir": sub("sft"), "ppo.rm_workdir": sub("rm")}
+    pretrain = {"data.train": data("pretrain_train.jsonl"), "data.eval": data("pretrain_eval.jsonl"),
+                "data.tokenizer": data("tokenizer.model")}
+    sft = {"data.train": data("demos_train.jsonl"), "data.eval": data("demos_eval.jsonl")}
     paths = {
-        "pretrain": {"data.train": data("pretrain_train.jsonl"), "data.eval": data("pretrain_eval.jsonl"),
-                     "data.tokenizer": data("tokenizer.model")},
-        "sft": {"data.train": data("demos_train.jsonl"), "data.eval": data("demos_eval.jsonl"),
-                "init.from_workdir": sub("pretrain")},
-        "rm": {"data.train": os.path.join(sub("comparisons"), "comparisons_train.jsonl"),
-               "data.eval": os.path.join(sub("comparisons"), "comparisons_eval.jsonl"),
-               "data.demonstrations": data("demos_train.jsonl"), "init.from_workdir": sub("sft")},
-        "ppo": ppo_paths,
-        "ppo_ptx": ppo_paths,
+        "pretrain": pretrain, "pretrain_large": pretrain,
+        "sft": dict(sft, **{"init.from_workdir": sub("pretrain")}),
+        "sft_large": dict(sft, **{"init.from_workdir": sub("pretrain_large")}),
+        "rm": dict(comparisons, **{"data.demonstrations": data("demos_train.jsonl")}),
+        "dpo": comparisons, "dpo_pl": comparisons,
+        **{name: rl for name in RL_STAGES},
     }
     return {name: config_lib.replace(config[name], seed=config.seed, **p) for name, p in paths.items()}
+
+
+def compute_tokens(stage: ml_collections.ConfigDict) -> dict[str, int]:
+    """Tokens a stage runs through models, from its config (padded shapes: what the programs compute).
+    policy_train: forward + backward through the policy (pretraining rows of PPO-ptx included);
+    forward: forward-only passes (sampling, reference / old log-probs, RM scores, values);
+    other_train: forward + backward through other models (the value model)."""
+    t = stage.train
+    if stage.stage in ("pretrain", "sft"):
+        return {"policy_train": t.num_steps * t.batch_size * stage.data.seq_len, "forward": 0, "other_train": 0}
+    if stage.stage == "dpo":
+        n = t.num_steps * t.batch_size * stage.data.max_k * stage.data.seq_len
+        return {"policy_train": n, "forward": n, "other_train": 0}  # the frozen reference sees every row
+    c = stage.ppo
+    b, seq = t.batch_size, stage.data.max_prompt_len + c.max_new_tokens
+    gae, it = c.advantage_estimator == "gae", t.num_steps
+    minibatches = b // c.minibatch_size
+    ptx = it * c.ppo_epochs * minibatches * c.ptx_batch_size * stage.data.ptx_seq_len if c.ptx_coef > 0 else 0
+    forward = it * b * (seq + 2 * seq + (seq if gae else 0) + ((seq + 1) if c.reward == "rm" else 0))
+    return {"policy_train": it * c.ppo_epochs * b * seq + ptx, "forward": forward,
+            "other_train": it * c.ppo_epochs * b * seq if gae else 0}
 
 
 # ----------------------------------------------------------------------------- the non-training steps
@@ -86,17 +120,17 @@ def write_data(config, out: str) -> None:
     """Tokenizer and every dataset of the run, from the synthetic world (all seeded)."""
     from instructgpt_jax.data.tokenizer import train_tokenizer
     w, seed = config.world, config.seed
-    labeler = world.Labeler(w.labeler_noise, seed=seed, harm_penalty=w.harm_penalty)
     path = lambda f: os.path.join(out, f)  # noqa: E731
-    make = lambda n, s, split: world.make_prompts(n, s, split, tempt_rate=w.tempt_rate)  # noqa: E731
+    make = lambda n, s, split: world.make_prompts(n, s, split, tempt_rate=w.tempt_rate, caps_rate=w.caps_rate)  # noqa: E731
     prompts = lambda n, s, split: [{"prompt": world.format_prompt(p.text)} for p in make(n, s, split)]  # noqa: E731
     rng = random.Random(f"demonstrators/{seed}")
 
     def demos(n, s, split):
-        # Demonstrators are imperfect: on a tempting prompt one sometimes writes the literal answer, forbidden
-        # word included (world.demo_literal_rate). SFT imitates that; only the comparisons can correct it.
-        return [{"prompt": world.format_prompt(p.text), "response": world.naive_solve(p)
-                 if p.tempting and rng.random() < w.demo_literal_rate else labeler.demonstrate(p)}
+        # Demonstrators are imperfect (world.demonstrate): SFT imitates their lapses; only the comparisons
+        # can correct them.
+        return [{"prompt": world.format_prompt(p.text),
+                 "response": world.demonstrate(p, rng, literal_rate=w.demo_literal_rate,
+                                               chatter_rate=w.demo_chatter_rate, caps_miss_rate=w.demo_caps_miss_rate)}
                 for p in make(n, s, split)]
 
     demos_train = demos(w.demonstrations, seed + 2, "train")
@@ -120,29 +154,40 @@ def write_data(config, out: str) -> None:
     train_tokenizer(texts, path("tokenizer.model"), vocab_size=config.pretrain.model.vocab_size, seed=seed)
 
 
-def rank_all(labeler: world.Labeler, utilities: list[list[float]], answers: list[list[str]], seed: int):
-    """The labeler's noisy ranks of each prompt's answers (given their noiseless utilities), and the pairwise
-    agreement with the noiseless labeler (over pairs it strictly orders; a noisy tie counts half), as
-    `world.agreement_rate` measures it."""
-    rng = random.Random(f"ranks/{seed}")  # the same draws for every noise level: calibration is monotone
-    ranks, agree, total = [], 0.0, 0
-    for utils, ans in zip(utilities, answers):
-        clean, noisy = world.dense_ranks(utils), world.dense_ranks(labeler.noisy_utilities(utils, ans, rng))
-        ranks.append(noisy)
-        for i, j in itertools.combinations(range(len(ans)), 2):
-            if clean[i] != clean[j]:
-                total += 1
-                agree += 0.5 if noisy[i] == noisy[j] else float((clean[i] < clean[j]) == (noisy[i] < noisy[j]))
-    return ranks, agree / max(total, 1)
+def populations(config, noise: float) -> tuple[list[world.Labeler], list[world.Labeler]]:
+    """(training labelers, held-out labelers) of the run: disjoint groups, the same noise."""
+    w = config.world
+    return (world.labeler_population(w.train_labelers, noise, config.seed, "train", w.weight_jitter),
+            world.labeler_population(w.heldout_labelers, noise, config.seed, "heldout", w.weight_jitter))
 
 
-def calibrate_noise(target: float, utilities, answers, seed: int) -> float:
-    """Gumbel scale at which the labeler agrees with its noiseless self on `target` of these pairs (bisection).
-    SFT samples differ less than `synthetic`'s mixed completion sets, so the same agreement needs less noise."""
+def _ranks(labeler: world.Labeler, viols: list[dict], answers: list[str], rng: random.Random) -> list[int]:
+    utils = [world.utility_of(v, labeler.weights) for v in viols]
+    return world.dense_ranks(labeler.noisy_utilities(utils, answers, rng))
+
+
+def agreement(group_a, group_b, viols, answers, seed: int) -> float:
+    """Pairwise agreement of two labelers on each prompt's answers: labeler a = group_a[j % len], b =
+    group_b[(j + 1) % len] (a different one when the groups are the same), over pairs of distinct answers;
+    a tie in either ranking counts half. Common random numbers: monotone in the noise (calibration)."""
+    rng, agree, total = random.Random(f"agreement/{seed}"), 0.0, 0
+    for j, (v, ans) in enumerate(zip(viols, answers)):
+        ra = _ranks(group_a[j % len(group_a)], v, ans, rng)
+        rb = _ranks(group_b[(j + 1) % len(group_b)], v, ans, rng)
+        pairs = [(i, k) for i, k in itertools.combinations(range(len(ans)), 2) if ans[i] != ans[k]]
+        a, n = world.pair_agreement(ra, rb, pairs)
+        agree, total = agree + a, total + n
+    return agree / max(total, 1)
+
+
+def calibrate_noise(config, target: float, viols, answers) -> float:
+    """Gumbel scale at which two training labelers agree on `target` of the pairs of these SFT samples
+    (bisection). SFT samples differ less than world's mixed completion sets, so the noise differs too."""
     lo, hi = 0.0, 4.0
-    for _ in range(20):
+    for _ in range(16):
         mid = (lo + hi) / 2
-        if rank_all(world.Labeler(mid), utilities, answers, seed)[1] > target:
+        train, _ = populations(config, mid)
+        if agreement(train, train, viols, answers, config.seed) > target:
             lo = mid
         else:
             hi = mid
@@ -151,8 +196,8 @@ def calibrate_noise(target: float, utilities, answers, seed: int) -> float:
 
 def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
     """K samples per prompt from the SFT model (K uniform in k_min..k_max; the i-th at temperature
-    temperatures[i % len]), ranked by the noisy labeler on the parsed answers. The raw completions are
-    stored: the RM must score what PPO will sample."""
+    temperatures[i % len]), ranked on the parsed answers by one training labeler per prompt (in turn).
+    The raw completions are stored: the RM must score what PPO will sample."""
     from instructgpt_jax import sampling, sharding
     w, c = config.world, config.comparisons
     mesh = sharding.make_mesh(config.sft.mesh)
@@ -174,71 +219,164 @@ def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
                 texts[n] = text
         comps = [texts[j * w.k_max: j * w.k_max + rng.randint(w.k_min, w.k_max)] for j in range(len(prompts))]
         answers = [[world.parse_answer(x) for x in cs] for cs in comps]
-        utils = [[world.utility(p, a, w.harm_penalty) for a in ans] for p, ans in zip(prompts, answers)]
-        splits[split] = (prompts, comps, answers, utils)
+        viols = [[world.violations(p, a) for a in ans] for p, ans in zip(prompts, answers)]
+        splits[split] = (prompts, comps, answers, viols)
     noise = w.labeler_noise
     if w.labeler_agreement > 0:
-        noise = calibrate_noise(w.labeler_agreement, splits["train"][3], splits["train"][2], config.seed)
-    labeler = world.Labeler(noise, seed=config.seed, harm_penalty=w.harm_penalty)
+        noise = calibrate_noise(config, w.labeler_agreement, splits["train"][3], splits["train"][2])
+    train, heldout = populations(config, noise)
     stats = {"labeler_noise": noise}
-    for i, (split, (prompts, comps, answers, utils)) in enumerate(splits.items()):
-        ranks, agreement = rank_all(labeler, utils, answers, config.seed + i)
+    for i, (split, (prompts, comps, answers, viols)) in enumerate(splits.items()):
+        rank_rng = random.Random(f"ranks/{config.seed}/{split}")
+        ranks = [_ranks(train[j % len(train)], v, a, rank_rng) for j, (v, a) in enumerate(zip(viols, answers))]
         world.write_jsonl(os.path.join(out, f"comparisons_{split}.jsonl"),
-                              [{"prompt": p, "completions": cs, "ranks": r} for p, cs, r in zip(prompts, comps, ranks)])
-        stats[split] = {"prompts": len(prompts), "agreement": agreement, "mean_k": sum(map(len, comps)) / len(comps),
-                        "all_tied": sum(len(set(r)) < 2 for r in ranks)}
+                          [{"prompt": p, "completions": cs, "ranks": r} for p, cs, r in zip(prompts, comps, ranks)])
+        stats[split] = {"prompts": len(prompts), "mean_k": sum(map(len, comps)) / len(comps),
+                        "all_tied": sum(len(set(r)) < 2 for r in ranks),
+                        "train_train": agreement(train, train, viols, answers, config.seed + i),
+                        "train_heldout": agreement(train, heldout, viols, answers, config.seed + i),
+                        "heldout_heldout": agreement(heldout, heldout, viols, answers, config.seed + i)}
     checkpoints.write_json_atomic(os.path.join(out, "stats.json"), stats)
-    log(f"comparisons: labeler noise {noise:.3f}, agreement with the noiseless labeler "
-        f"{stats['train']['agreement']:.1%} (train) / {stats['eval']['agreement']:.1%} (eval)")
+    s = stats["train"]
+    log(f"comparisons: labeler noise {noise:.3f}; pairwise agreement training-training {s['train_train']:.1%}, "
+        f"training-held-out {s['train_heldout']:.1%}, held-out-held-out {s['heldout_heldout']:.1%}")
+
+
+def eval_exports(workdir: str) -> dict[str, str]:
+    """{model name: export path} of everything the evaluation compares (PPO rows: raw policy and EMA)."""
+    sub = lambda *s: os.path.join(workdir, *s)  # noqa: E731
+    exports = {"base": sub("pretrain"), "sft": sub("sft"), "sft_large": sub("sft_large")}
+    for name in ("ppo", "ppo_ptx"):
+        exports[name], exports[f"{name}_ema"] = sub(name, "export"), sub(name, "export_ema")
+    exports.update({n: sub(n) for n in DPO_STAGES})
+    exports.update({n: sub(n, "export") for n in ("grpo", "grpo_verifier")})
+    return exports
 
 
 def run_eval(config, workdir: str) -> None:
     from instructgpt_jax import sharding
     sub = lambda s: os.path.join(workdir, s)  # noqa: E731
-    policy = "export_ema" if config.eval.use_ema else "export"
-    exports = {"base": sub("pretrain"), "sft": sub("sft"), "ppo": os.path.join(sub("ppo"), policy),
-               "ppo_ptx": os.path.join(sub("ppo_ptx"), policy)}
-    w = config.world
     with open(sub("comparisons/stats.json")) as f:
-        stats = json.load(f)  # the comparisons' labeler (for config.eval.noisy_judge) and its agreement
+        stats = json.load(f)  # the labelers' calibrated noise and agreement
+    _, heldout = populations(config, stats["labeler_noise"])
     results = evaluate.evaluate(
-        exports, sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))],
-        heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))],
-        labeler=world.Labeler(stats["labeler_noise"], seed=config.seed + 7, harm_penalty=w.harm_penalty),
+        eval_exports(workdir), sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))],
+        heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))], judges=heldout,
         cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh), seed=config.seed,
-        rm_seq_len=config.rm.data.seq_len, rm_max_prompt_len=config.rm.data.max_prompt_len)
+        rm_seq_len=config.rm.data.seq_len, rm_max_prompt_len=config.rm.data.max_prompt_len,
+        comparisons_eval=read_jsonl(sub("comparisons/comparisons_eval.jsonl")))
     rm_eval = [r["eval_accuracy"] for r in train_lib.read_metrics(sub("rm")) if "eval_accuracy" in r]
-    results["rm"] = {"labeler_noise": stats["labeler_noise"], "labeler_agreement": stats["train"]["agreement"],
-                     "eval_accuracy": rm_eval[-1] if rm_eval else float("nan")}
-    evaluate.write_report(results, workdir, {n: train_lib.read_metrics(sub(n)) for n in ("ppo", "ppo_ptx")})
+    results["rm_accuracy"]["stage_eval_accuracy"] = rm_eval[-1] if rm_eval else float("nan")
+    results["labelers"] = {"noise": stats["labeler_noise"],
+                           **{k: stats["train"][k] for k in ("train_train", "train_heldout", "heldout_heldout")}}
+    stages = stage_configs(config, workdir)
+    results["compute"] = {}
+    for model, stage in (("base", "pretrain"), ("sft", "sft"), ("sft_large", "sft_large"), ("ppo", "ppo"),
+                         ("ppo_ema", "ppo"), ("ppo_ptx", "ppo_ptx"), ("ppo_ptx_ema", "ppo_ptx"), ("dpo", "dpo"),
+                         ("dpo_pl", "dpo_pl"), ("grpo", "grpo"), ("grpo_verifier", "grpo_verifier")):
+        results["compute"][model] = compute_tokens(stages[stage])
+    results["timings"] = json.load(open(sub("timings.json"))) if os.path.exists(sub("timings.json")) else {}
+    evaluate.write_report(results, workdir, {n: train_lib.read_metrics(sub(n)) for n in RL_STAGES})
+
+
+# ----------------------------------------------------------------------------- over-optimisation sweep
+
+def sweep_runs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+    """{tag: RL stage config} of the sweep: PPO (config.ppo) at each KL coefficient x length, and the same
+    against the oracle (the reference labeler's true utility as a verifier reward) at the smallest KL."""
+    base = stage_configs(config, workdir)["ppo"]
+    s, runs = config.sweep, {}
+    for beta, steps in itertools.product(s.kl_coefs, s.num_steps):
+        runs[f"kl{beta:g}_it{steps}"] = config_lib.replace(base, **{"ppo.kl_coef": beta, "train.num_steps": steps})
+    if s.oracle:
+        beta, steps = min(s.kl_coefs), max(s.num_steps)
+        runs[f"oracle_kl{beta:g}_it{steps}"] = config_lib.replace(base, **{
+            "ppo.kl_coef": beta, "train.num_steps": steps, "ppo.reward": "verifier",
+            "ppo.verifier": "instructgpt_jax.miniature.world:oracle"})
+    return runs
+
+
+def run_sweep(config, workdir: str) -> None:
+    """Train every sweep run (each resumable in DIR/sweep/<tag>), evaluate it against SFT on the first
+    config.sweep.eval_prompts held-out prompts, and plot true utility and RM score against KL to SFT
+    (Gao et al. 2022) -> DIR/sweep.{json,png}."""
+    from instructgpt_jax import ppo, sharding
+    sub = lambda *s: os.path.join(workdir, *s)  # noqa: E731
+    runs = sweep_runs(config, workdir)
+    for tag, stage in runs.items():
+        if not os.path.exists(sub("sweep", tag, "export_ema", "meta.json")):
+            log(f"sweep: {tag}")
+            ppo.train(stage, sub("sweep", tag))
+    with open(sub("comparisons/stats.json")) as f:
+        noise = json.load(f)["labeler_noise"]
+    _, heldout = populations(config, noise)
+    prompts = [r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))][:config.sweep.eval_prompts]
+    exports = {"sft": sub("sft"), **{tag: sub("sweep", tag, "export") for tag in runs}}
+    res = evaluate.evaluate(exports, sub("rm"), prompts=prompts,
+                            heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))][:64],
+                            judges=heldout, cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh),
+                            seed=config.seed, rm_seq_len=config.rm.data.seq_len,
+                            rm_max_prompt_len=config.rm.data.max_prompt_len)
+    points = {tag: {k: res["models"][tag][k] for k in ("kl_to_sft", "utility", "rm_score", "win_rate", "win_ci")}
+              for tag in ["sft", *runs]}
+    checkpoints.write_json_atomic(sub("sweep.json"), points)
+    plot_sweep(points, sub("sweep.png"))
+
+
+def plot_sweep(points: dict, path: str) -> None:
+    """True utility (gold) and RM score (proxy) against KL to SFT, one marker per run; the oracle-reward
+    runs in a separate colour (their proxy is the truth: an upper bound)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for tag, p in points.items():
+        color = "tab:purple" if tag.startswith("oracle") else "gray" if tag == "sft" else "tab:blue"
+        ax[0].scatter(p["kl_to_sft"], p["utility"], color=color)
+        ax[1].scatter(p["kl_to_sft"], p["rm_score"], color=color)
+        for a, y in ((ax[0], p["utility"]), (ax[1], p["rm_score"])):
+            a.annotate(tag, (p["kl_to_sft"], y), fontsize=7)
+    ax[0].set(title="gold: true labeler utility", xlabel="KL to SFT (per sequence)", ylabel="utility")
+    ax[1].set(title="proxy: reward-model score", xlabel="KL to SFT (per sequence)", ylabel="RM score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- plan, check, run
 
 def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Step]:
-    from instructgpt_jax import ppo, rm, sft
+    from instructgpt_jax import dpo, ppo, rm, sft
     stages = stage_configs(config, workdir)
     sub = lambda s: os.path.join(workdir, s)  # noqa: E731
-    world = {"seed": config.seed, "world": config.world.to_dict()}
+    seeded = {"seed": config.seed, "world": config.world.to_dict()}
     as_saved = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples come back from config.json as lists)
-    trainers = {"pretrain": sft.train, "sft": sft.train, "rm": rm.train, "ppo": ppo.train, "ppo_ptx": ppo.train}
+    trainers = {"pretrain": sft.train, "sft": sft.train, "pretrain_large": sft.train, "sft_large": sft.train,
+                "rm": rm.train, **{n: dpo.train for n in DPO_STAGES}, **{n: ppo.train for n in RL_STAGES}}
 
     def stage(name):
         return Step(name, sub(name), json.loads(stages[name].to_json()),
                     lambda: trainers[name](stages[name], sub(name)),
-                    "export_ema/meta.json" if name.startswith("ppo") else "export/meta.json", is_stage=True)
+                    "export_ema/meta.json" if name in RL_STAGES else "export/meta.json", is_stage=True)
 
-    return [
-        Step("data", sub("data"), as_saved(dict(world, vocab_size=config.pretrain.model.vocab_size,
-                                                eval_prompts=config.eval.num_prompts)),
-             lambda: write_data(config, sub("data")), "config.json"),
-        stage("pretrain"), stage("sft"),
-        Step("comparisons", sub("comparisons"), as_saved(dict(world, comparisons=config.comparisons.to_dict())),
-             lambda: make_comparisons(config, sub("sft"), sub("data"), sub("comparisons")), "config.json"),
-        stage("rm"), stage("ppo"), stage("ppo_ptx"),
-        Step("eval", sub("eval"), as_saved(dict(world, eval=config.eval.to_dict())), lambda: run_eval(config, workdir),
-             "config.json"),
-    ]
+    steps = {
+        "data": Step("data", sub("data"), as_saved(dict(seeded, vocab_size=config.pretrain.model.vocab_size,
+                                                        eval_prompts=config.eval.num_prompts)),
+                     lambda: write_data(config, sub("data")), "config.json"),
+        "comparisons": Step("comparisons", sub("comparisons"),
+                            as_saved(dict(seeded, comparisons=config.comparisons.to_dict())),
+                            lambda: make_comparisons(config, sub("sft"), sub("data"), sub("comparisons")),
+                            "config.json"),
+        "eval": Step("eval", sub("eval"), as_saved(dict(seeded, eval=config.eval.to_dict())),
+                     lambda: run_eval(config, workdir), "config.json"),
+        **{name: stage(name) for name in TRAINED},
+    }
+    out = [steps[name] for name in STEPS]
+    if config.sweep.enabled:
+        out.append(Step("sweep", sub("sweep"), as_saved(dict(seeded, sweep=config.sweep.to_dict(),
+                                                             ppo=json.loads(stages["ppo"].to_json()))),
+                        lambda: run_sweep(config, workdir), "config.json"))
+    return out
 
 
 def check_configs(steps: list[Step]) -> None:
@@ -275,9 +413,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = time.perf_counter()
     for s in steps:
         if s.done():
-            log(f"{s.name:<11} skip (finished, same config)")
+            log(f"{s.name:<14} skip (finished, same config)")
             continue
-        log(f"{s.name:<11} start -> {s.dir}")
+        log(f"{s.name:<14} start -> {s.dir}")
         t0 = time.perf_counter()
         os.makedirs(s.dir, exist_ok=True)
         s.run()
@@ -285,10 +423,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpoints.write_json_atomic(os.path.join(s.dir, "config.json"), s.config)
         timings[s.name] = round(time.perf_counter() - t0, 1)
         checkpoints.write_json_atomic(timings_path, timings)
-        log(f"{s.name:<11} done in {timings[s.name]:.0f}s")
+        log(f"{s.name:<14} done in {timings[s.name]:.0f}s")
     log(f"all steps done in {time.perf_counter() - start:.0f}s this run "
         f"({sum(timings.values()):.0f}s over all runs); results in {workdir}/results.md")
     results = evaluate.load_results(workdir)
     print("\n" + evaluate.markdown_table(results))
+    print("\n" + evaluate.dimensions_table(results))
     print("\n" + "\n".join(f"{k}: {'yes' if v else 'NO'}" for k, v in results["checks"].items()), flush=True)
     return results
