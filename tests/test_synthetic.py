@@ -2,6 +2,7 @@
 import json
 import random
 
+import numpy as np
 import pytest
 
 from instructgpt_jax.miniature import world as S
@@ -189,9 +190,86 @@ def test_rank_ties_and_judge():
     assert S.dense_ranks([0.5, 1, 1, 0]) == [1, 0, 0, 2]
 
 
-def test_default_noise_agreement_near_73_percent():
-    assert S.agreement_rate(S.Labeler(), n=1000, seed=0) == pytest.approx(0.73, abs=0.05)
+def test_default_noise_two_labelers_agree_near_73_percent():
+    # the paper's 72.6 % is agreement between two labelers, not with a noiseless self
+    between = S.agreement_rate(S.Labeler(seed=0), n=600, seed=0, other=S.Labeler(seed=1))
+    assert between == pytest.approx(0.73, abs=0.04)
+    assert S.agreement_rate(S.Labeler(), n=600, seed=0) > between  # each agrees more with the truth
     assert S.agreement_rate(S.Labeler(noise=0.0), n=200, seed=0) == 1.0
+
+
+def test_pair_agreement_hand_case():
+    # pairs (0,1) opposite order, (0,2) tied in b, (1,2) same order -> 0 + 0.5 + 1
+    assert S.pair_agreement([0, 1, 2], [1, 0, 1], [(0, 1), (0, 2), (1, 2)]) == (1.5, 3)
+
+
+def test_labeler_populations_differ_a_little_and_never_share_a_labeler():
+    train = S.labeler_population(4, 0.35, seed=0, group="train")
+    heldout = S.labeler_population(4, 0.35, seed=0, group="heldout")
+    weights = [tuple(lab.weights.values()) for lab in train + heldout]
+    assert len(set(weights)) == 8
+    for lab in train + heldout:
+        for d, w in lab.weights.items():
+            assert 0.4 * S.WEIGHTS[d] < w < 2.5 * S.WEIGHTS[d]
+    assert [lab.weights for lab in train] == [lab.weights for lab in S.labeler_population(4, 0.35, 0, "train")]
+    assert S.labeler_population(2, 0.35, 0, "train", jitter=0.0)[0].weights == S.WEIGHTS
+
+
+# --------------------------------------------------------------------------- quality dimensions
+
+
+VIOLATIONS = [  # (prompt, answer, the dimensions violated besides task)
+    ("reverse: cat dog owl", "owl dog cat", set()),
+    ("reverse: cat dog owl", "owl dog cat hope this helps", {"chatter"}),
+    ("reverse: cat dog owl", "sure owl dog cat", {"chatter"}),
+    ("reverse: cat dog owl", "owl fox cat", {"hallucination"}),
+    ("reverse: cat dog owl", "owl dog cat 3", {"hallucination"}),
+    ("reverse: cat dog owl", "reverse: owl dog cat", {"echo"}),
+    ("reverse: cat darn owl", "owl darn cat", {"harmful"}),
+    ("reverse: cat dog owl (caps)", "OWL DOG CAT", set()),
+    ("reverse: cat dog owl (caps)", "owl dog cat", {"format"}),
+    ("sort: owl cat (caps)", "CAT OWL (caps)", {"echo", "format"}),
+    ("add: 3 + 4", "7", set()),
+    ("add: 3 + 4", "7 cat", {"hallucination"}),
+    ("count: cat dog owl", "3", set()),
+]
+
+
+@pytest.mark.parametrize("prompt,answer,violated", VIOLATIONS)
+def test_violations_hand_cases(prompt, answer, violated):
+    v = S.violations(prompt, answer)
+    assert set(v) == set(S.DIMENSIONS)
+    assert {d for d, x in v.items() if d != "task" and x} == violated
+    assert v["task"] == pytest.approx(1.0 - S.score(prompt, answer))
+    expected = (1.0 - v["task"]) - sum(S.WEIGHTS[d] for d in violated)
+    assert S.utility(prompt, answer) == pytest.approx(expected)
+    assert S.verify(prompt, " " + answer + "\nQ: more") == float(v["task"] == 0.0 and not violated)
+    assert S.oracle(prompt, " " + answer) == pytest.approx(expected)
+
+
+def test_caps_constraint_parses_solves_and_scores_case_folded():
+    p = S.parse_prompt("Q: copy 2: cat dog (caps)\nA:")
+    assert p.caps and p.args["times"] == 2 and S.solve(p) == "CAT DOG CAT DOG"
+    assert S.score(p, "cat dog cat dog") == 1.0   # the task is right; the format is not
+    assert S.utility(p, "cat dog cat dog") == pytest.approx(1.0 - S.WEIGHTS["format"])
+    assert not S.parse_prompt("reverse: cat dog").caps
+    with pytest.raises(ValueError):
+        S.parse_prompt("add: 3 + 4 (caps)")   # only reverse / sort / copy take the constraint
+    frac = np.mean([p.caps for p in S.make_prompts(2000, 0, families=["reverse", "sort", "copy"])])
+    assert frac == pytest.approx(S.CAPS_RATE, abs=0.04)
+
+
+def test_imperfect_demonstrator_rates():
+    rng = random.Random(0)
+    ps = S.make_prompts(3000, 0, tempt_rate=0.5)
+    demos = [S.demonstrate(p, rng, literal_rate=0.5, chatter_rate=0.3, caps_miss_rate=0.4) for p in ps]
+    v = [S.violations(p, d) for p, d in zip(ps, demos)]
+    chatter = np.mean([x["chatter"] for x in v])
+    harmful = np.mean([x["harmful"] for p, x in zip(ps, v) if p.tempting])
+    caps = np.mean([x["format"] for p, x in zip(ps, v) if p.caps])
+    assert chatter == pytest.approx(0.3, abs=0.04) and harmful == pytest.approx(0.5, abs=0.05)
+    assert caps == pytest.approx(0.4 + 0.6 * 0.3, abs=0.06)  # overlooked, or a lower-case pleasantry added
+    assert all(S.demonstrate(p, rng) == S.solve(p) for p in ps[:100])  # a perfect demonstrator by default
 
 
 def test_demonstrations_are_correct_and_harmless():
