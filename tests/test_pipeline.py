@@ -1,23 +1,21 @@
 """The one-command pipeline on configs/pipeline.py:smoke: plumbing and result files (not the science),
-skipping on rerun, the changed-config error, and the evaluation statistics."""
-import importlib.util
+skipping on rerun, the changed-config error, the compute accounting and the evaluation statistics."""
 import json
 import os
 
 import numpy as np
 import pytest
 
+from instructgpt_jax import config_lib
 from instructgpt_jax.miniature import evaluate, pipeline, world as synthetic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = {"win_rate", "win_ci", "utility", "correct", "rm_score", "kl_to_sft", "harmless", "heldout_loss"}
+METRICS = {"wins", "ties", "losses", "win_rate", "win_ci", "decisive_win_rate", "decisive_ci", "true_win_rate",
+           "true_win_ci", "utility", "utility_ci", "violations", "correct", "rm_score", "rm_ci", "kl_to_sft", "kl_ci",
+           "heldout_loss", "tax", "tax_vs_base", "vs_large"}
 
 
 def pipeline_config(arg="smoke"):
-    spec = importlib.util.spec_from_file_location("_pipeline_config", os.path.join(ROOT, "configs", "pipeline.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load("pipeline", arg)
 
 
 def smoke_workdir(tmp_path_factory) -> str:
@@ -40,26 +38,58 @@ def test_default_and_smoke_configs_share_the_code_path():
     default, smoke_cfg = pipeline_config("default"), pipeline_config("smoke")
     assert default.stage == smoke_cfg.stage == "pipeline"
     assert default.to_dict().keys() == smoke_cfg.to_dict().keys()
-    assert [default[s].stage for s in ("pretrain", "sft", "rm", "ppo", "ppo_ptx")] == [
-        "pretrain", "sft", "rm", "ppo", "ppo"]
+    assert [default[s].stage for s in pipeline.TRAINED] == [
+        "pretrain", "sft", "rm", "ppo", "ppo", "ppo", "ppo", "dpo", "dpo", "pretrain", "sft"]
     assert default.ppo.ppo.ptx_coef == 0 < default.ppo_ptx.ppo.ptx_coef
+    assert (default.dpo.dpo.loss_type, default.dpo_pl.dpo.loss_type) == ("sigmoid", "plackett_luce")
+    assert default.grpo.ppo.advantage_estimator == "grpo" and default.grpo_verifier.ppo.reward == "verifier"
+    # the larger SFT model: about 4x the parameters of the tiny one (embeddings included)
+    count = lambda m: m.num_layers * (4 * m.d_model ** 2 + 2 * m.d_model * m.mlp_dim) + (  # noqa: E731
+        m.vocab_size + m.max_len) * m.d_model
+    assert 3.0 < count(default.sft_large.model) / count(default.sft.model) < 4.5
+    assert default.sft.optim.lr < default.pretrain.optim.lr / 5  # SFT must not wash out pretraining
+    assert not default.sweep.enabled and pipeline_config("sweep").sweep.enabled
     with pytest.raises(ValueError, match="smoke"):
         pipeline_config("nope")
+
+
+def test_compute_tokens_hand_counts():
+    config = pipeline_config("smoke")
+    # PPO-ptx: 2 iterations x 8 rows x (16 + 20) tokens, 1 epoch, 2 minibatches each with 4 ptx rows of 64
+    assert pipeline.compute_tokens(config.ppo_ptx) == {
+        "policy_train": 2 * 8 * 36 + 2 * 2 * 4 * 64,
+        "forward": 2 * 8 * (36 + 2 * 36 + 36 + 37),  # sampling, old + reference log-probs, values, RM (+ EOS)
+        "other_train": 2 * 8 * 36}                   # the value model
+    assert pipeline.compute_tokens(config.grpo_verifier) == {  # no value model, no RM
+        "policy_train": 2 * 8 * 36, "forward": 2 * 8 * 3 * 36, "other_train": 0}
+    assert pipeline.compute_tokens(config.dpo) == {"policy_train": 3 * 8 * 9 * 40, "forward": 3 * 8 * 9 * 40,
+                                                   "other_train": 0}
+    assert pipeline.compute_tokens(config.sft)["policy_train"] == 10 * 8 * 128
 
 
 def test_smoke_run_writes_every_stage_and_the_results(smoke):
     workdir, results = smoke
     for step in pipeline.STEPS:
         assert os.path.exists(os.path.join(workdir, step, "config.json")), step
-    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+    for stage in pipeline.TRAINED:
         assert os.path.exists(os.path.join(workdir, stage, "export", "meta.json")), stage
+    for stage in pipeline.RL_STAGES:
+        assert os.path.exists(os.path.join(workdir, stage, "export_ema", "meta.json")), stage
     assert set(results["models"]) == set(evaluate.MODELS)
+    n = results["n_prompts"]
     for name, m in results["models"].items():
         assert set(m) == METRICS, name
         assert m["win_ci"][0] <= m["win_rate"] <= m["win_ci"][1]
-    assert results["models"]["sft"]["win_rate"] == 0.5 and results["models"]["sft"]["kl_to_sft"] == 0.0
-    assert set(results["checks"]) == {"ppo_preferred_over_sft", "sft_preferred_over_base",
-                                      "ptx_lower_tax_than_ppo", "ptx_preferred_over_sft"}
+        assert m["wins"] + m["ties"] + m["losses"] == n
+        assert m["win_rate"] == pytest.approx((m["wins"] + 0.5 * m["ties"]) / n)
+        assert set(m["violations"]) == set(synthetic.DIMENSIONS)
+    sft = results["models"]["sft"]
+    assert (sft["wins"], sft["ties"], sft["tax"]) == (0, n, 0.0) and sft["kl_to_sft"] == 0.0
+    assert results["models"]["sft_large"]["vs_large"]["ties"] == n
+    assert set(results["compute"]) == set(evaluate.MODELS)
+    assert set(results["rm_accuracy"]["dimensions"]) == set(synthetic.DIMENSIONS)
+    assert {"ppo_win_rate_at_least_65", "ptx_tax_at_most_half_of_ppo", "rm_accuracy_at_least_65",
+            "base_below_sft"} <= set(results["checks"])
     assert results == json.load(open(os.path.join(workdir, "results.json")))
     md = open(os.path.join(workdir, "results.md")).read()
     assert all(f"| {label} |" in md for label in evaluate.LABELS.values())
@@ -73,8 +103,8 @@ def test_rerun_skips_every_step(smoke, capsys):
     before = snapshot(workdir)
     assert pipeline.train(pipeline_config(), workdir)["models"] == results["models"]
     out = capsys.readouterr().out
-    assert all(f"{step:<11} skip" in out for step in pipeline.STEPS), out
-    assert " start " not in out and "| PPO-ptx |" in out
+    assert all(f"{step:<14} skip" in out for step in pipeline.STEPS), out
+    assert " start " not in out and "| PPO-ptx |" in out and "| GRPO-verifier |" in out
     after = snapshot(workdir)
     changed = [p for p in after if before.get(p) != after[p] and not p.endswith(os.sep + "config.json")]
     assert not changed  # only the top-level record of the config is rewritten
@@ -108,3 +138,25 @@ def test_win_rate_counts_ties_half():
     wins = evaluate.win_rates(labeler, prompts, ours, sft)
     np.testing.assert_array_equal(wins, [1.0, 0.5, 0.0, 0.0])
     assert wins.mean() == 0.375
+
+
+def test_bootstrap_ratio_ci_hand_case():
+    # wins / decisive over resamples: [0/1, 1/2, 1/1, 0/0 dropped] -> sorted [0, .5, 1]
+    lo, hi = evaluate.bootstrap_ratio_ci([0, 1, 0], [1, 1, 0], indices=[[0, 0, 2], [0, 1, 2], [1, 2, 2], [2, 2, 2]])
+    assert lo == pytest.approx(0.025) and hi == pytest.approx(0.975)
+
+
+def test_preference_stats_counts_and_intervals():
+    out = evaluate.preference_stats([1.0, 0.5, 0.0, 1.0], indices=np.array([[0, 1, 2, 3]] * 3))
+    assert (out["wins"], out["ties"], out["losses"]) == (2, 1, 1)
+    assert out["win_rate"] == 0.625 and out["win_ci"] == [0.625, 0.625]
+    assert out["decisive_win_rate"] == pytest.approx(2 / 3) and out["decisive_ci"] == pytest.approx([2 / 3, 2 / 3])
+
+
+def test_held_out_judges_are_reproducible_noisy_and_tie_identical_answers():
+    judges = synthetic.labeler_population(3, 0.35, seed=0, group="heldout")
+    prompts = ["Q: reverse: cat dog\nA:"] * 200
+    a = evaluate.judge_all(judges, prompts, ["dog cat"] * 200, ["cat dog"] * 200, seed=0, tag="x")
+    assert np.array_equal(a, evaluate.judge_all(judges, prompts, ["dog cat"] * 200, ["cat dog"] * 200, 0, "x"))
+    assert 0.6 < a.mean() < 1.0  # the right answer usually wins, but the judges are noisy
+    assert (evaluate.judge_all(judges, prompts[:5], ["cat dog"] * 5, ["cat dog"] * 5, 0, "x") == 0.5).all()

@@ -342,7 +342,7 @@ def _pct(x) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    rows = ["| model | W / T / L vs SFT | win rate (ties ½) [95% CI] | decisive win rate [CI] | true win rate "
+    rows = ["| model | W / T / L vs SFT | win rate vs SFT (ties ½) [95% CI] | decisive win rate [CI] | true win rate "
             "| utility [CI] | exact | RM score [CI] | KL to SFT [CI] | tax (nats) | vs SFT 3.6x (ties ½) [CI] |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in _ordered(results["models"]):
