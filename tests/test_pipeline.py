@@ -160,3 +160,16 @@ def test_held_out_judges_are_reproducible_noisy_and_tie_identical_answers():
     assert np.array_equal(a, evaluate.judge_all(judges, prompts, ["dog cat"] * 200, ["cat dog"] * 200, 0, "x"))
     assert 0.6 < a.mean() < 1.0  # the right answer usually wins, but the judges are noisy
     assert (evaluate.judge_all(judges, prompts[:5], ["cat dog"] * 5, ["cat dog"] * 5, 0, "x") == 0.5).all()
+
+
+def test_sweep_runs_cover_the_grid_and_the_oracle(tmp_path):
+    config = pipeline_config("sweep")
+    runs = pipeline.sweep_runs(config, str(tmp_path))
+    grid = [(b, n) for b in config.sweep.kl_coefs for n in config.sweep.num_steps]
+    assert len(runs) == len(grid) + 1
+    assert sorted((r.ppo.kl_coef, r.train.num_steps) for t, r in runs.items() if not t.startswith("oracle")) == sorted(grid)
+    oracle = next(r for t, r in runs.items() if t.startswith("oracle"))
+    assert oracle.ppo.reward == "verifier" and oracle.ppo.verifier.endswith("world:oracle")
+    assert oracle.ppo.rm_workdir == os.path.join(str(tmp_path), "rm")  # the value model starts from the RM
+    assert [s.name for s in pipeline.plan(config, str(tmp_path))][-1] == "sweep"
+    assert "sweep" not in [s.name for s in pipeline.plan(pipeline_config(), str(tmp_path))]
