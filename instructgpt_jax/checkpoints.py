@@ -161,6 +161,16 @@ def load_params(path: str, model, mesh) -> Any:
     return load_export(path, sharding.model_abstract(model, mesh))
 
 
+def init_with_trunk(scalar_model, lm_model, mesh, rng, lm_export: Optional[str] = None) -> Any:
+    """A scalar-head model's params (reward or value model): fresh, with every trunk weight taken from
+    an LM export when given (its LM head, if untied, is dropped; the scalar head keeps its init)."""
+    params = sharding.init_model(scalar_model, rng, mesh)
+    if lm_export:
+        lm = load_params(lm_export, lm_model, mesh)
+        params = {k: lm[k] if k in lm else v for k, v in params.items()}
+    return params
+
+
 def previous_export(config) -> Optional[str]:
     """The export of the stage this one starts from (`config.init.from_workdir`), or None."""
     return export_path(config.init.from_workdir) if config.init.from_workdir else None

@@ -160,6 +160,21 @@ def update_step(state, rollout, idx, ptx, *, policy, value_model, policy_tx, val
     return new, metrics
 
 
+def init_state(reference, policy_tx, kl_coef: float, value_params=None, value_tx=None) -> dict:
+    """The RL train state: policy (+ value) params with their optimizers, the EMA accumulator (from zero,
+    see `ema_params`), the update count, the KL coefficient. Params are copied: the frozen reference and
+    RM must survive the donated updates."""
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
+    policy = copy(reference)
+    state = {"step": jnp.zeros((), jnp.int32), "updates": jnp.zeros((), jnp.int32),
+             "policy": {"params": policy, "opt_state": sharding.init_optimizer(policy_tx, policy)},
+             "ema": jax.tree.map(jnp.zeros_like, reference), "kl_beta": rl.kl_controller_init(kl_coef)}
+    if value_params is not None:
+        value = copy(value_params)
+        state["value"] = {"params": value, "opt_state": sharding.init_optimizer(value_tx, value)}
+    return state
+
+
 def ema_params(state, decay: float):
     """The bias-corrected EMA of the policy: ema / (1 − decay^updates) (the SFT weights weigh nothing)."""
     n = jnp.maximum(state["updates"], 1).astype(jnp.float32)
@@ -199,21 +214,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         rm_model, rm_params, rm_bias = rm.model, rm.params, rm.bias
     verifier = load_verifier(cfg.verifier) if cfg.reward == "verifier" else None
     policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps, updates_per_iteration)
-    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (the frozen models must survive donated updates)
-    policy_params = copy(reference)
-    state = {"step": jnp.zeros((), jnp.int32), "updates": jnp.zeros((), jnp.int32),
-             "policy": {"params": policy_params, "opt_state": sharding.init_optimizer(policy_tx, policy_params)},
-             "ema": jax.tree.map(jnp.zeros_like, reference), "kl_beta": rl.kl_controller_init(cfg.kl_coef)}
-    value_model, value_tx = None, None
+    value_model, value_params, value_tx = None, None, None
     if not critic_free:
         if rm_model is not None:
-            value_model, value_params = rm_model, copy(rm_params)
+            value_model, value_params = rm_model, rm_params
         else:  # no RM (verifier reward): the SFT trunk with a fresh scalar head
-            from instructgpt_jax import rm as rm_stage
             value_model = Transformer(policy.cfg, head="scalar")
-            value_params = rm_stage.init_params(value_model, policy, mesh, jax.random.PRNGKey(config.seed), sft)
+            value_params = checkpoints.init_with_trunk(value_model, policy, mesh, jax.random.PRNGKey(config.seed), sft)
         value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps, updates_per_iteration)
-        state["value"] = {"params": value_params, "opt_state": sharding.init_optimizer(value_tx, value_params)}
+    state = init_state(reference, policy_tx, cfg.kl_coef, value_params, value_tx)
 
     def set_data_state(saved):
         data.prompts.set_state(saved["prompts"])
@@ -250,7 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         parts = []
         for c in range(0, b, chunk):
             s = sampler(state["policy"]["params"], glob["prompt_tokens"][c:c + chunk],
-                        glob["prompt_mask"][c:c + chunk], jax.random.fold_in(rng, c))
+                        glob["prompt_mask"][c:c + chunk], rng, jnp.arange(c, c + chunk))  # chunking-invariant
             s["prompt_mask"] = glob["prompt_mask"][c:c + chunk]
             parts.append(dict(s, **forward(params, s)))
         s = {k: jnp.concatenate([x[k] for x in parts]) for k in parts[0] if k != "logits"}

@@ -36,16 +36,6 @@ def loss_fn(params, batch, rng, frozen=None, *, model):
                   "reward_mean": mean, "reward_std": jnp.sqrt(((rewards - mean) ** 2 * valid).sum() / n)}
 
 
-def init_params(rm_model, lm_model, mesh, rng, sft_export=None):
-    """Scalar-head params, with every trunk weight taken from the SFT export when given
-    (the LM head, if untied, is dropped; the scalar head starts at N(0, 1/sqrt(d+1)), bias 0)."""
-    params = sharding.init_model(rm_model, rng, mesh)
-    if sft_export:
-        sft = checkpoints.load_params(sft_export, lm_model, mesh)
-        params = {k: sft[k] if k in sft else v for k, v in params.items()}
-    return params
-
-
 def _last_reply(row: dict) -> dict:
     """A demonstration as (prompt conversation, reply): a chat row's last assistant turn is the reply."""
     messages = row.get("messages") or []
@@ -91,7 +81,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
     resuming = manager.latest_step() is not None
-    params = init_params(model, Transformer(model_cfg), mesh, rng, None if resuming else sft_export)
+    # The scalar head starts at N(0, 1/sqrt(d+1)), bias 0; the trunk from SFT.
+    params = checkpoints.init_with_trunk(model, Transformer(model_cfg), mesh, rng, None if resuming else sft_export)
     state, state_shardings = train_lib.place_and_resume(train_lib.new_state(params, tx), mesh, manager,
                                                         train_iter.set_state)
 

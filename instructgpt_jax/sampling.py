@@ -57,8 +57,17 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     return logits
 
 
+def _uniforms(rng, b: int) -> jax.Array:
+    """[B] uniforms from one key, or one from each of B per-row keys."""
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if rng.ndim == (1 if typed else 2):
+        return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(rng)
+    return jax.random.uniform(rng, (b,), jnp.float32)
+
+
 def categorical(rng, logits: jax.Array, block: int = 256) -> jax.Array:
     """One sample per row from softmax(logits) ([B, V] float32, -inf allowed) -> [B] int32.
+    `rng`: one key, or [B] keys (one per row).
 
     Inverse CDF with ONE uniform per row: `jax.random.categorical` draws B * V Gumbel variates,
     which at a 50k vocabulary on CPU costs more than the model's whole decode step. Two levels
@@ -78,7 +87,7 @@ def categorical(rng, logits: jax.Array, block: int = 256) -> jax.Array:
 
     block_mass = p.sum(-1)  # [B, nb]
     block_cum = jnp.cumsum(block_mass, axis=-1)
-    target = jax.random.uniform(rng, (b,), jnp.float32) * block_cum[:, -1]
+    target = _uniforms(rng, b) * block_cum[:, -1]
     blk = first_above(block_cum, target, block_mass)
     # Mass before the chosen block, read from the same prefix sums that chose it, so 0 <= target - before.
     before = jnp.where(blk > 0, jnp.take_along_axis(block_cum, jnp.maximum(blk - 1, 0)[:, None], -1)[:, 0], 0.0)
@@ -112,8 +121,8 @@ def _constrain_cache(cache):
     return nn.with_logical_constraint(cache, CACHE_LOGICAL_AXES)
 
 
-def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: int, eos_id, pad_id: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+def sample(params, prompt_tokens, prompt_mask, rng, row_ids=None, *, model, max_new_tokens: int, eos_id,
+           pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            return_logits: bool = False, use_cache: bool = True) -> dict:
     """Sample up to `max_new_tokens` tokens after left-padded prompts. Pure; jit it with everything after
     `rng` static (or use `make_sampler`).
@@ -122,6 +131,8 @@ def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: in
       params: the LM's params (`model` is a `Transformer` with head='lm').
       prompt_tokens: [B, P] int, left-padded. prompt_mask: [B, P], 1 on real tokens.
       rng: PRNG key (unused when greedy).
+      row_ids: optional [B] ints: row b's draws come from its own key fold_in(key, row_ids[b]), so a
+        batch sampled in chunks (with each row's index in the whole batch) gives the same tokens.
       eos_id: an EOS id, or a sequence / set of them (a row stops at the first of any); never pad_id.
       return_logits: also return 'logits' [B, N, V] float32, the raw logits each token was sampled from.
       use_cache: False recomputes the full sequence at every step instead of using the KV cache
@@ -173,7 +184,10 @@ def sample(params, prompt_tokens, prompt_mask, rng, *, model, max_new_tokens: in
 
     def body(s):
         i, done = s["i"], s["done"]
-        tok, lp = sample_token(s["logits"], jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
+        key = jax.random.fold_in(rng, i)
+        if row_ids is not None:
+            key = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+        tok, lp = sample_token(s["logits"], key, temperature=temperature, top_k=top_k,
                                top_p=top_p, greedy=greedy)
         tok = jnp.where(done, pad_id, tok)
         is_eos = jnp.any(tok[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)

@@ -1,30 +1,28 @@
 """Shared tiny runs: one SFT and one RM workdir per test session, reused by the stage tests
 (JAX compilation dominates on CPU, so every stage is trained once and inspected many times)."""
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+from instructgpt_jax import config_lib
+from instructgpt_jax.miniature.world import builtin_rows as BUILTIN  # noqa: F401  (stages' built-in data)
 
-from instructgpt_jax import config_lib  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stage_config(stage: str, **overrides):
     """configs/<stage>.py:tiny shrunk for tests (short rows, small built-in data, no progress bar)."""
-    module = __import__(stage)
-    config = module.get_config("tiny")
+    config = config_lib.load(stage, "tiny")
     small = {"train.progress": False, "data.builtin_size": 400}
     if stage in ("sft", "pretrain"):
         small.update({"data.seq_len": 64, "data.max_prompt_len": 32, "data.max_response_len": 32,
                       "train.batch_size": 8, "train.num_steps": 30, "train.log_every": 1, "train.eval_every": 0,
                       "train.checkpoint_every": 5})
-    elif stage == "rm":
+    elif stage in ("rm", "dpo"):
         small.update({"data.seq_len": 48, "data.max_prompt_len": 24, "train.batch_size": 8, "train.num_steps": 40,
                       "train.log_every": 5, "train.eval_every": 0, "train.eval_batches": 0,
-                      "rm.bias_examples": 64})
-    elif stage == "ppo":
+                      **({"rm.bias_examples": 64} if stage == "rm" else {"train.num_steps": 6})})
+    elif stage in ("ppo", "grpo"):
         small.update({"data.max_prompt_len": 24, "ppo.max_new_tokens": 16, "train.batch_size": 8,
                       "ppo.minibatch_size": 4, "train.num_steps": 2, "train.eval_every": 0, "train.eval_batches": 1,
                       "ppo.ptx_batch_size": 4, "data.ptx_seq_len": 32})
@@ -36,7 +34,7 @@ def stage_config(stage: str, **overrides):
 def sft_workdir(tmp_path_factory):
     from instructgpt_jax import sft
     workdir = str(tmp_path_factory.mktemp("sft"))
-    sft.train(stage_config("sft"), workdir)
+    sft.train(stage_config("sft"), workdir, builtin_data=BUILTIN)
     return workdir
 
 
@@ -44,5 +42,5 @@ def sft_workdir(tmp_path_factory):
 def rm_workdir(tmp_path_factory, sft_workdir):
     from instructgpt_jax import rm
     workdir = str(tmp_path_factory.mktemp("rm"))
-    rm.train(stage_config("rm", **{"init.from_workdir": sft_workdir}), workdir)
+    rm.train(stage_config("rm", **{"init.from_workdir": sft_workdir}), workdir, builtin_data=BUILTIN)
     return workdir

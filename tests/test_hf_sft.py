@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import stage_config
+from conftest import BUILTIN, stage_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,7 +26,7 @@ def test_sft_from_hf_llama_and_back(tmp_path):
 
     workdir = str(tmp_path / "sft")
     config = stage_config("sft", **{"init.hf_path": str(hf_dir), "train.num_steps": 3, "model.preset": "tiny"})
-    sft.train(config, workdir)
+    sft.train(config, workdir, builtin_data=BUILTIN)
     meta = checkpoints.read_export_meta(workdir)
     assert meta["model"]["arch"] == "llama" and meta["model"]["num_kv_heads"] == 2
     assert np.isfinite(train_lib.read_metrics(workdir)[-1]["loss"])
@@ -52,4 +52,5 @@ def test_gpt2_without_sentencepiece_is_a_clear_error(tmp_path):
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
     with pytest.raises(ValueError, match="config.data.tokenizer"):
-        sft.train(stage_config("sft", **{"init.hf_path": str(tmp_path / "gpt2")}), str(tmp_path / "w"))
+        sft.train(stage_config("sft", **{"init.hf_path": str(tmp_path / "gpt2")}), str(tmp_path / "w"),
+                  builtin_data=BUILTIN)

@@ -1,15 +1,18 @@
-"""PPO / PPO-ptx stage: a two-iteration smoke run, the first ratio is 1, ptx changes the gradient."""
+"""The RL stage: PPO / PPO-ptx smoke run and resume, GRPO / verifier smoke runs, and every option that
+changes results (scoring of truncated responses, no-EOS penalty, KL in the reward or as a loss, first
+ratio 1 in f32 and bf16, lr schedule in updates, debiased EMA, rollout chunks, bad combinations)."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import stage_config
+from conftest import BUILTIN, stage_config
 
-from instructgpt_jax import checkpoints, ppo, sampling, sharding, train_lib
+from instructgpt_jax import checkpoints, config_lib, ppo, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import iterators as pipeline
-from instructgpt_jax.data.tokenizer import Tokenizer
+from instructgpt_jax.data.tokenizer import load_tokenizer
+from instructgpt_jax.models import ModelConfig, Transformer
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +20,7 @@ def ppo_run(tmp_path_factory, sft_workdir, rm_workdir):
     workdir = str(tmp_path_factory.mktemp("ppo"))
     config = stage_config("ppo", **{"init.from_workdir": sft_workdir, "ppo.rm_workdir": rm_workdir,
                                     "ppo.ptx_coef": 1.0})
-    ppo.train(config, workdir)
+    ppo.train(config, workdir, builtin_data=BUILTIN)
     return config, workdir
 
 
@@ -36,61 +39,219 @@ def test_ppo_smoke(ppo_run):
 
 
 @pytest.fixture(scope="module")
-def rollout(ppo_run, sft_workdir, rm_workdir):
-    """One rollout batch from the SFT policy, and everything needed to update on it."""
+def models(ppo_run, sft_workdir, rm_workdir):
+    """Policy = reference = SFT, the RM (also the value model), the tokenizer and a few prompts."""
     config, _ = ppo_run
     mesh = sharding.make_mesh(config.mesh)
-    m = ppo.load_models(config, mesh)
-    tok = Tokenizer.load(f"{sft_workdir}/export/tokenizer.model")
-    rows = [pipeline.prompt_example({"prompt": t}, tok, max_prompt_len=24)["pieces"][0]
-            for t in ("Q: reverse: cat dog\nA:", "Q: add: 3 + 4\nA:")]
-    prompts = np.stack([r["prompt_tokens"] for r in rows])
-    prompt_mask = np.stack([r["prompt_mask"] for r in rows])
-    sampler = sampling.make_sampler(m["policy"], max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    sample = sampler(m["sft_params"], prompts, prompt_mask, jax.random.PRNGKey(0))
-    sample["prompt_mask"] = jnp.asarray(prompt_mask)
-    stats = jax.jit(functools.partial(ppo.rollout_stats, policy=m["policy"], value_model=m["rm_model"],
-                                      rm_model=m["rm_model"], rm_bias=m["rm_bias"], cfg=config.ppo))
-    batch, metrics = stats(m["sft_params"], m["sft_params"], m["rm_params"], m["rm_params"], sample, 0.02)
-    return config, m, batch, metrics
+    policy = Transformer(ModelConfig.from_config(config.model))
+    sft_params = checkpoints.load_params(sft_workdir, policy, mesh)
+    rm = scoring.RewardModel.load(rm_workdir, mesh)
+    tok = load_tokenizer(f"{sft_workdir}/export")
+    texts = ("Q: reverse: cat dog\nA:", "Q: add: 3 + 4\nA:", "Q: sort: b a c\nA:", "Q: upper: dog\nA:")
+    rows = [pipeline.prompt_example({"prompt": t}, tok, max_prompt_len=24)["pieces"][0] for t in texts]
+    prompts = {k: np.stack([r[k] for r in rows]) for k in ("prompt_tokens", "prompt_mask")}
+    return dict(config=config, mesh=mesh, policy=policy, sft=sft_params, rm=rm, tok=tok, prompts=prompts,
+                texts=texts)
 
 
-def test_first_ratio_is_one_and_policy_equal_reference_has_zero_kl(rollout):
-    config, m, batch, metrics = rollout
-    p = batch["tokens"].shape[1] - batch["mask"].shape[1]
-    logp, _ = jax.jit(ppo.response_logprobs, static_argnums=(1, 5))(
-        m["sft_params"], m["policy"], batch["tokens"], batch["positions"], batch["segments"], p)
-    np.testing.assert_allclose(np.asarray(logp) * batch["mask"], batch["old_logp"] * batch["mask"], atol=1e-5)
-    assert float(metrics["kl"]) == 0.0
+def _rollout(m, max_new_tokens=8, params=None, model=None):
+    """One sampled batch and its forward pass (old / reference log-probs, values, RM scores)."""
+    model = model or m["policy"]
+    params = params or m["sft"]
+    sampler = sampling.make_sampler(model, max_new_tokens=max_new_tokens, eos_id=m["tok"].eos_ids,
+                                    pad_id=m["tok"].pad_id)
+    sample = sampler(params, m["prompts"]["prompt_tokens"], m["prompts"]["prompt_mask"], jax.random.PRNGKey(0))
+    sample["prompt_mask"] = jnp.asarray(m["prompts"]["prompt_mask"])
+    fwd = jax.jit(functools.partial(ppo.rollout_forward, policy=model, value_model=m["rm"].model,
+                                    rm_model=m["rm"].model, eos_id=m["tok"].eos_id, temperature=1.0,
+                                    rm_bias=m["rm"].bias))
+    out = fwd({"policy": params, "reference": params, "value": m["rm"].params, "rm": m["rm"].params}, sample)
+    return sample, out
 
 
-def _update(config, m, batch, ptx, ptx_coef):
+def test_policy_equal_reference_has_zero_kl_and_old_logprobs_match_the_sampler(models):
+    sample, out = _rollout(models)
+    mask = np.asarray(sample["response_mask"])
+    np.testing.assert_array_equal(np.asarray(out["old_logp"]) * mask, np.asarray(out["ref_logp"]) * mask)
+    np.testing.assert_allclose(np.asarray(out["old_logp"]) * mask, np.asarray(sample["logprobs"]) * mask, atol=1e-4)
+
+
+def test_rm_scores_a_rollout_exactly_as_it_was_trained(models):
+    """Responses with and without a sampled EOS (cut at max_new_tokens) score what the RM gives the row it was
+    trained on: BOS + prompt + response ids + EOS (appended when none was sampled), right-padded."""
+    m = models
+    sample, out = _rollout(m, max_new_tokens=4)
+    ended, lengths = np.asarray(sample["ended"]), np.asarray(sample["lengths"])
+    assert (~ended).any(), "need a truncated response"
+    rows, n = [], []
+    for i in range(4):
+        prompt = np.asarray(m["prompts"]["prompt_tokens"][i])[np.asarray(m["prompts"]["prompt_mask"][i]) > 0]
+        response = list(np.asarray(sample["response"][i])[:lengths[i]])
+        seq = list(prompt) + response + ([] if ended[i] else [m["tok"].eos_id])
+        rows.append(np.pad(np.asarray(seq, np.int32), (0, 40 - len(seq))))
+        n.append(len(seq))
+    tokens, n = np.stack(rows), np.asarray(n)
+    seg = (np.arange(40)[None] < n[:, None]).astype(np.int32)
+    want = m["rm"](tokens, seg, np.where(seg > 0, np.arange(40)[None], 0), n - 1)
+    np.testing.assert_allclose(np.asarray(out["scores"]), np.asarray(want), atol=1e-5)
+
+
+def test_append_eos_hand_example():
+    tokens = jnp.array([[0, 5, 6, 7, 3, 0], [9, 9, 6, 7, 8, 4]])  # P = 2, N = 4; row 0 ended (EOS 3)
+    prompt_mask = jnp.array([[0, 1], [1, 1]])
+    response_mask = jnp.array([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    t, pos, seg, last = scoring.append_eos(tokens, prompt_mask, response_mask, jnp.array([True, False]), 3)
+    np.testing.assert_array_equal(t, [[0, 5, 6, 7, 3, 0, 0], [9, 9, 6, 7, 8, 4, 3]])
+    np.testing.assert_array_equal(last, [4, 6])
+    np.testing.assert_array_equal(seg, [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(pos[:, :5], [[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]])
+
+
+def test_no_eos_penalty_is_subtracted_from_truncated_responses_only(models):
+    cfg = models["config"].ppo.copy_and_resolve_references()
+    mask = jnp.ones((4, 3))
+    zeros = jnp.zeros((4, 3))
+    scores, ended = jnp.array([1.0, 2.0, 3.0, 4.0]), jnp.array([True, False, True, False])
+    for penalize, want in ((False, [1.0, 2.0, 3.0, 4.0]), (True, [1.0, 0.5, 3.0, 2.5])):
+        cfg.penalize_no_eos, cfg.no_eos_penalty = penalize, 1.5
+        cfg.advantage_estimator, cfg.group_size = "dr_grpo", 2
+        _, _, met = ppo.advantages(scores, zeros, zeros, None, mask, ended, 0.0, cfg=cfg)
+        assert float(met["score"]) == pytest.approx(np.mean(want))
+    cfg.advantage_estimator = "grpo"
+    adv, _, _ = ppo.advantages(scores, zeros, zeros, None, mask, ended, 0.0, cfg=cfg)
+    # groups (1.0, 0.5) and (3.0, 2.5): r - mean over std(ddof 1) + 1e-4, on every token
+    g = 0.25 / (np.std([1.0, 0.5], ddof=1) + 1e-4)
+    np.testing.assert_allclose(adv[:, 0], [g, -g, g, -g], rtol=1e-5)
+    np.testing.assert_array_equal(adv[:, 0], adv[:, 2])
+
+
+def test_kl_in_the_reward_or_as_a_loss_term(models):
+    """kl_penalty='reward': beta * sum k1 comes off each sequence's reward; 'loss': the reward is the score."""
+    cfg = models["config"].ppo.copy_and_resolve_references()
+    cfg.advantage_estimator, cfg.group_size = "rloo", 2
+    logp, ref = jnp.array([[-1.0, -2.0], [-1.0, -1.0]]), jnp.array([[-1.5, -1.0], [-1.0, -1.0]])
+    mask, scores, ended = jnp.ones((2, 2)), jnp.array([1.0, 1.0]), jnp.array([True, True])
+    cfg.kl_penalty = "reward"
+    adv, _, met = ppo.advantages(scores, logp, ref, None, mask, ended, 0.5, cfg=cfg)
+    # k1 sums: row 0 = 0.5 - 1.0 = -0.5, row 1 = 0 -> rewards 1.25 and 1.0; rloo: 1.25 - 1.0 = 0.25
+    np.testing.assert_allclose(adv[:, 0], [0.25, -0.25], rtol=1e-6)
+    assert float(met["kl"]) == pytest.approx(-0.25)
+    cfg.kl_penalty = "loss"
+    adv, _, _ = ppo.advantages(scores, logp, ref, None, mask, ended, 0.5, cfg=cfg)
+    np.testing.assert_allclose(adv, 0.0)
+
+
+def _update(m, sample, out, ptx, ptx_coef, dtype="float32"):
+    config = m["config"]
     cfg = config.ppo.copy_and_resolve_references()
     cfg.ptx_coef = ptx_coef
     policy_tx = train_lib.make_optimizer(config.optim, 10)
     value_tx = train_lib.make_optimizer(config.value_optim, 10)
-    state = ppo.init_state(m, policy_tx, value_tx, config)
-    fn = jax.jit(functools.partial(ppo.update_step, policy=m["policy"], value_model=m["rm_model"],
-                                   policy_tx=policy_tx, value_tx=value_tx, cfg=cfg,
-                                   prompt_len=batch["tokens"].shape[1] - batch["mask"].shape[1]))
-    new_state, metrics = fn(state, batch, jnp.arange(2), ptx, jax.random.PRNGKey(0))
+    state = ppo.init_state(m["sft"], policy_tx, 0.02, m["rm"].params, value_tx)
+    p = sample["prompt_mask"].shape[1]
+    adv, returns, _ = ppo.advantages(out["scores"], out["old_logp"], out["ref_logp"], out["values"],
+                                     sample["response_mask"], sample["ended"], 0.02, cfg=cfg)
+    rows = scoring.sequence_inputs(sample["tokens"], sample["prompt_mask"], sample["response_mask"])
+    batch = dict(zip(("tokens", "positions", "segments"), rows), mask=sample["response_mask"],
+                 old_logp=out["old_logp"], ref_logp=out["ref_logp"], advantages=adv, old_values=out["values"],
+                 returns=returns)
+    policy = Transformer(ModelConfig.from_config({**config.model.to_dict(), "dtype": dtype}))
+    fn = jax.jit(functools.partial(ppo.update_step, policy=policy, value_model=m["rm"].model,
+                                   policy_tx=policy_tx, value_tx=value_tx, cfg=cfg, prompt_len=p))
+    new_state, metrics = fn(state, batch, jnp.arange(4), ptx)
     return new_state["policy"]["params"], metrics
 
 
-def test_ptx_coef_changes_the_policy_gradient_and_zero_removes_it(rollout):
-    config, m, batch, _ = rollout
-    def ptx_batch(seed):
-        t = np.random.default_rng(seed).integers(4, 400, (2, 16)).astype(np.int32)
-        return {"tokens": t, "targets": np.roll(t, -1, 1), "loss_mask": np.ones((2, 16), np.float32),
-                "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16), (2, 1))}
-    plain, met0 = _update(config, m, batch, ptx_batch(0), 0.0)
-    plain_other, _ = _update(config, m, batch, ptx_batch(1), 0.0)
-    with_ptx, met1 = _update(config, m, batch, ptx_batch(0), 1.0)
+def _ptx_batch(seed):
+    t = np.random.default_rng(seed).integers(4, 400, (2, 16)).astype(np.int32)
+    return {"tokens": t, "targets": np.roll(t, -1, 1), "loss_mask": np.ones((2, 16), np.float32),
+            "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16), (2, 1))}
+
+
+def test_ptx_coef_changes_the_policy_gradient_and_zero_removes_it(models):
+    sample, out = _rollout(models)
+    plain, met0 = _update(models, sample, out, _ptx_batch(0), 0.0)
+    plain_other, _ = _update(models, sample, out, _ptx_batch(1), 0.0)
+    with_ptx, met1 = _update(models, sample, out, _ptx_batch(0), 1.0)
     leaves = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
     np.testing.assert_array_equal(leaves(plain), leaves(plain_other))  # gamma 0: the ptx batch is ignored
     assert np.abs(leaves(plain) - leaves(with_ptx)).max() > 1e-6
     assert "ptx_loss" in met1 and "ptx_loss" not in met0
-    assert met0["approx_kl"] == pytest.approx(0.0, abs=1e-8) and met0["clipfrac"] == 0.0  # first ratio is 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_minibatch_ratio_is_one(models, dtype):
+    """Old log-probs (rollout forward on chunks of the minibatch's shape) and the update's log-probs come from
+    the same computation: the first minibatch's ratio is 1 up to rounding, in float32 and bfloat16 alike
+    (measured: approx_kl < 1e-12 in float32, ~2e-6 in bfloat16, i.e. |log ratio| ~ 2e-3, below bfloat16's
+    resolution; whole-batch forwards gave 5e-5)."""
+    m = models
+    model = Transformer(ModelConfig.from_config({**m["config"].model.to_dict(), "dtype": dtype}))
+    sample, out = _rollout(m, model=model)
+    _, met = _update(m, sample, out, _ptx_batch(0), 0.0, dtype=dtype)
+    assert float(met["clipfrac"]) == 0.0
+    assert float(met["approx_kl"]) < (1e-10 if dtype == "float32" else 1e-5), float(met["approx_kl"])
+
+
+def test_lr_schedule_counts_updates_and_warmup_counts_iterations():
+    """10-iteration warmup at 4 updates per iteration: the peak is reached at update 40, not 10."""
+    optim = config_lib.optim_config(1e-3, warmup_steps=10)
+    optim.warmup_init_frac, optim.end_lr_frac = 0.1, 0.1
+    sched = train_lib.lr_schedule(optim, num_steps=30, updates_per_step=4)
+    assert float(sched(0)) == pytest.approx(1e-4)
+    assert float(sched(20)) == pytest.approx(1e-4 + 0.5 * 9e-4)  # iteration 5 of 10
+    assert float(sched(40)) == pytest.approx(1e-3)
+    assert float(sched(120)) == pytest.approx(1e-4, rel=1e-3)  # decayed to 10 % at the last iteration
+
+
+def test_ema_is_bias_corrected():
+    """From zero with Adam-style correction: a constant policy's EMA is that policy (no SFT weight left),
+    and two updates weigh (1-d)*d and (1-d) before normalising."""
+    d = 0.9
+    state = {"ema": {"w": jnp.zeros(2)}, "updates": jnp.int32(0)}
+    for x in (jnp.array([1.0, 2.0]), jnp.array([3.0, 6.0])):
+        state = {"ema": {"w": d * state["ema"]["w"] + (1 - d) * x}, "updates": state["updates"] + 1}
+    got = ppo.ema_params(state, d)["w"]
+    np.testing.assert_allclose(got, (d * (1 - d) * np.array([1.0, 2.0]) + (1 - d) * np.array([3.0, 6.0]))
+                               / (1 - d ** 2), rtol=1e-6)
+    const = {"ema": {"w": (1 - d ** 5) * jnp.ones(3)}, "updates": jnp.int32(5)}
+    np.testing.assert_allclose(ppo.ema_params(const, d)["w"], 1.0, rtol=1e-6)
+
+
+def test_sampling_in_chunks_with_row_ids_equals_one_call(models):
+    """config.ppo.rollout_chunk changes memory, not samples: each row draws from its own key."""
+    m = models
+    sampler = sampling.make_sampler(m["policy"], max_new_tokens=6, eos_id=m["tok"].eos_ids, pad_id=m["tok"].pad_id)
+    tok, mask, rng = m["prompts"]["prompt_tokens"], m["prompts"]["prompt_mask"], jax.random.PRNGKey(3)
+    whole = sampler(m["sft"], tok, mask, rng, jnp.arange(4))
+    parts = [sampler(m["sft"], tok[c:c + 2], mask[c:c + 2], rng, jnp.arange(c, c + 2)) for c in (0, 2)]
+    np.testing.assert_array_equal(np.concatenate([x["tokens"] for x in parts]), whole["tokens"])
+
+
+def test_grpo_with_a_verifier_reward_runs_critic_free(tmp_path, sft_workdir):
+    """configs/grpo.py with the miniature's verifier and RLOO: no value model, no RM, the KL as a k3 loss."""
+    config = stage_config("grpo", **{"init.from_workdir": sft_workdir, "ppo.reward": "verifier",
+                                     "ppo.verifier": "instructgpt_jax.miniature.world:verify",
+                                     "ppo.advantage_estimator": "rloo", "ppo.group_size": 2,
+                                     "train.num_steps": 1, "train.eval_batches": 1})
+    ppo.train(config, str(tmp_path), builtin_data=BUILTIN)
+    rec = train_lib.read_metrics(str(tmp_path))[-1]
+    assert "value_loss" not in rec and "explained_variance" not in rec
+    assert np.isfinite(rec["kl_loss"]) and 0.0 <= rec["score"] <= 1.0 and np.isfinite(rec["eval_score"])
+    meta = checkpoints.read_export_meta(str(tmp_path))
+    assert meta["advantage_estimator"] == "rloo" and meta["reward"] == "verifier"
+
+
+def test_bad_rl_options_are_refused():
+    base = stage_config("ppo", **{"ppo.rm_workdir": "x"})
+    for overrides, match in (({"ppo.advantage_estimator": "ppo2"}, "valid: gae, grpo"),
+                             ({"ppo.kl_estimator": "k3"}, "only k1"),
+                             ({"ppo.kl_penalty": "loss", "ppo.kl_estimator": "k1"}, "valid k2, k3"),
+                             ({"ppo.advantage_estimator": "grpo"}, "group_size >= 2"),
+                             ({"ppo.advantage_estimator": "grpo", "ppo.group_size": 3}, "not a multiple of 3"),
+                             ({"ppo.reward": "verifier"}, "config.ppo.verifier")):
+        with pytest.raises(ValueError, match=match):
+            ppo.check_config(config_lib.replace(base, **overrides))
 
 
 class _Interrupt(Exception):
@@ -123,9 +284,9 @@ def test_ppo_resume_continues_exactly(tmp_path, ppo_run, monkeypatch):
 
     monkeypatch.setattr(prepare, "prepare_ppo", interrupted)
     with pytest.raises(_Interrupt):
-        ppo.train(config, workdir)
+        ppo.train(config, workdir, builtin_data=BUILTIN)
     monkeypatch.setattr(prepare, "prepare_ppo", original)
-    ppo.train(config, workdir)
+    ppo.train(config, workdir, builtin_data=BUILTIN)
     resumed, straight = train_lib.read_metrics(workdir), train_lib.read_metrics(straight_dir)
     assert [r["step"] for r in resumed] == [1, 2]
     for key in ("score", "kl", "pg_loss", "value_loss", "ptx_loss", "beta", "eval_score"):

@@ -2,9 +2,9 @@
 import jax
 import numpy as np
 import pytest
-from conftest import stage_config
+from conftest import BUILTIN, stage_config
 
-from instructgpt_jax import checkpoints, rm, train_lib
+from instructgpt_jax import checkpoints, rm, scoring, train_lib
 from instructgpt_jax.data import builders, prepare
 from instructgpt_jax.data.tokenizer import Tokenizer
 
@@ -19,7 +19,7 @@ def test_rm_accuracy_rises_above_chance(rm_workdir):
 def test_bias_makes_demonstrations_average_zero(rm_workdir, sft_workdir):
     meta = checkpoints.read_export_meta(rm_workdir)
     assert meta["bias_demonstrations"] == 64
-    model = rm.RewardModel.load(rm_workdir)
+    model = scoring.RewardModel.load(rm_workdir)
     assert model.bias == pytest.approx(meta["rm_bias"])
     config = stage_config("rm", **{"init.from_workdir": sft_workdir})
     demos = builders.load("demonstrations", f"{rm_workdir}/tfds", f"train[:-{prepare.HELD_OUT}]")
@@ -32,16 +32,13 @@ def test_bias_makes_demonstrations_average_zero(rm_workdir, sft_workdir):
 
 def test_rm_starts_from_sft_trunk(rm_workdir, sft_workdir):
     """Everything but the scalar head starts from SFT: with 0 steps the trunk equals the SFT export."""
-    import jax.numpy as jnp
     from instructgpt_jax import sharding
     from instructgpt_jax.models import ModelConfig, Transformer
     cfg = ModelConfig.from_config(stage_config("rm").model)
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    params, _ = rm.init_params(Transformer(cfg, head="scalar"), Transformer(cfg), mesh, jax.random.PRNGKey(0),
-                               checkpoints.export_path(sft_workdir))
-    lm = Transformer(cfg)
-    shapes, shards = sharding.param_shardings(lambda r: lm.init(r, jnp.zeros((1, 8), jnp.int32))["params"], mesh)
-    sft_params = checkpoints.load_export(sft_workdir, checkpoints.abstract_like(shapes, shards))
+    params = checkpoints.init_with_trunk(Transformer(cfg, head="scalar"), Transformer(cfg), mesh,
+                                         jax.random.PRNGKey(0), checkpoints.export_path(sft_workdir))
+    sft_params = checkpoints.load_params(sft_workdir, Transformer(cfg), mesh)
     np.testing.assert_array_equal(params["embed"]["embedding"], sft_params["embed"]["embedding"])
     np.testing.assert_array_equal(params["scalar_head"]["bias"], 0.0)
     std = float(np.std(params["scalar_head"]["kernel"]))
@@ -50,4 +47,5 @@ def test_rm_starts_from_sft_trunk(rm_workdir, sft_workdir):
 
 def test_rm_refuses_an_sft_export_of_another_shape(tmp_path, sft_workdir):
     with pytest.raises(ValueError, match="d_model: export 64 vs config 128"):
-        rm.train(stage_config("rm", **{"init.from_workdir": sft_workdir, "model.d_model": 128}), str(tmp_path))
+        rm.train(stage_config("rm", **{"init.from_workdir": sft_workdir, "model.d_model": 128}), str(tmp_path),
+                 builtin_data=BUILTIN)

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import stage_config
+from conftest import BUILTIN, stage_config
 
 from instructgpt_jax import checkpoints, sft, train_lib
 from instructgpt_jax.data import prepare
@@ -50,10 +50,10 @@ def test_resume_continues_exactly(tmp_path, sft_workdir, monkeypatch):
 
     monkeypatch.setattr(prepare.StageData, "train_iterator", interrupted)
     with pytest.raises(_Interrupt):
-        sft.train(config, workdir)
+        sft.train(config, workdir, builtin_data=BUILTIN)
     monkeypatch.setattr(prepare.StageData, "train_iterator", original)
     assert checkpoints.Manager(workdir, config).latest_step() == 10
-    sft.train(config, workdir)
+    sft.train(config, workdir, builtin_data=BUILTIN)
     resumed = {r["step"]: r["loss"] for r in train_lib.read_metrics(workdir)}
     straight = {r["step"]: r["loss"] for r in train_lib.read_metrics(sft_workdir)}
     assert sorted(resumed) == list(range(1, 31))  # records past the checkpoint were replaced, not duplicated
@@ -85,8 +85,13 @@ def test_mesh_that_does_not_fit_is_an_error(tmp_path):
 def test_pretrain_counts_every_token(tmp_path):
     from instructgpt_jax import sharding
     config = stage_config("pretrain", **{"data.seq_len": 32})
-    data = prepare.prepare(config, str(tmp_path), "text")
+    data = prepare.prepare(config, str(tmp_path), "text", BUILTIN)
     batch = next(data.train_iterator())
     # every real (non-padding) token is a target in pretraining
     np.testing.assert_array_equal(batch["loss_mask"] > 0, batch["segment_ids"] > 0)
     del sharding
+
+
+def test_empty_data_path_without_builtin_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="config.data.train is empty"):
+        sft.train(stage_config("sft"), str(tmp_path))
