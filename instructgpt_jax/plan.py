@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 
@@ -39,16 +38,11 @@ from instructgpt_jax.models import ModelConfig, Transformer
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # a plan fits when it needs at most 90 % of device memory (XLA scratch, fragmentation)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def stage_config(stage: str, preset: str) -> ml_collections.ConfigDict:
-    """`configs/<stage>.py:<preset>`, loaded from the repository's configs/ directory."""
-    path = os.path.join(CONFIG_DIR, f"{stage}.py")
-    spec = importlib.util.spec_from_file_location(f"_plan_config_{stage}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    """`configs/<stage>.py:<preset>` (config_lib.load)."""
+    return config_lib.load(stage, preset)
 
 
 def abstract_mesh(shape) -> AbstractMesh:
@@ -145,7 +139,8 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
 
     batch: global batch (prompts for RM and PPO); default config.train.batch_size.
     micro_rows: rows per device per microbatch (default: the batch split over data x fsdp and
-      config.train.grad_accum). sample_batch: PPO prompts sampled at once (default the batch).
+      config.train.grad_accum). sample_batch: rows sampled at once (default config.ppo.rollout_chunk, else the
+      minibatch). Critic-free RL (advantage_estimator != 'gae') holds no value model; a verifier reward no RM.
     """
     stage = stage or config.stage
     stage = "sft" if stage == "pretrain" else stage
@@ -175,8 +170,16 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
         trainable("reward model", policy, "scalar")
         phases["activations"] = activations(policy, k * micro(batch), seq, mesh, lm_head=False)
         notes.append(f"each prompt runs its {k} completions through the model: {k} rows per prompt")
+    elif stage == "dpo":
+        seq, k = seq_len or config.data.seq_len, config.data.get("max_k", 9)
+        trainable("policy", policy, "lm")
+        resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
+        phases["activations"] = activations(policy, k * micro(batch), seq, mesh)
+        notes.append(f"policy and frozen reference run each prompt's {k} completions: {k} rows per prompt")
     elif stage == "ppo":
         ppo = config.get("ppo", ml_collections.ConfigDict())
+        critic_free = ppo.get("advantage_estimator", "gae") != "gae"
+        uses_rm = ppo.get("reward", "rm") == "rm" or not critic_free
         prompt = config.data.get("max_prompt_len", policy.max_len // 2)
         seq = seq_len or prompt + ppo.get("max_new_tokens", policy.max_len - prompt)
         rm_cfg = policy if not rm_preset else _model(  # same tokenizer, dtype and remat as the policy
@@ -185,17 +188,24 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
         resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
         if ppo.get("ema_decay", 0.0) > 0:
             resident["policy EMA params"] = resident["reference params"]
-        resident["reward model params"] = 4 * param_shards(rm_cfg, "scalar", mesh)[1]
-        trainable("value", rm_cfg, "scalar")
-        sample_rows = _rows(sample_batch or batch, mesh, "sample batch")
+        if uses_rm:
+            resident["reward model params"] = 4 * param_shards(rm_cfg, "scalar", mesh)[1]
+        if not critic_free:
+            trainable("value", rm_cfg, "scalar")
+        else:
+            notes.append(f"critic-free ({ppo.advantage_estimator}): no value model, its params, optimizer and "
+                         f"forward passes are saved")
+        chunk = ppo.get("rollout_chunk", 0) or ppo.get("minibatch_size", batch)
+        sample_rows = _rows(sample_batch or chunk, mesh, "sample batch")
         phases["kv_cache (rollout)"] = kv_cache(policy, sample_rows, seq, mesh.shape["tensor"])
         minibatch, ptx = ppo.get("minibatch_size", batch), ppo.get("ptx_batch_size", 0) * (ppo.get("ptx_coef", 0) > 0)
         phases["activations (update)"] = max(activations(policy, micro(minibatch + ptx), seq, mesh),
+                                             0 if critic_free else
                                              activations(rm_cfg, micro(minibatch), seq, mesh, lm_head=False))
         notes.append(f"reward / value model: {rm_preset or config.model.preset}; rollout and update are "
                      f"separate phases (peak = resident + the larger)")
     else:
-        raise ValueError(f"stage {stage!r}: valid stages are sft, pretrain, rm, ppo")
+        raise ValueError(f"stage {stage!r}: valid stages are sft, pretrain, rm, dpo, ppo")
     notes.append(f"activations: {seq}-token rows, remat={policy.remat!r}, compute dtype {policy.dtype}, "
                  f"batch rows per device per microbatch: {max(used)} (rough: see plan.activations)")
     return Plan(stage, tuple(mesh_shape), resident, phases, notes)

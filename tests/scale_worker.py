@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, config_lib, ppo, rm, sampling, sft, sharding, train_lib
+from instructgpt_jax import checkpoints, config_lib, ppo, rm, sampling, scoring, sft, sharding, train_lib
 from instructgpt_jax.models import ModelConfig, Transformer
 
 # (data, fsdp, tensor); "ref" is the one-device run every other mesh is compared with.
@@ -111,13 +111,7 @@ def sample(mesh, params):
 
 
 def _ppo_config():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ppo.py")
-    spec = importlib.util.spec_from_file_location("ppo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_lib.load("ppo", "tiny")
     config.ppo.ptx_coef = 0.5
     return config
 
@@ -137,29 +131,35 @@ def ppo_sample(seed, p=8, n=8):
 
 
 def run_ppo(mesh, host, lm, rm_model):
-    """PPO-ptx: rollout statistics and STEPS update steps (policy, value, ptx, EMA) on `mesh`."""
+    """PPO-ptx: the rollout's forward pass and advantages, then STEPS update steps (policy, value, ptx, EMA)."""
     config = _ppo_config()
     _, lm_shardings = sharding.param_shardings(init_fn(lm), mesh)
     _, rm_shardings = sharding.param_shardings(init_fn(rm_model), mesh)
-    m = {"sft_params": jax.device_put(host["sft"], lm_shardings), "rm_params": jax.device_put(host["rm"], rm_shardings)}
-    state, shardings = sharding.place(ppo.init_state(m, TX, TX, config), mesh)
+    sft_params, rm_params = jax.device_put(host["sft"], lm_shardings), jax.device_put(host["rm"], rm_shardings)
+    state, shardings = sharding.place(ppo.init_state(sft_params, TX, 0.02, rm_params, TX), mesh)
     repl = sharding.replicated(mesh)
-    stats = jax.jit(functools.partial(ppo.rollout_stats, policy=lm, value_model=rm_model, rm_model=rm_model,
-                                      rm_bias=0.1, cfg=config.ppo))
+    forward = jax.jit(functools.partial(ppo.rollout_forward, policy=lm, value_model=rm_model, rm_model=rm_model,
+                                        eos_id=1, temperature=1.0, rm_bias=0.1))
+    advantages = jax.jit(functools.partial(ppo.advantages, cfg=config.ppo))
     update = jax.jit(functools.partial(ppo.update_step, policy=lm, value_model=rm_model, policy_tx=TX, value_tx=TX,
                                        cfg=config.ppo, prompt_len=8),
-                     in_shardings=(shardings, None, None, None, repl), out_shardings=(shardings, repl),
-                     donate_argnums=0)
+                     in_shardings=(shardings, None, None, None), out_shardings=(shardings, repl), donate_argnums=0)
     shards = shard_shapes(state["policy"])
     losses = []
     with sharding.use(mesh):
         sample = sharding.global_from_full(ppo_sample(0), mesh)
-        batch, _ = stats(state["policy"]["params"], m["sft_params"], state["value"]["params"], m["rm_params"],
-                         sample, state["kl_beta"])
+        out = forward({"policy": state["policy"]["params"], "reference": sft_params, "value": state["value"]["params"],
+                       "rm": rm_params}, sample)
+        adv, returns, _ = advantages(out["scores"], out["old_logp"], out["ref_logp"], out["values"],
+                                     sample["response_mask"], sample["ended"], state["kl_beta"])
+        rows = scoring.sequence_inputs(sample["tokens"], sample["prompt_mask"], sample["response_mask"])
+        batch = dict(zip(("tokens", "positions", "segments"), rows), mask=sample["response_mask"],
+                     old_logp=out["old_logp"], ref_logp=out["ref_logp"], advantages=adv,
+                     old_values=out["values"], returns=returns)
         ptx = sharding.global_from_full(sft_batch(5), mesh)
         for i in range(STEPS):
             idx = jnp.asarray(np.random.RandomState(i).permutation(B))
-            state, met = update(state, batch, idx, ptx, jax.random.PRNGKey(i))
+            state, met = update(state, batch, idx, ptx)
             losses.append(float(met["pg_loss"]) + float(met["value_loss"]) + float(met["ptx_loss"]))
     return {"losses": losses, "shards": shards}
 
@@ -181,17 +181,16 @@ def main(ckpt_dir):
     results = {"devices": jax.device_count(), "sft": {}, "rm": {}, "ppo": {}, "sampler": {}, "params_diff": {},
                "init_diff": {}}
     lm, rm_model = Transformer(CFG), Transformer(CFG, head="scalar")
-    sft_step = functools.partial(sft.train_step, model=lm, tx=TX)
-    rm_step = functools.partial(rm.train_step, model=rm_model, tx=TX)
+    sft_step = functools.partial(train_lib.train_step, loss_fn=functools.partial(sft.loss_fn, model=lm), tx=TX)
+    rm_step = functools.partial(train_lib.train_step, loss_fn=functools.partial(rm.loss_fn, model=rm_model), tx=TX)
     host = {}  # the reference (one-device) init params of the LM and the RM, on the host
     finals = {}  # mesh -> final SFT state
     for name in MESHES:
         mesh = mesh_for(name)
         if name in STAGE_INIT:  # the stages' own sharded init
-            state = sft.init_state(lm, TX, None, mesh, jax.random.PRNGKey(0))
-            rm_params, _ = rm.init_params(rm_model, lm, mesh, jax.random.PRNGKey(0))
-            rm_state = {"step": jnp.zeros((), jnp.int32), "params": rm_params,  # as rm.train builds it
-                        "opt_state": sharding.init_optimizer(TX, rm_params)}
+            state = train_lib.new_state(sharding.init_model(lm, jax.random.PRNGKey(0), mesh), TX)
+            rm_params = checkpoints.init_with_trunk(rm_model, lm, mesh, jax.random.PRNGKey(0))
+            rm_state = train_lib.new_state(rm_params, TX)  # as rm.train builds it
             host.setdefault("sft", jax.device_get(state["params"]))
             host.setdefault("rm", jax.device_get(rm_params))
             results["init_diff"][name] = max_diff(jax.device_get(state["params"]), host["sft"])
@@ -227,7 +226,7 @@ def main(ckpt_dir):
 
     # Gradient accumulation: 2 microbatches of 4 rows == the 8-row batch, on (2,2,2).
     mesh = mesh_for("2,2,2")
-    accum, losses = run_steps(functools.partial(sft.train_step, model=lm, tx=TX, grad_accum=2),
+    accum, losses = run_steps(functools.partial(sft_step, grad_accum=2),
                               state_from(host["sft"], lm, mesh), [sft_batch(i) for i in range(STEPS)], mesh)
     results["grad_accum"] = {"losses": losses, "params_diff": max_diff(jax.device_get(accum["params"]),
                                                                        jax.device_get(finals["2,2,2"]["params"]))}
@@ -236,7 +235,8 @@ def main(ckpt_dir):
     # bfloat16 compute with float32 master params and optimizer state, on (1,4,2).
     mesh = mesh_for("1,4,2")
     bf16 = Transformer(ModelConfig(max_len=32, dtype="bfloat16"))
-    state, losses = run_steps(functools.partial(sft.train_step, model=bf16, tx=TX),
+    state, losses = run_steps(functools.partial(train_lib.train_step, tx=TX,
+                                                loss_fn=functools.partial(sft.loss_fn, model=bf16)),
                               state_from(host["sft"], bf16, mesh), [sft_batch(i) for i in range(2)], mesh)
     results["bf16"] = {"losses": losses, "dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(
         (state["params"], state["opt_state"])) if jnp.issubdtype(x.dtype, jnp.floating)})}
@@ -245,8 +245,8 @@ def main(ckpt_dir):
     results["errors"] = {  # bad meshes
         "product": error_of(lambda: sharding.make_mesh({"data": 3, "fsdp": 1, "tensor": 1})),
         "fill": error_of(lambda: sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 3})),
-        "divide": error_of(lambda: sft.init_state(lm, TX, None, sharding.make_mesh(
-            {"data": 1, "fsdp": 1, "tensor": 8}), jax.random.PRNGKey(0))),
+        "divide": error_of(lambda: sharding.init_model(lm, jax.random.PRNGKey(0), sharding.make_mesh(
+            {"data": 1, "fsdp": 1, "tensor": 8}))),
     }
     print("RESULTS " + json.dumps(results))
 

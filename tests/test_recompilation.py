@@ -6,15 +6,13 @@ A step whose outputs come back with a different type, sharding or weak-type than
 example a step counter that starts as a Python int, or params that come out of a donated update
 committed differently) compiles a second time on its next call; a sampler closed over Python
 values that change per call compiles every call. Both cost seconds per step on CPU and minutes on
-big models, silently. The loops below are the stages' own: jit with shardings and donated state on
-the stage's mesh, as `sft.train` and `ppo.train` build them.
+big models, silently. The SFT step is jitted as the stages jit it; the RL stage is run itself.
 """
 import contextlib
 import functools
 import logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -65,8 +63,11 @@ def _lm_batch(seed, b=4, t=16):
 def test_sft_train_step_compiles_once(mesh):
     model = Transformer(CFG)
     tx = train_lib.make_optimizer(config_lib.optim_config(1e-3), 100)
-    state, shardings = sharding.place(sft.init_state(model, tx, None, mesh, jax.random.PRNGKey(0)), mesh)
-    step_fn = train_lib.jit_train_step(functools.partial(sft.train_step, model=model, tx=tx), shardings, mesh)
+    state, shardings = sharding.place(train_lib.new_state(sharding.init_model(model, jax.random.PRNGKey(0), mesh), tx),
+                                      mesh)
+    step_fn = train_lib.jit_train_step(functools.partial(train_lib.train_step, tx=tx,
+                                                         loss_fn=functools.partial(sft.loss_fn, model=model)),
+                                       shardings, mesh)
     rng = jax.random.PRNGKey(1)
     with sharding.use(mesh):
         state, metrics = step_fn(state, sharding.host_to_global(_lm_batch(0), mesh), rng)  # warm-up
@@ -76,20 +77,15 @@ def test_sft_train_step_compiles_once(mesh):
                 state, metrics = step_fn(state, sharding.host_to_global(_lm_batch(i), mesh), rng)
                 float(metrics["loss"])
     assert compiled == [], f"SFT steps after warm-up compiled: {compiled}"
-    assert step_fn._cache_size() == 1
     assert int(state["step"]) == 4
 
 
 @pytest.fixture(scope="module")
 def rl_setup(mesh):
-    """Policy / RM models and the sampler, shared by the sampler and PPO tests (one sampler compile)."""
-    policy, rm_model = Transformer(CFG), Transformer(CFG, head="scalar")
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    sft_params, _ = sharding.init_sharded(lambda r: policy.init(r, dummy)["params"], jax.random.PRNGKey(0), mesh)
-    rm_params, _ = sharding.init_sharded(lambda r: rm_model.init(r, dummy)["params"], jax.random.PRNGKey(1), mesh)
+    """A policy and its sampler."""
+    policy = Transformer(CFG)
     sampler = sampling.make_sampler(policy, max_new_tokens=6, eos_id=1, pad_id=0, temperature=1.0, top_k=5)
-    return {"policy": policy, "rm_model": rm_model, "sft_params": sft_params, "rm_params": rm_params,
-            "rm_bias": 0.0, "sampler": sampler}
+    return {"sft_params": sharding.init_model(policy, jax.random.PRNGKey(0), mesh), "sampler": sampler}
 
 
 def _prompts(seed, mesh, b=4, p=8):
@@ -114,54 +110,28 @@ def test_sampler_compiles_once(mesh, rl_setup):
     assert sampler._cache_size() == 1
 
 
-def test_ppo_iteration_compiles_once(mesh, rl_setup):
-    """rollout -> scoring -> donated minibatch updates -> the next rollout samples from the *updated*
-    params: sampler and scoring must not recompile for params that came out of the update."""
-    config = config_lib.replace(_ppo_config(), **{
-        "train.batch_size": 4, "ppo.minibatch_size": 2, "ppo.ppo_epochs": 1, "data.max_prompt_len": 8,
-        "ppo.max_new_tokens": 6, "ppo.ptx_coef": 0.0})
-    cfg, m = config.ppo, rl_setup
-    policy, rm_model, sampler = m["policy"], m["rm_model"], m["sampler"]
-    policy_tx = train_lib.make_optimizer(config.optim, 10)
-    value_tx = train_lib.make_optimizer(config.value_optim, 10)
-    state, shardings = sharding.place(ppo.init_state(m, policy_tx, value_tx, config), mesh)
-    stats_fn = jax.jit(functools.partial(ppo.rollout_stats, policy=policy, value_model=rm_model, rm_model=rm_model,
-                                         rm_bias=0.0, cfg=cfg))
-    repl = sharding.replicated(mesh)
-    update_fn = jax.jit(functools.partial(ppo.update_step, policy=policy, value_model=rm_model, policy_tx=policy_tx,
-                                          value_tx=value_tx, cfg=cfg, prompt_len=8),
-                        in_shardings=(shardings, None, None, None, repl), out_shardings=(shardings, repl),
-                        donate_argnums=0)
-    no_ptx = {"tokens": jnp.zeros((1, 1), jnp.int32)}
+def test_ppo_iterations_compile_once(tmp_path, monkeypatch, sft_workdir, rm_workdir):
+    """The RL stage itself (`ppo.train`, 3 iterations): rollout -> scoring -> donated minibatch updates ->
+    the next rollout samples from the *updated* params. Iterations 2 and 3 (and the final evaluation,
+    which reuses the rollout programs) compile nothing."""
+    from conftest import BUILTIN, stage_config
+    compiled, real_fit = [], train_lib.fit
 
-    def iteration(it):
-        nonlocal state
-        rng = jax.random.PRNGKey(it)
-        prompts = _prompts(it, mesh)
-        sample = sampler(state["policy"]["params"], prompts["prompt_tokens"], prompts["prompt_mask"], rng)
-        sample["prompt_mask"] = prompts["prompt_mask"]
-        batch, r_metrics = stats_fn(state["policy"]["params"], m["sft_params"], state["value"]["params"],
-                                    m["rm_params"], sample, state["kl_beta"])
-        jax.device_get(r_metrics)
-        perm = jax.random.permutation(jax.random.fold_in(rng, 1), 4)
-        for j in range(2):
-            state, metrics = update_fn(state, batch, perm[2 * j:2 * j + 2], no_ptx, rng)
-        jax.device_get(metrics)
+    def fit(**kw):
+        step = kw["step"]
 
-    with sharding.use(mesh):
-        iteration(0)
-        with count_compiles() as compiled:
-            iteration(1)
-            iteration(2)
-    assert compiled == [], f"PPO iterations after warm-up compiled: {compiled}"
-    assert sampler._cache_size() == stats_fn._cache_size() == update_fn._cache_size() == 1
+        def counted(state, n):
+            if n == 1:
+                return step(state, n)
+            with count_compiles() as names:
+                out = jax.block_until_ready(step(state, n))
+            compiled.extend(names)
+            return out
+        return real_fit(**dict(kw, step=counted))
 
-
-def _ppo_config():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ppo.py")
-    spec = importlib.util.spec_from_file_location("ppo_config_for_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("tiny")
+    monkeypatch.setattr(train_lib, "fit", fit)
+    config = stage_config("ppo", **{"init.from_workdir": sft_workdir, "ppo.rm_workdir": rm_workdir,
+                                    "train.num_steps": 3, "ppo.ptx_coef": 0.5, "ppo.max_new_tokens": 6,
+                                    "train.checkpoint_every": 100})
+    ppo.train(config, str(tmp_path), builtin_data=BUILTIN)
+    assert compiled == [], f"PPO iterations after the first compiled: {compiled}"

@@ -196,6 +196,23 @@ def test_plan_ppo_holds_four_models_and_the_larger_phase():
         plan.plan(_config("ppo"), (1, 64, 1))  # batch 32 cannot give 64 devices whole rows
 
 
+def test_plan_critic_free_and_rollout_chunk():
+    """GRPO holds no value model; a verifier reward no RM either; the KV cache scales with rollout_chunk."""
+    gae, grpo = plan.plan(_config("ppo"), (1, 1, 1)), plan.plan(_config("grpo"), (1, 1, 1))
+    assert "value params" in gae.resident and not any(k.startswith("value") for k in grpo.resident)
+    assert grpo.total < gae.total
+    verifier = plan.plan(config_lib.replace(_config("grpo"), **{"ppo.reward": "verifier"}), (1, 1, 1))
+    assert "reward model params" not in verifier.resident
+    small, big = (plan.plan(config_lib.replace(_config("ppo"), **{"ppo.rollout_chunk": c}), (1, 1, 1))
+                  for c in (8, 32))
+    assert big.phases["kv_cache (rollout)"] == 4 * small.phases["kv_cache (rollout)"]
+
+
+def test_plan_dpo_holds_policy_and_reference():
+    p = plan.plan(_config("dpo"), (1, 1, 1))
+    assert p.resident["reference params"] == p.resident["policy params"]
+
+
 def test_plan_command_line():
     def run(*args):
         return subprocess.run([sys.executable, "-m", "instructgpt_jax.plan", *args], check=False,
