@@ -42,20 +42,29 @@ class Family(NamedTuple):
     head: str     # HF name of the untied LM head
     lm: str       # *ForCausalLM class
     base: str     # base model class (AutoModel)
+    seq: str      # *ForSequenceClassification class (a reward model's export: trunk + bias-free `score`)
 
 
 # HF model_type -> family. Every llama-arch family shares LLaMA's tensor names (plus its extra tensors).
 FAMILIES = {
-    "gpt2": Family("gpt", "transformer.", "lm_head.weight", "GPT2LMHeadModel", "GPT2Model"),
-    "llama": Family("llama", "model.", "lm_head.weight", "LlamaForCausalLM", "LlamaModel"),
-    "mistral": Family("llama", "model.", "lm_head.weight", "MistralForCausalLM", "MistralModel"),
-    "qwen2": Family("llama", "model.", "lm_head.weight", "Qwen2ForCausalLM", "Qwen2Model"),
-    "qwen3": Family("llama", "model.", "lm_head.weight", "Qwen3ForCausalLM", "Qwen3Model"),
-    "gemma": Family("llama", "model.", "lm_head.weight", "GemmaForCausalLM", "GemmaModel"),
-    "gemma2": Family("llama", "model.", "lm_head.weight", "Gemma2ForCausalLM", "Gemma2Model"),
-    "gpt_neox": Family("neox", "gpt_neox.", "embed_out.weight", "GPTNeoXForCausalLM", "GPTNeoXModel"),
+    "gpt2": Family("gpt", "transformer.", "lm_head.weight", "GPT2LMHeadModel", "GPT2Model",
+                   "GPT2ForSequenceClassification"),
+    "llama": Family("llama", "model.", "lm_head.weight", "LlamaForCausalLM", "LlamaModel",
+                    "LlamaForSequenceClassification"),
+    "mistral": Family("llama", "model.", "lm_head.weight", "MistralForCausalLM", "MistralModel",
+                      "MistralForSequenceClassification"),
+    "qwen2": Family("llama", "model.", "lm_head.weight", "Qwen2ForCausalLM", "Qwen2Model",
+                    "Qwen2ForSequenceClassification"),
+    "qwen3": Family("llama", "model.", "lm_head.weight", "Qwen3ForCausalLM", "Qwen3Model",
+                    "Qwen3ForSequenceClassification"),
+    "gemma": Family("llama", "model.", "lm_head.weight", "GemmaForCausalLM", "GemmaModel",
+                    "GemmaForSequenceClassification"),
+    "gemma2": Family("llama", "model.", "lm_head.weight", "Gemma2ForCausalLM", "Gemma2Model",
+                     "Gemma2ForSequenceClassification"),
+    "gpt_neox": Family("neox", "gpt_neox.", "embed_out.weight", "GPTNeoXForCausalLM", "GPTNeoXModel",
+                       "GPTNeoXForSequenceClassification"),
 }
-SUPPORTED = tuple(name for f in FAMILIES.values() for name in (f.lm, f.base))
+SUPPORTED = tuple(name for f in FAMILIES.values() for name in (f.lm, f.base, f.seq))
 _PREFIX = {f.arch: f.prefix for f in FAMILIES.values()}
 _HEAD = {f.arch: f.head for f in FAMILIES.values()}
 # HF buffers that are not weights: GPT-2's and GPT-NeoX's causal-mask buffers, old rotary caches.
@@ -214,6 +223,22 @@ def model_config_dict(hf_config) -> dict:
     return out
 
 
+def with_checkpoint_model(config):
+    """A copy of a stage config whose `config.model` follows `config.init.hf_path`'s config.json (the
+    config itself when hf_path is ''). The stages after SFT (RM, DPO, RL) take it so that a run started
+    from a Hugging Face checkpoint needs no config.model overrides; their weights still come from
+    `config.init.from_workdir` (and the RL stage's reward model from its own export)."""
+    import ml_collections
+    if not config.init.hf_path:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    try:
+        config.model.update(model_config_dict(config.init.hf_path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.init.hf_path: {e}") from None
+    return config
+
+
 def hf_model_type(cfg: ModelConfig) -> str:
     """The transformers model_type that computes what `cfg` does (ValueError naming the key if none does)."""
     if cfg.arch == "gpt":
@@ -271,12 +296,15 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     return rope
 
 
-def _hf_config(cfg: ModelConfig, base: bool, dtype) -> dict:
-    """config.json for transformers from our ModelConfig."""
+def _hf_config(cfg: ModelConfig, kind: str, dtype) -> dict:
+    """config.json for transformers from our ModelConfig; kind: 'lm', 'base' or 'seq' (one-label
+    sequence classification: a reward model)."""
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(dtype).name]
     model_type = hf_model_type(cfg)
     family = FAMILIES[model_type]
-    head = dict(architectures=[family.base if base else family.lm], model_type=model_type)
+    head = dict(architectures=[getattr(family, kind)], model_type=model_type)
+    if kind == "seq":
+        head.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype=dtype, torch_dtype=dtype)
     act = _HF_ACTIVATION[cfg.activation]
     if model_type == "gpt2":
@@ -560,21 +588,33 @@ def load_pretrained(path, *, mesh=None, dtype="float32", head: str = "lm"):
     return model, traverse_util.unflatten_dict(params, sep="/")
 
 
-def save_pretrained(model: Transformer, params, path, *, trunk_only: bool = False):
+def save_pretrained(model: Transformer, params, path, *, trunk_only: bool = False, classifier: bool = False,
+                    extra_config: dict | None = None):
     """Write config.json + model.safetensors that transformers loads.
 
-    LM models -> AutoModelForCausalLM (the family's *ForCausalLM, see `hf_model_type`). trunk_only=True
-    writes the base model (AutoModel: GPT2Model, LlamaModel, ...) and, for a scalar-head model, the
-    head as torch Linear(d_model, 1) tensors 'score.weight', 'score.bias' in score_head.safetensors.
+    LM models -> AutoModelForCausalLM (the family's *ForCausalLM, see `hf_model_type`).
+    Scalar-head (reward / value) models need trunk_only=True or classifier=True. classifier=True ->
+    AutoModelForSequenceClassification (the family's *ForSequenceClassification, num_labels 1):
+    the trunk plus the head's weight as the bias-free
+    `score` [1, d_model]; the head's own bias has no place there, so it goes (with the weight) in
+    score_head.safetensors as torch Linear(d_model, 1) tensors 'score.weight', 'score.bias', which
+    `load_pretrained(path, head='scalar')` reads. transformers' reward = logits[:, 0] + score.bias.
+    trunk_only=True writes the base model (AutoModel: GPT2Model, LlamaModel, ...) and, for a
+    scalar-head model, its head in score_head.safetensors only.
+    extra_config: keys added to config.json (token ids, a reward model's bias, ...).
     Call it on every process (params are gathered tensor by tensor); process 0 writes.
     """
     params = nn.unbox(params)  # also accept model.init(...) output, boxed with logical axes
     if set(params) == {"params"}:
         params = params["params"]
-    if model.head == "scalar" and not trunk_only:
+    if model.head == "scalar" and not (trunk_only or classifier):
         raise ValueError("a scalar-head (reward / value) model has no transformers LM equivalent; pass "
-                         "trunk_only=True to write the base model plus its head in " + SCORE_FILE)
+                         "classifier=True (a *ForSequenceClassification) or trunk_only=True (the base model plus "
+                         "its head in " + SCORE_FILE + ")")
+    if classifier and (trunk_only or model.head != "scalar"):
+        raise ValueError("classifier=True needs a scalar-head model and trunk_only=False")
     cfg, path = model.cfg, Path(path)
+    kind = "base" if trunk_only else "seq" if classifier else "lm"
     flat = traverse_util.flatten_dict(params, sep="/")
     specs = _specs(cfg, model.head)
     _check_table(specs, flat)
@@ -582,12 +622,14 @@ def save_pretrained(model: Transformer, params, path, *, trunk_only: bool = Fals
     if write:
         path.mkdir(parents=True, exist_ok=True)
         dtype = flat["embed/embedding"].dtype
-        (path / "config.json").write_text(json.dumps(_hf_config(cfg, trunk_only, dtype), indent=2) + "\n")
+        config = _hf_config(cfg, kind, dtype) | dict(extra_config or {})
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     prefix, lm_head = _PREFIX[cfg.arch], _HEAD[cfg.arch]
-    files = {"model.safetensors": [s for s in specs if not (s.hf == lm_head or s.hf.startswith("score."))
-                                   or (s.hf == lm_head and not trunk_only)],
-             SCORE_FILE: [s for s in specs if s.hf.startswith("score.")]}
+    score = [s for s in specs if s.hf.startswith("score.")]
+    files = {"model.safetensors": [s for s in specs if s not in score and (s.hf != lm_head or kind == "lm")]
+             + [s for s in score if kind == "seq" and s.hf == "score.weight"],
+             SCORE_FILE: score}
     for file, file_specs in files.items():
         if not file_specs:
             continue
@@ -607,6 +649,166 @@ def save_pretrained(model: Transformer, params, path, *, trunk_only: bool = Fals
 
 
 def load_tokenizer(path):
-    """Path of the directory's SentencePiece `tokenizer.model`, or None (e.g. GPT-2's BPE tokenizer.json)."""
-    file = Path(path) / "tokenizer.model"
-    return str(file) if file.exists() else None
+    """The tokenizer of a Hugging Face directory or one of our exports: `data.tokenizer.load_tokenizer`."""
+    from instructgpt_jax.data.tokenizer import load_tokenizer as load
+    return load(path)
+
+
+# --------------------------------------------------------------------------- a stage's export -> transformers
+
+
+_README = {
+    "lm": ("Exported by instructgpt_jax from {source} (stage {stage!r}).\n\n"
+           "Load with `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and "
+           "`transformers.AutoTokenizer.from_pretrained(DIR)`; the chat template is the one the run used "
+           "(tokenizer_config.json `chat_template`), and generation_config.json stops at every EOS id {eos}.\n"),
+    "rm": ("Reward model exported by instructgpt_jax from {source} (stage 'rm').\n\n"
+           "`transformers.AutoModelForSequenceClassification.from_pretrained(DIR)` (num_labels 1) is the trunk and "
+           "the scalar head's weight. reward = logits[:, 0] + config.json `reward_bias` ({reward_bias:.6g} = the "
+           "head's bias {score_bias:.6g} + the bias fitted so that the SFT demonstrations average 0, `rm_bias` "
+           "{rm_bias:.6g}). The reward is read at the last non-pad token, which must be the token that closes the "
+           "reply, exactly as in training: {format}. The base model alone: `AutoModel.from_pretrained(DIR)`; the "
+           "head with its bias: {score_file} (torch Linear(d_model, 1) tensors score.weight, score.bias).\n"),
+}
+
+
+def _fail(message: str):
+    from instructgpt_jax.errors import UserError
+    raise UserError(message)
+
+
+def export_stage(export, out, *, mesh=None) -> dict:
+    """Any stage's export (SFT / DPO / PPO policy, PPO EMA, or a reward model) -> a directory that
+    `transformers` loads: config.json + model.safetensors (AutoModelForCausalLM; a reward model:
+    AutoModelForSequenceClassification + score_head.safetensors, see `save_pretrained(classifier=True)`),
+    the run's tokenizer files with its chat template in tokenizer_config.json (AutoTokenizer),
+    generation_config.json (eos_token_id = [eos_id] + the other EOS ids, e.g. the template's end of turn),
+    and a README.md.
+
+    export: a stage workdir, its export/ or export_ema/ directory. Returns a summary dict.
+    """
+    from instructgpt_jax import checkpoints
+    from instructgpt_jax.data import prepare
+
+    path = checkpoints.export_path(os.fspath(export))
+    out = Path(out).absolute()
+    if out == Path(path) or Path(path) in out.parents:
+        _fail(f"--out={out} is inside the export {path}; choose another directory")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").exists())):
+        _fail(f"--out={out} exists and is not an empty directory or an earlier Hugging Face export; "
+              f"choose another directory")
+    meta = checkpoints.read_export_meta(path)
+    if "model" not in meta:
+        _fail(f"{path}/meta.json has no 'model' (not an instructgpt_jax export)")
+    rm = "rm_bias" in meta
+    cfg = ModelConfig.from_config(meta["model"])
+    try:
+        hf_model_type(cfg)
+    except ValueError as e:
+        _fail(f"{path}: {e}")
+    model = Transformer(cfg, head="scalar" if rm else "lm")
+    mesh = mesh or sharding.default_mesh()
+    params = checkpoints.load_params(path, model, mesh)
+
+    tok = None
+    if any(os.path.exists(os.path.join(path, f)) for f in prepare.TOKENIZER_FILES):
+        tok = load_tokenizer(path)
+    template = tok.chat_template if tok is not None else None
+    extra = {}
+    if tok is not None:
+        others = sorted(tok.eos_ids - {tok.eos_id})
+        extra = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        if tok.bos_id is not None:
+            extra["bos_token_id"] = tok.bos_id
+    summary = dict(source=path, out=str(out), stage=meta.get("stage", "?"), model_type=hf_model_type(cfg),
+                   kind="rm" if rm else "lm", tokenizer=tok is not None, chat_template=template is not None)
+    if rm:
+        score_bias = float(np.asarray(sharding.to_host(params["scalar_head"]["bias"])).reshape(-1)[0])
+        extra.update(rm_bias=float(meta["rm_bias"]), score_bias=score_bias,
+                     reward_bias=score_bias + float(meta["rm_bias"]))
+        summary.update(reward_bias=extra["reward_bias"], rm_bias=extra["rm_bias"])
+    save_pretrained(model, params, out, classifier=rm, extra_config=extra)
+    if jax.process_index() != 0:
+        return summary
+    for stale in ("generation_config.json", "tokenizer.json", "tokenizer.model", "chat_template.jinja"):
+        if (out / stale).exists():  # from an earlier export into the same directory
+            (out / stale).unlink()
+    if tok is not None:
+        tok.save(str(out))
+        tc_path = out / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text())
+        if template is not None:  # where AutoTokenizer looks (and where chat_template.jinja, if written, agrees)
+            tc["chat_template"] = template
+        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+        gen = dict(eos_token_id=[tok.eos_id] + others, pad_token_id=tok.pad_id)
+        if tok.bos_id is not None:
+            gen["bos_token_id"] = tok.bos_id
+        if not rm:
+            (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if rm:
+        fmt = ("the chat template rendering the prompt conversation plus the reply as the assistant's turn, cut "
+               "after that turn's end-of-turn token" if template is not None else
+               "BOS (when the tokenizer adds one) + prompt + reply + EOS")
+        text = _README["rm"].format(source=path, reward_bias=extra["reward_bias"], score_bias=extra["score_bias"],
+                                    rm_bias=extra["rm_bias"], format=fmt, score_file=SCORE_FILE)
+    else:
+        eos = ([tok.eos_id] + others) if tok is not None else "(no tokenizer in the export)"
+        text = _README["lm"].format(source=path, stage=summary["stage"], eos=eos)
+    (out / "README.md").write_text(text)
+    return summary
+
+
+def _cli():
+    """`python -m instructgpt_jax.hf --export=WORKDIR --out=DIR`: mistakes print one line `error: ...` and
+    exit with status 2 (--debug or INSTRUCTGPT_DEBUG=1 shows the traceback), as the main command line does."""
+    import sys
+
+    from absl import app, flags
+
+    from instructgpt_jax import errors
+
+    flags.DEFINE_string("export", None, "A stage's workdir, or its export/ or export_ema/ directory.")
+    flags.DEFINE_string("out", None, "Directory to write (transformers' from_pretrained reads it).")
+    flags.DEFINE_bool("debug", False, f"Show the traceback of an error; also {errors.DEBUG_ENV}=1.")
+
+    def debug(argv) -> bool:
+        env = os.environ.get(errors.DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+        return env or any(a in ("--debug", "-debug", "--debug=true", "--debug=1") for a in argv[1:])
+
+    def fail(message: str):
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(errors.EXIT_STATUS)
+
+    def parse(argv):
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.Error as e:
+            if debug(argv):
+                raise
+            fail(errors.one_line(e))
+        if len(rest) > 1:
+            fail(f"unexpected arguments {rest[1:]}; usage: python -m instructgpt_jax.hf --export=WORKDIR --out=DIR")
+        for name in ("export", "out"):
+            if not flags.FLAGS[name].value:
+                fail(f"--{name} is required; usage: python -m instructgpt_jax.hf --export=WORKDIR --out=DIR")
+        return rest
+
+    def main(argv):
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)
+        try:
+            s = export_stage(flags.FLAGS.export, flags.FLAGS.out)
+        except errors.USER_ERRORS as e:
+            if debug(argv):
+                raise
+            fail(errors.one_line(e))
+        what = "reward model (AutoModelForSequenceClassification)" if s["kind"] == "rm" else \
+            "AutoModelForCausalLM"
+        print(f"exported {s['source']} ({s['stage']}) to {s['out']}: {s['model_type']} {what}"
+              + ("" if s["tokenizer"] else "; no tokenizer in the export"))
+
+    app.run(main, flags_parser=parse)
+
+
+if __name__ == "__main__":
+    _cli()
