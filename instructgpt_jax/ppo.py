@@ -185,6 +185,8 @@ def ema_params(state, decay: float):
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Run the RL stage; exports the policy (and its bias-corrected EMA). Resumes from `workdir`."""
+    from instructgpt_jax import hf
+    config = hf.with_checkpoint_model(config)  # init.hf_path: config.model follows the checkpoint SFT started from
     cfg = config.ppo
     critic_free = cfg.advantage_estimator != "gae"
     # --- mesh

@@ -63,6 +63,8 @@ def demonstration_bias(rm: scoring.RewardModel, data: prepare.StageData, config,
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Train the reward model; export params with the fitted bias. Resumes from `workdir`."""
+    from instructgpt_jax import hf
+    config = hf.with_checkpoint_model(config)  # init.hf_path: config.model follows the checkpoint SFT started from
     # --- mesh
     mesh = sharding.make_mesh(config.mesh)
     sharding.batch_size_per_process(config.train.batch_size, mesh)
