@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import functools
+import json
 
 import grain
 import numpy as np
@@ -283,7 +284,9 @@ def prompt_example(row: dict, tok, *, max_prompt_len: int, chat_template=None) -
     mask = np.zeros(max_prompt_len, np.int32)
     tokens[max_prompt_len - len(prompt) :] = prompt
     mask[max_prompt_len - len(prompt) :] = 1
-    piece = {"prompt_tokens": tokens, "prompt_mask": mask, "prompt_text": _text(row["prompt"])}
+    conversation = json.dumps(list(row.get("messages") or []), ensure_ascii=False) if row.get("messages") else ""
+    piece = {"prompt_tokens": tokens, "prompt_mask": mask, "prompt_text": _text(row["prompt"]),
+             "prompt_messages": conversation}  # the conversation as JSON ('' = plain prompt), for a re-tokenizing RM
     return {"pieces": [piece], "stats": _stats(examples=1, cropped_prompts=int(cropped))}
 
 
@@ -347,18 +350,21 @@ def _from_packed(row: dict) -> dict:
     }
 
 
+_TEXT_KEYS = ("prompt_text", "prompt_messages")  # host-side strings: object arrays, never sent to devices
+
+
 def _stack(rows: Sequence[dict], batch_size: int, pad: bool) -> dict:
     """Stacks rows into a batch; when `pad`, fills it up with all-zero rows (every
     mask 0, PAD tokens, empty prompt text) so a final partial batch keeps its shape."""
     rows = list(rows)
     if pad and len(rows) < batch_size:
-        blank = {k: ("" if k == "prompt_text" else np.zeros_like(v)) for k, v in rows[0].items()}
+        blank = {k: ("" if k in _TEXT_KEYS else np.zeros_like(v)) for k, v in rows[0].items()}
         rows += [blank] * (batch_size - len(rows))
     out = {}
     for k in rows[0]:
         if k == "stats":
             out[k] = np.sum([r[k] for r in rows], axis=0)
-        elif k == "prompt_text":
+        elif k in _TEXT_KEYS:
             out[k] = np.empty(len(rows), object)
             out[k][:] = [r[k] for r in rows]
         else:
