@@ -210,17 +210,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     checkpoints.check_model_matches(checkpoints.read_export_meta(sft)["model"], config.model, sft)
     policy = Transformer(ModelConfig.from_config(config.model))
     reference = checkpoints.load_params(sft, policy, mesh)
-    rm_model, rm_params, rm_bias = None, None, 0.0
+    rm_model, rm_params, rm_bias, retokenize = None, None, 0.0, None
     if cfg.rm_workdir:
         rm = scoring.RewardModel.load(cfg.rm_workdir, mesh)
         rm_model, rm_params, rm_bias = rm.model, rm.params, rm.bias
+        # an RM with another tokenizer scores decoded responses re-encoded host-side (None: the same tokenizer)
+        retokenize = scoring.Retokenizer.load(cfg.rm_workdir, rm, tok)
     verifier = load_verifier(cfg.verifier) if cfg.reward == "verifier" else None
     policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps, updates_per_iteration)
     value_model, value_params, value_tx = None, None, None
     if not critic_free:
-        if rm_model is not None:
+        if rm_model is not None and retokenize is None:
             value_model, value_params = rm_model, rm_params
-        else:  # no RM (verifier reward): the SFT trunk with a fresh scalar head
+        else:  # no RM (verifier reward), or one reading other tokens: the SFT trunk with a fresh scalar head
             value_model = Transformer(policy.cfg, head="scalar")
             value_params = checkpoints.init_with_trunk(value_model, policy, mesh, jax.random.PRNGKey(config.seed), sft)
         value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps, updates_per_iteration)
@@ -256,7 +258,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         """Sample and score one batch; returns (rollout arrays for the update, metrics)."""
         prompts = {k: np.repeat(v, g, axis=0) for k, v in prompts.items()}  # group_size samples per prompt
         glob = sharding.host_to_global(prompts, mesh)
-        params = {"policy": state["policy"]["params"], "reference": reference, "rm": rm_params,
+        params = {"policy": state["policy"]["params"], "reference": reference,
+                  "rm": rm_params if retokenize is None else None,
                   "value": state["value"]["params"] if "value" in state else None}
         parts = []
         for c in range(0, b, chunk):
@@ -265,7 +268,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
             s["prompt_mask"] = glob["prompt_mask"][c:c + chunk]
             parts.append(dict(s, **forward(params, s)))
         s = {k: jnp.concatenate([x[k] for x in parts]) for k in parts[0] if k != "logits"}
-        scores = verifier_scores(prompts, s) if verifier is not None else s["scores"]
+        if retokenize is not None:
+            local = b // jax.process_count()
+            start = jax.process_index() * local
+            scores = retokenize(tok, prompts, sharding.to_host(s["response"])[start:start + local], mesh)
+        else:
+            scores = verifier_scores(prompts, s) if verifier is not None else s["scores"]
         adv, returns, metrics = advantages_fn(scores, s["old_logp"], s["ref_logp"], s.get("values"),
                                               s["response_mask"], s["ended"], state["kl_beta"])
         tokens, positions, segments = scoring.sequence_inputs(s["tokens"], s["prompt_mask"], s["response_mask"])

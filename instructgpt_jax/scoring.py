@@ -140,3 +140,65 @@ class RewardModel:
 
 
 _jit_score = jax.jit(score, static_argnames="model")
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers give the same ids to every text: same backend file (tokenizer.json /
+    tokenizer.model bytes), vocabulary, BOS and BOS rule. (EOS sets may differ: a template's end of turn.)"""
+    return (type(a) is type(b) and a._backend_files() == b._backend_files() and a.vocab_size == b.vocab_size
+            and a.bos_id == b.bos_id and a.add_bos == b.add_bos)
+
+
+@dataclasses.dataclass
+class Retokenizer:
+    """Scores rollouts with a reward model whose tokenizer differs from the policy's: each response is
+    decoded with the policy's tokenizer (up to its first EOS), then the prompt (its conversation, or its
+    text) + response are encoded with the RM's tokenizer and chat template exactly as in RM training
+    (`iterators.scoring_example`: the reply closed by the RM's end-of-turn / EOS), host-side."""
+    rm: RewardModel
+    tokenizer: object        # the RM's, its eos_ids holding its template's end of turn
+    chat_template: object    # the RM's (None: plain BOS + prompt + response + EOS)
+    seq_len: int
+    max_prompt_len: int
+
+    @classmethod
+    def load(cls, rm_path: str, rm: RewardModel, policy_tokenizer) -> "Retokenizer | None":
+        """None when the RM's export holds the policy's tokenizer (or none: then it is the policy's)."""
+        import json
+        import os
+
+        from instructgpt_jax.data import chat, prepare
+        from instructgpt_jax.data.tokenizer import load_tokenizer
+        export = checkpoints.export_path(rm_path)
+        if not any(os.path.exists(os.path.join(export, f)) for f in prepare.TOKENIZER_FILES):
+            return None
+        tok = load_tokenizer(export)
+        if same_tokenizer(tok, policy_tokenizer):
+            return None
+        template_file = os.path.join(export, prepare.TEMPLATE_FILE)
+        template = chat.resolve(template_file if os.path.exists(template_file) else "none", tok)
+        tok = chat.with_end_of_turn(tok, template)
+        # the RM's own row shape, from its stage's config.json (rows as it was trained on)
+        cfg_path = os.path.join(os.path.dirname(export), "config.json")
+        data = json.load(open(cfg_path)).get("data", {}) if os.path.exists(cfg_path) else {}
+        seq_len = int(data.get("seq_len") or rm.model.cfg.max_len)
+        return cls(rm, tok, template, seq_len, int(data.get("max_prompt_len") or seq_len // 2))
+
+    def rows(self, policy_tokenizer, prompt_texts, prompt_messages, responses) -> dict:
+        """Scored rows [b, seq_len] (tokens, segment_ids, positions, last_index) in the RM's tokens.
+        prompt_messages[i]: the conversation as JSON ('' = the plain prompt_texts[i]); responses [b, N] ids."""
+        import json
+
+        from instructgpt_jax.data import iterators
+        rows = [iterators.scoring_example(
+            p, policy_tokenizer.decode(r), self.tokenizer, seq_len=self.seq_len, max_prompt_len=self.max_prompt_len,
+            chat_template=self.chat_template, messages=json.loads(m) if m else None)
+            for p, m, r in zip(prompt_texts, prompt_messages, np.asarray(responses))]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def __call__(self, policy_tokenizer, prompts: dict, responses, mesh) -> jax.Array:
+        """Rewards (bias included) of this process's rows -> a global [b] array. prompts: this process's
+        prompt batch (prompt_text, prompt_messages); responses: this process's [b, N] response ids."""
+        batch = self.rows(policy_tokenizer, prompts["prompt_text"], prompts["prompt_messages"], responses)
+        batch = sharding.host_to_global(batch, mesh)
+        return self.rm(batch["tokens"], batch["segment_ids"], batch["positions"], batch["last_index"])
