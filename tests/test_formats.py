@@ -7,6 +7,7 @@ kind, all module-scoped: TFDS builds dominate the runtime.
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -38,6 +39,7 @@ def loaded(data_dir, kind, split):
         if "ranks" in r:
             assert r["ranks"].dtype.name == "int32"
             r["ranks"] = r["ranks"].tolist()
+            assert r.pop("completion_ids") == []  # no file here gives token ids
     return rows
 
 
@@ -271,3 +273,25 @@ def test_file_level_errors(tmp_path):
         builders.build("text", {"train": str(tmp_path / "missing.jsonl")}, str(tmp_path / "d"))
     with pytest.raises(UserError, match="unknown data kind 'txt'; valid kinds: text, demonstrations"):
         builders.build("txt", {"train": str(tmp_path / "t.csv")}, str(tmp_path / "d"))
+
+
+def test_comparisons_keep_their_token_ids(tmp_path):
+    """Sampled completions keep their ids: the RM trains on the ids PPO sampled, not on a re-encoding."""
+    from instructgpt_jax.data import builders, iterators
+    from instructgpt_jax.data.tokenizer import train_tokenizer
+    path = tmp_path / "c.jsonl"
+    rows = [{"prompt": "Q: x\nA:", "completions": ["a b", "c"], "ranks": [0, 1], "completion_ids": [[7, 8, 9], [10]]},
+            {"prompt": "Q: y\nA:", "completions": ["d", "e"], "ranks": [1, 0]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    builders.build("comparisons", {"train": str(path)}, str(tmp_path / "tfds"))
+    src = builders.load("comparisons", str(tmp_path / "tfds"), "train")
+    assert src[0]["completion_ids"] == [[7, 8, 9], [10]] and src[1]["completion_ids"] == []
+    tok = train_tokenizer(["Q: x A: a b c d e y"] * 20, str(tmp_path / "sp.model"), 300)
+    ex = iterators.comparison_example(src[0], tok, seq_len=16, max_prompt_len=8, max_k=2)["pieces"][0]
+    p = int(ex["prompt_len"][0])
+    np.testing.assert_array_equal(ex["tokens"][0, p:p + 4], [7, 8, 9, tok.eos_id])
+    np.testing.assert_array_equal(ex["tokens"][1, p:p + 2], [10, tok.eos_id])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(rows[0], completion_ids=[[1]])) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'completion_ids' must be one list of token ids"):
+        builders.build("comparisons", {"train": str(bad)}, str(tmp_path / "tfds2"))

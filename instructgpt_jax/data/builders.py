@@ -26,9 +26,11 @@ Shapes recognised per kind, and the canonical row each becomes (what `Source[i]`
                   {messages} (or a message-list prompt)    -> {prompt: "", messages}
                     (a conversation to continue: trailing assistant turns are dropped; a string
                     `prompt` wins when both are present)
-  comparisons     -> {prompt, messages, completions: [K str], ranks: [K int]}, ranks 0 = best,
-                  equal ranks tie; messages == [] when the prompt is plain text, else the
-                  prompt conversation (then prompt == ""):
+  comparisons     -> {prompt, messages, completions: [K str], ranks: [K int], completion_ids},
+                  ranks 0 = best, equal ranks tie; messages == [] when the prompt is plain text,
+                  else the prompt conversation (then prompt == ""); completion_ids: optional
+                  [K [ids]], the completions' own token ids (sampled ids: the iterators use them
+                  instead of re-encoding the text, which need not give them back), [] when absent:
                   {prompt, completions: [K str], ranks: [K]}
                   {prompt, chosen, rejected}: chosen / rejected strings or message lists ending
                     with the assistant's reply; turns before that reply, when given, must agree
@@ -69,7 +71,7 @@ import tensorflow_datasets as tfds
 from instructgpt_jax.errors import MissingFileError, UserError
 
 KINDS = ("text", "demonstrations", "comparisons", "prompts")
-_FORMAT_VERSION = "2"  # bump when validation/normalisation changes the stored rows
+_FORMAT_VERSION = "3"  # bump when validation/normalisation changes the stored rows
 _SPLIT_RE = re.compile(r"^\w+$")
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
@@ -78,7 +80,7 @@ FIELDS = {
     "text": ("text",),
     "demonstrations": ("prompt", "response", "messages"),
     "prompts": ("prompt", "messages"),
-    "comparisons": ("prompt", "completions", "ranks", "chosen", "rejected"),
+    "comparisons": ("prompt", "completions", "ranks", "chosen", "rejected", "completion_ids"),
 }
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 SCORE_KEYS = ("overall_score", "fine-grained_score", "annotations", "ratings")  # UltraFeedback, in order
@@ -345,7 +347,13 @@ def _comparison(row: _Row, max_k: int) -> dict:
         raise row.error(f"{len(completions)} completions exceed max_k={max_k}")
     if any(not -(2**31) <= r < 2**31 for r in ranks):
         raise row.error(f"field {row.name('ranks')} values must fit in int32")
-    return {"prompt": prompt, "messages": messages, "completions": completions, "ranks": ranks}
+    ids = row.list("completion_ids") if "completion_ids" in row else []
+    if ids and (len(ids) != len(completions) or not all(
+            isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x) for x in ids)):
+        raise row.error(f"field {row.name('completion_ids')} must be one list of token ids per completion "
+                        f"({len(completions)})")
+    return {"prompt": prompt, "messages": messages, "completions": completions, "ranks": ranks,
+            "completion_ids": ids}
 
 
 def validate_row(kind: str, obj, where: str, max_k: int = 9, fields: Mapping[str, str] | None = None) -> dict:
@@ -438,8 +446,9 @@ def read_rows(path: str, kind: str, max_k: int = 9, fields: Mapping[str, str] | 
 
 def _encode(row: dict) -> dict:
     """Canonical row -> TFDS example: the conversation as a JSON string ('' when there is none)."""
-    if "messages" in row:
-        row = dict(row, messages=json.dumps(row["messages"], ensure_ascii=False) if row["messages"] else "")
+    for key in ("messages", "completion_ids"):
+        if key in row:
+            row = dict(row, **{key: json.dumps(row[key], ensure_ascii=False) if row[key] else ""})
     return row
 
 
@@ -457,6 +466,7 @@ def _features(kind: str) -> tfds.features.FeaturesDict:
             "messages": text(),  # the prompt conversation as JSON, '' when the prompt is plain text
             "completions": tfds.features.Sequence(text()),
             "ranks": tfds.features.Sequence(np.int32),
+            "completion_ids": text(),  # the completions' token ids as JSON (sampled ids), '' when absent
         }
     return tfds.features.FeaturesDict(spec)
 
@@ -619,7 +629,7 @@ class Source:
     def _decode(self, row: dict) -> dict:
         out = {}
         for k, v in row.items():
-            if k == "messages":
+            if k in ("messages", "completion_ids"):
                 v = v.decode("utf-8") if isinstance(v, bytes) else v
                 v = json.loads(v) if v else []
             elif isinstance(v, bytes):

@@ -241,6 +241,9 @@ def comparison_example(
         return {"pieces": [], "stats": _stats(examples=1, skipped_no_untied_pair=1)}
     template, tok = _template(chat_template, tok)
     parts = [_scored_parts(row, c, tok, template, max_prompt_len) for c in completions]
+    if row.get("completion_ids"):  # the sampled ids themselves: no decode -> encode round trip
+        parts = [(p, c, list(ids), tok.eos_id if end is None else end)
+                 for (p, c, _, end), ids in zip(parts, row["completion_ids"])]
     cropped = any(p[1] for p in parts)
     out = {
         "tokens": np.zeros((max_k, seq_len), np.int32),
