@@ -735,6 +735,10 @@ def export_stage(export, out, *, mesh=None) -> dict:
             (out / stale).unlink()
     if tok is not None:
         tok.save(str(out))
+        # transformers takes any file named *tokenizer.json for the tokenizer (Gemma then maps every text to unk):
+        # our resolved-ids file stays out; tokenizer_config / generation_config carry the same ids
+        from instructgpt_jax.data.tokenizer import META_FILE
+        (out / META_FILE).unlink(missing_ok=True)
         tc_path = out / "tokenizer_config.json"
         tc = json.loads(tc_path.read_text())
         if template is not None:  # where AutoTokenizer looks (and where chat_template.jinja, if written, agrees)
