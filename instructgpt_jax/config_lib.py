@@ -196,7 +196,7 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     config.mesh = mesh_config()
     config.init = ml_collections.ConfigDict(dict(
         from_workdir="",   # previous stage's workdir (its export/ is loaded); '' = none
-        hf_path="",        # local Hugging Face directory to start from (pretrain / SFT only)
+        hf_path="",        # local Hugging Face directory: SFT starts from it; later stages take config.model from it
     ))
     return config
 

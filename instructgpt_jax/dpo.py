@@ -37,6 +37,8 @@ def loss_fn(params, batch, rng, reference, *, model, beta, loss_type):
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Train the policy with the DPO family from the SFT export; exports it like SFT. Resumes."""
+    from instructgpt_jax import hf
+    config = hf.with_checkpoint_model(config)  # init.hf_path: config.model follows the checkpoint SFT started from
     # --- mesh
     mesh = sharding.make_mesh(config.mesh)
     sharding.batch_size_per_process(config.train.batch_size, mesh)

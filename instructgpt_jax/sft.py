@@ -30,8 +30,7 @@ def from_hf_checkpoint(config: ml_collections.ConfigDict) -> ml_collections.Conf
     """config.init.hf_path set: config.model follows the checkpoint's config.json, and the checkpoint's
     own tokenizer (tokenizer.model or tokenizer.json) becomes the tokenizer unless one is given."""
     from instructgpt_jax import hf
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.update(hf.model_config_dict(config.init.hf_path))
+    config = hf.with_checkpoint_model(config)
     if not config.data.tokenizer:
         if not any(os.path.exists(os.path.join(config.init.hf_path, f)) for f in prepare.TOKENIZER_FILES):
             raise UserError(f"{config.init.hf_path} has no tokenizer (tokenizer.model or tokenizer.json); "

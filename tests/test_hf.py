@@ -236,9 +236,12 @@ def test_pickle_checkpoints_are_refused(ckpt, tmp_path):
 
 
 def test_load_tokenizer(tmp_path):
-    assert hf.load_tokenizer(tmp_path) is None
-    (tmp_path / "tokenizer.model").write_bytes(b"")
-    assert hf.load_tokenizer(tmp_path) == str(tmp_path / "tokenizer.model")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+        hf.load_tokenizer(tmp_path)
+    from instructgpt_jax.data.tokenizer import Tokenizer, train_tokenizer
+    train_tokenizer(["a b c d e f g"] * 50, str(tmp_path / "tokenizer.model"), 300)
+    tok = hf.load_tokenizer(tmp_path)
+    assert isinstance(tok, Tokenizer) and tok.eos_id == 3 and tok.pad_id == 0
 
 
 # --------------------------------------------------------------------------- sharded load
