@@ -46,7 +46,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
 
     # --- data: the reward model's comparisons (no demonstrations: DPO has no bias to fit)
     data = prepare.prepare_comparisons(config, workdir, builtin_data, demonstrations=False)
-    train_iter = data.train_iterator()
     sft = checkpoints.previous_export(config)
     if not sft:
         raise UserError("config.init.from_workdir must name the SFT stage's workdir (policy and frozen reference)")
@@ -57,24 +56,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     reference = checkpoints.load_params(sft, model, mesh)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
-    policy = jax.tree.map(jnp.copy, reference)  # a copy: the train state is donated, the reference is not
-    state, state_shardings = train_lib.place_and_resume(train_lib.new_state(policy, tx), mesh, manager,
-                                                        train_iter.set_state)
+    params = jax.tree.map(jnp.copy, reference)  # the policy: a copy, since the train state is donated
 
-    # --- step
-    objective = functools.partial(loss_fn, model=model, beta=config.dpo.beta, loss_type=config.dpo.loss_type)
-    step_fn = train_lib.jit_train_step(
-        functools.partial(train_lib.train_step, loss_fn=objective, tx=tx, grad_accum=config.train.grad_accum),
-        state_shardings, mesh, frozen=reference)
-    eval_fn = train_lib.jit_eval_step(objective, mesh)
-
-    # --- loop
-    state, last = train_lib.fit(
-        config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
-        step=train_lib.batches_step(step_fn, train_iter, mesh, rng), data_state=train_iter.get_state,
-        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len,
-        evaluate_fn=lambda s: train_lib.evaluate(eval_fn, s["params"], data.eval_iterator(), mesh,
-                                                 config.train.eval_batches, frozen=reference))
+    # --- step + loop: the generic train step on this stage's loss, the shared loop
+    state, last = train_lib.run_supervised(
+        config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
+        loss_fn=functools.partial(loss_fn, model=model, beta=config.dpo.beta, loss_type=config.dpo.loss_type),
+        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len, frozen=reference)
 
     # --- save: the policy, loadable wherever an SFT export is
     checkpoints.export(workdir, state["params"], save_tokenizer=data.save_tokenizer, meta={

@@ -72,7 +72,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
 
     # --- data
     data = prepare.prepare_comparisons(config, workdir, builtin_data)
-    train_iter = data.train_iterator()
     sft_export = checkpoints.previous_export(config)
     if sft_export:
         checkpoints.check_model_matches(checkpoints.read_export_meta(sft_export)["model"], config.model, sft_export)
@@ -85,23 +84,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     resuming = manager.latest_step() is not None
     # The scalar head starts at N(0, 1/sqrt(d+1)), bias 0; the trunk from SFT.
     params = checkpoints.init_with_trunk(model, Transformer(model_cfg), mesh, rng, None if resuming else sft_export)
-    state, state_shardings = train_lib.place_and_resume(train_lib.new_state(params, tx), mesh, manager,
-                                                        train_iter.set_state)
 
-    # --- step
-    objective = functools.partial(loss_fn, model=model)
-    step_fn = train_lib.jit_train_step(
-        functools.partial(train_lib.train_step, loss_fn=objective, tx=tx, grad_accum=config.train.grad_accum),
-        state_shardings, mesh)
-    eval_fn = train_lib.jit_eval_step(objective, mesh)
-
-    # --- loop
-    state, last = train_lib.fit(
-        config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
-        step=train_lib.batches_step(step_fn, train_iter, mesh, rng), data_state=train_iter.get_state,
-        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len,
-        evaluate_fn=lambda s: train_lib.evaluate(eval_fn, s["params"], data.eval_iterator(), mesh,
-                                                 config.train.eval_batches))
+    # --- step + loop: the generic train step on this stage's loss, the shared loop
+    state, last = train_lib.run_supervised(
+        config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
+        loss_fn=functools.partial(loss_fn, model=model),
+        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len)
 
     # --- bias: demonstrations average 0 (the paper normalises the RM before RL)
     with sharding.use(mesh):

@@ -51,7 +51,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
 
     # --- data
     data = prepare.prepare(config, workdir, "text" if config.stage == "pretrain" else "demonstrations", builtin_data)
-    train_iter = data.train_iterator()
     model_cfg = ModelConfig.from_config(config.model)
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"tokenizer has {data.tokenizer.vocab_size} tokens but config.model.vocab_size="
@@ -71,23 +70,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         _, params = hf.load_pretrained(config.init.hf_path, mesh=mesh)
     else:
         params = sharding.init_model(model, rng, mesh)
-    state, state_shardings = train_lib.place_and_resume(train_lib.new_state(params, tx), mesh, manager,
-                                                        train_iter.set_state)
 
-    # --- step
-    objective = functools.partial(loss_fn, model=model)
-    step_fn = train_lib.jit_train_step(
-        functools.partial(train_lib.train_step, loss_fn=objective, tx=tx, grad_accum=config.train.grad_accum),
-        state_shardings, mesh)
-    eval_fn = train_lib.jit_eval_step(objective, mesh)
-
-    # --- loop
-    state, last = train_lib.fit(
-        config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
-        step=train_lib.batches_step(step_fn, train_iter, mesh, rng), data_state=train_iter.get_state,
-        units_per_step=config.train.batch_size * config.data.seq_len,
-        evaluate_fn=lambda s: train_lib.evaluate(eval_fn, s["params"], data.eval_iterator(), mesh,
-                                                 config.train.eval_batches))
+    # --- step + loop: the generic train step on this stage's loss, the shared loop
+    state, last = train_lib.run_supervised(
+        config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
+        loss_fn=functools.partial(loss_fn, model=model),
+        units_per_step=config.train.batch_size * config.data.seq_len)
 
     # --- save: params-only export for the next stage
     checkpoints.export(workdir, state["params"], meta={"stage": config.stage, "model": config.model.to_dict(),

@@ -315,3 +315,22 @@ def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callabl
         manager.close()
         writer.close()
     return state, last
+
+
+def run_supervised(*, config, workdir: str, mesh, manager, params, tx, loss_fn, data, rng, units_per_step: float,
+                   frozen=None):
+    """Step + loop of a stage that trains one params tree on batches (SFT, pretraining, RM, DPO).
+
+    The train state starts from `params` (or the workdir's checkpoint, with the data position), the
+    generic `train_step` is jitted on `loss_fn` with `frozen` bound, and `fit` runs it, evaluating on
+    `data`'s eval split every `train.eval_every` steps and at the end. Returns (state, last metrics)."""
+    train_iter = data.train_iterator()
+    state, shardings = place_and_resume(new_state(params, tx), mesh, manager, train_iter.set_state)
+    step_fn = jit_train_step(functools.partial(train_step, loss_fn=loss_fn, tx=tx, grad_accum=config.train.grad_accum),
+                             shardings, mesh, frozen)
+    eval_fn = jit_eval_step(loss_fn, mesh)
+    return fit(config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
+               step=batches_step(step_fn, train_iter, mesh, rng), data_state=train_iter.get_state,
+               units_per_step=units_per_step,
+               evaluate_fn=lambda s: evaluate(eval_fn, s["params"], data.eval_iterator(), mesh,
+                                              config.train.eval_batches, frozen))
