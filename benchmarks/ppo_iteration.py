@@ -1,7 +1,7 @@
 """Time per PPO iteration, split into rollout (sampling) / scoring / update: ours vs TRL's PPOTrainer.
 
-    python benchmarks/ppo_iteration.py [--shapes tiny,gpt2] [--batch 16] [--minibatch 8] [--epochs 1]
-                                       [--prompt 32] [--response 96] [--reps 3] [--no-trl]
+    python benchmarks/ppo_iteration.py [--shapes tiny,gpt2] [--batch 16] [--minibatch 8] [--chunk 0]
+                                       [--epochs 1] [--prompt 32] [--response 96] [--reps 3] [--no-trl]
 
 One iteration = sample `--batch` responses of exactly `--response` tokens (no EOS stopping on either
 side) to left-padded random prompts, score them (reference log-probs, values, reward-model score,
@@ -10,13 +10,18 @@ the value model. Policy and reference have the `--shapes` preset's shape (`gpt2`
 reward and value models are the same shape with a scalar head. Random weights, identical in both
 frameworks (ours written with `hf.save_pretrained`, loaded by transformers). No ptx term (TRL has none).
 
-Ours: exactly the pieces `ppo.train` runs (`sampling.make_sampler`, `ppo.rollout_stats` jitted,
-`ppo.update_step` jitted with donated state, on the stage's mesh), config from `configs/ppo.py`.
-rollout = the sampler call; scoring = `rollout_stats` (+ its metrics read back to the host, as the
-loop does); update = all minibatch steps (+ metrics to the host, KL-controller update).
+Ours: exactly the pieces `ppo.train` runs, config from `config_lib.load('ppo', preset)`, on the
+stage's mesh: `sampling.make_sampler` called on chunks of `--chunk` rows (`ppo.rollout_chunk`; 0 = the
+minibatch size) with each row's index as its `row_ids`, `ppo.rollout_forward` jitted on the same
+chunks, `ppo.advantages` jitted, then `ppo.update_step` jitted with the state donated.
+rollout = the sampler calls; scoring = `rollout_forward` + `advantages` + the update batch (+ the
+metrics read back to the host, as the loop does); update = all minibatch steps (+ metrics to the host,
+KL-controller update). `ppo.train` dispatches each chunk's forward pass right after its sampler call;
+here all sampler calls are waited for first, so that the two phases can be timed apart (the same work).
 
 TRL (`trl.experimental.ppo.PPOTrainer`, the last release that has it is trl 1.12; removed in 1.13):
-one `trainer.train()` call of one iteration (total_episodes = batch), phases timed by wrapping the
+one `trainer.train()` call of one iteration (total_episodes = batch; it samples and scores in chunks of
+the same `--chunk` rows, its `local_rollout_forward_batch_size`), phases timed by wrapping the
 trainer module's `batch_generation` (rollout) and its first gradient-mode `forward` (start of the
 update); scoring is the time between them, update runs to the end of the step (on_step_end).
 TRL keeps the sampling logits and does not recompute the policy's log-probs; ours does, with one
@@ -29,7 +34,6 @@ at the last shape (> 1: ours is faster), or the ours-only total when TRL cannot 
 import argparse
 import contextlib
 import functools
-import importlib.util
 import io
 import os
 import tempfile
@@ -39,80 +43,101 @@ import common
 import jax
 import jax.numpy as jnp
 
-from instructgpt_jax import config_lib, ppo, rl, sampling, sharding, train_lib
+from instructgpt_jax import config_lib, ppo, rl, sampling, scoring, sharding, train_lib
 from instructgpt_jax.models import Transformer
 
 
 def ppo_config(preset, args):
-    spec = importlib.util.spec_from_file_location("ppo_config", os.path.join(common.ROOT, "configs", "ppo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return config_lib.replace(mod.get_config(preset), **{
-        "train.batch_size": args.batch, "ppo.minibatch_size": args.minibatch, "ppo.ppo_epochs": args.epochs,
-        "data.max_prompt_len": args.prompt, "ppo.max_new_tokens": args.response, "ppo.ptx_coef": 0.0,
-        "train.progress": False})
+    return config_lib.load("ppo", preset, **{
+        "train.batch_size": args.batch, "ppo.minibatch_size": args.minibatch, "ppo.rollout_chunk": args.chunk,
+        "ppo.ppo_epochs": args.epochs, "data.max_prompt_len": args.prompt, "ppo.max_new_tokens": args.response,
+        "ppo.ptx_coef": 0.0, "train.progress": False})
 
 
 class Ours:
-    """ppo.train's rollout / scoring / update, one iteration per call, phases timed separately."""
+    """ppo.train's rollout / scoring / update, one iteration per call, phases timed separately.
+    The reward model is also the value model's init, as in `ppo.train` with an RM of the policy's tokenizer."""
 
     def __init__(self, config, cfg):
         self.config, cfg_ppo = config, config.ppo
         self.mesh = mesh = sharding.make_mesh(config.mesh)
+        b = config.train.batch_size
+        self.chunk = cfg_ppo.rollout_chunk or cfg_ppo.minibatch_size
+        if b % cfg_ppo.minibatch_size or b % self.chunk:
+            raise SystemExit(f"--batch {b} must be a multiple of --minibatch and --chunk")
         policy, rm_model = Transformer(cfg), Transformer(cfg, head="scalar")
-        dummy = jnp.zeros((1, 8), jnp.int32)
-        sft_params, _ = sharding.init_sharded(lambda r: policy.init(r, dummy)["params"], jax.random.PRNGKey(0), mesh)
-        rm_params, _ = sharding.init_sharded(lambda r: rm_model.init(r, dummy)["params"], jax.random.PRNGKey(1), mesh)
-        self.m = m = {"policy": policy, "rm_model": rm_model, "sft_params": sft_params, "rm_params": rm_params,
-                      "rm_bias": 0.0}
-        policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
-        value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps)
-        self.state, shardings = sharding.place(ppo.init_state(m, policy_tx, value_tx, config), mesh)
+        sft_params = sharding.init_model(policy, jax.random.PRNGKey(0), mesh)
+        rm_params = sharding.init_model(rm_model, jax.random.PRNGKey(1), mesh)
+        self.m = {"policy": policy, "rm_model": rm_model, "sft_params": sft_params, "rm_params": rm_params}
+        updates = b // cfg_ppo.minibatch_size * cfg_ppo.ppo_epochs
+        policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps, updates)
+        value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps, updates)
+        state = ppo.init_state(sft_params, policy_tx, cfg_ppo.kl_coef, rm_params, value_tx)
+        self.state, shardings = sharding.place(state, mesh)
+        self.repl = sharding.replicated(mesh)
+        # eos_id -1 is never sampled: full-length responses; the RM's appended EOS is a real token
         self.sampler = sampling.make_sampler(policy, max_new_tokens=cfg_ppo.max_new_tokens, eos_id=-1, pad_id=0,
                                              temperature=cfg_ppo.temperature, top_k=cfg_ppo.top_k, top_p=cfg_ppo.top_p)
-        self.stats_fn = jax.jit(functools.partial(ppo.rollout_stats, policy=policy, value_model=rm_model,
-                                                  rm_model=rm_model, rm_bias=0.0, cfg=cfg_ppo))
-        repl = sharding.replicated(mesh)
+        self.forward = jax.jit(functools.partial(ppo.rollout_forward, policy=policy, value_model=rm_model,
+                                                 rm_model=rm_model, eos_id=cfg.vocab_size - 1,
+                                                 temperature=cfg_ppo.temperature, rm_bias=0.0))
+        self.advantages = jax.jit(functools.partial(ppo.advantages, cfg=cfg_ppo))
         self.update_fn = jax.jit(functools.partial(ppo.update_step, policy=policy, value_model=rm_model,
                                                    policy_tx=policy_tx, value_tx=value_tx, cfg=cfg_ppo,
                                                    prompt_len=config.data.max_prompt_len),
-                                 in_shardings=(shardings, None, None, None, repl), out_shardings=(shardings, repl),
+                                 in_shardings=(shardings, None, None, None), out_shardings=(shardings, self.repl),
                                  donate_argnums=0)
-        self.kl_update = jax.jit(functools.partial(rl.kl_update, target=cfg_ppo.kl_target or None,
-                                                   horizon=cfg_ppo.kl_horizon), out_shardings=repl)
-        self.increment = jax.jit(lambda x: x + 1, out_shardings=repl)
-        tokens, mask = common.prompts(config.train.batch_size, config.data.max_prompt_len, cfg.vocab_size)
+        tokens, mask = common.prompts(b, config.data.max_prompt_len, cfg.vocab_size)
         self.prompts = sharding.host_to_global({"prompt_tokens": tokens, "prompt_mask": mask}, mesh)
         self.phases = {"rollout": [], "scoring": [], "update": [], "total": []}
+        self.steps = 0
+
+    def score(self, state, samples):
+        """ppo.train's rollout after sampling: forward passes per chunk, advantages, the update batch."""
+        params = {"policy": state["policy"]["params"], "reference": self.m["sft_params"],
+                  "rm": self.m["rm_params"], "value": state["value"]["params"]}
+        parts = [dict(s, **self.forward(params, s)) for s in samples]
+        s = {k: jnp.concatenate([x[k] for x in parts]) for k in parts[0]}
+        adv, returns, metrics = self.advantages(s["scores"], s["old_logp"], s["ref_logp"], s["values"],
+                                                s["response_mask"], s["ended"], state["kl_beta"])
+        tokens, positions, segments = scoring.sequence_inputs(s["tokens"], s["prompt_mask"], s["response_mask"])
+        batch = dict(tokens=tokens, positions=positions, segments=segments, mask=s["response_mask"],
+                     old_logp=s["old_logp"], ref_logp=s["ref_logp"], advantages=adv, old_values=s["values"],
+                     returns=returns)
+        metrics["explained_variance"] = rl.explained_variance(s["values"], returns, s["response_mask"])
+        return batch, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def iteration(self, rep):
-        config, cfg, state, m = self.config, self.config.ppo, self.state, self.m
+        config, cfg, state, chunk = self.config, self.config.ppo, self.state, self.chunk
+        b = config.train.batch_size
         it_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), rep + 10)
         no_ptx = {"tokens": jnp.zeros((1, 1), jnp.int32)}
-        n_mb = config.train.batch_size // cfg.minibatch_size
+        n_mb = b // cfg.minibatch_size
         with sharding.use(self.mesh):
             t0 = time.perf_counter()
-            g = self.prompts
-            sample = self.sampler(state["policy"]["params"], g["prompt_tokens"], g["prompt_mask"],
-                                  jax.random.fold_in(it_rng, 0))
-            sample = jax.block_until_ready(sample)
+            g, samples = self.prompts, []
+            for c in range(0, b, chunk):
+                s = self.sampler(state["policy"]["params"], g["prompt_tokens"][c:c + chunk],
+                                 g["prompt_mask"][c:c + chunk], jax.random.fold_in(it_rng, 0), jnp.arange(c, c + chunk))
+                samples.append(dict(s, prompt_mask=g["prompt_mask"][c:c + chunk]))
+            samples = jax.block_until_ready(samples)
             t1 = time.perf_counter()
-            sample["prompt_mask"] = g["prompt_mask"]
-            batch, r_metrics = self.stats_fn(state["policy"]["params"], m["sft_params"], state["value"]["params"],
-                                             m["rm_params"], sample, state["kl_beta"])
-            r_metrics = jax.device_get(r_metrics)
+            batch, metrics = self.score(state, samples)
             jax.block_until_ready(batch)
             t2 = time.perf_counter()
-            u_metrics = []
+            updates = []
             for epoch in range(cfg.ppo_epochs):
-                perm = jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch), config.train.batch_size)
+                perm = jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch), b)
                 for j in range(n_mb):
                     idx = perm[j * cfg.minibatch_size:(j + 1) * cfg.minibatch_size]
-                    state, mb = self.update_fn(state, batch, idx, no_ptx, jax.random.fold_in(it_rng, 100 + j))
-                    u_metrics.append(mb)
-            u_metrics = jax.device_get(u_metrics)
-            state["kl_beta"] = self.kl_update(state["kl_beta"], r_metrics["kl"], config.train.batch_size)
-            state["step"] = self.increment(state["step"])
+                    state, mb_metrics = self.update_fn(state, batch, idx, no_ptx)
+                    updates.append(mb_metrics)
+            jax.device_get(updates)
+            beta = rl.kl_update(state["kl_beta"], metrics["kl"], b, target=cfg.kl_target or None,
+                                horizon=cfg.kl_horizon)
+            state["kl_beta"] = jax.device_put(jnp.float32(beta), self.repl)
+            self.steps += 1
+            state["step"] = jax.device_put(jnp.int32(self.steps), self.repl)
             jax.block_until_ready(state)
             t3 = time.perf_counter()
         self.state = state
@@ -147,7 +172,7 @@ class Trl:
                          use_cpu=True, bf16=False, fp16=False, disable_tqdm=True, logging_steps=1,
                          learning_rate=config.optim.lr, lr_scheduler_type="constant",
                          per_device_train_batch_size=b, gradient_accumulation_steps=1, num_mini_batches=b // mb,
-                         local_rollout_forward_batch_size=b, total_episodes=b, num_ppo_epochs=cfg_ppo.ppo_epochs,
+                         local_rollout_forward_batch_size=ours.chunk, total_episodes=b, num_ppo_epochs=cfg_ppo.ppo_epochs,
                          response_length=cfg_ppo.max_new_tokens, temperature=cfg_ppo.temperature,
                          stop_token=None, missing_eos_penalty=None, num_sample_generations=0,
                          kl_coef=cfg_ppo.kl_coef, cliprange=cfg_ppo.clip_eps, cliprange_value=cfg_ppo.value_clip_eps,
@@ -208,6 +233,8 @@ def main():
     parser.add_argument("--shapes", default="tiny,gpt2")
     parser.add_argument("--batch", type=int, default=16, help="rollouts per iteration")
     parser.add_argument("--minibatch", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="rows per sampler call and rollout forward pass, both sides (0 = --minibatch)")
     parser.add_argument("--epochs", type=int, default=1, help="PPO epochs per iteration")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--response", type=int, default=96)
@@ -240,8 +267,8 @@ def main():
 
     print(common.machine_line(torch_too=torch_ok))
     print(f"PPO iteration: {args.batch} rollouts of prompt {args.prompt} + response {args.response} (full length), "
-          f"minibatch {args.minibatch}, {args.epochs} epoch(s), no ptx, float32, {threads} threads each, "
-          f"{args.reps} reps (alternating); seconds\n")
+          f"minibatch {args.minibatch}, rollout chunk {args.chunk or args.minibatch}, {args.epochs} epoch(s), no ptx, "
+          f"float32, {threads} threads each, {args.reps} reps (alternating); seconds\n")
     table = common.Table(["shape", "", "rollout s", "scoring s", "update s", "iteration s"])
     ratio, reasons = None, []
     for shape in args.shapes.split(","):

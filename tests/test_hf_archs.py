@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from instructgpt_jax import hf, sampling  # noqa: E402
 from instructgpt_jax.models import ModelConfig, Transformer  # noqa: E402
