@@ -9,6 +9,7 @@ min-max spread over the repetitions.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -147,6 +148,24 @@ def to_transformers(model, params, tmpdir: str, head: str = "lm"):
     with torch.no_grad():
         out.score.weight.copy_(torch.from_numpy(score["score.weight"]))
     return out.to(torch.float32)
+
+
+def train_step_runner(loss_fn, params, tx, mesh):
+    """`run(batch) -> loss` making one optimizer step exactly as the supervised stages run theirs
+    (`train_lib.run_supervised`): the generic `train_lib.train_step` on `loss_fn`, jitted on `mesh` with
+    explicit shardings and the state (built from `params`, which it consumes) donated. `batch` is global
+    (`sharding.host_to_global`); the host read of the loss blocks, as a training loop's logging would."""
+    from instructgpt_jax import sharding, train_lib
+    state, shardings = sharding.place(train_lib.new_state(params, tx), mesh)
+    step = train_lib.jit_train_step(functools.partial(train_lib.train_step, loss_fn=loss_fn, tx=tx), shardings, mesh)
+    rng, box = jax.random.PRNGKey(1), {"state": state}
+
+    def run(batch):
+        with sharding.use(mesh):
+            box["state"], metrics = step(box["state"], batch, rng)
+        return float(metrics["loss"])
+
+    return run
 
 
 # ----------------------------------------------------------------------------- timing

@@ -2,8 +2,8 @@
 
     python benchmarks/rm_scaling.py [--preset mini] [--prompts 8] [--seq 64] [--ks 2,3,4,5,6,7,8,9] [--reps 5]
 
-`rm.train_step` exactly as `rm.train` runs it (jitted on the stage's mesh, donated state, AdamW with
-clipping): one batch element is one prompt with all its K completions, each completion goes through
+The generic `train_lib.train_step` on `rm.loss_fn` exactly as `rm.train` runs it (jitted on the stage's
+mesh, donated state, AdamW with clipping; params from `checkpoints.init_with_trunk`): one batch element is one prompt with all its K completions, each completion goes through
 the model once ([prompts * K, seq] rows) and all C(K, 2) pairs are formed from the K scalars. So the
 step should grow linearly in K (the forward/backward work is prompts*K rows; the pair loss is
 O(K^2) but on scalars), not quadratically as it would if every pair ran both completions
@@ -21,7 +21,7 @@ import common
 import jax
 import numpy as np
 
-from instructgpt_jax import config_lib, rm, sharding, train_lib
+from instructgpt_jax import checkpoints, config_lib, rm, sharding, train_lib
 from instructgpt_jax.models import Transformer
 
 
@@ -54,24 +54,11 @@ def main():
     mesh = sharding.make_mesh(config_lib.mesh_config())
     model = Transformer(cfg, head="scalar")
     tx = train_lib.make_optimizer(config_lib.optim_config(1e-4), num_steps=10_000)
-    params, _ = rm.init_params(model, Transformer(cfg), mesh, jax.random.PRNGKey(0))
-    state, shardings = sharding.place({"step": jax.numpy.zeros((), jax.numpy.int32), "params": params,
-                                       "opt_state": sharding.init_optimizer(tx, params)}, mesh)
-    step_fn = train_lib.jit_train_step(functools.partial(rm.train_step, model=model, tx=tx, grad_accum=1),
-                                       shardings, mesh)
-    rng = jax.random.PRNGKey(1)
-    box = {"state": state}
+    params = checkpoints.init_with_trunk(model, Transformer(cfg), mesh, jax.random.PRNGKey(0))
+    run = common.train_step_runner(functools.partial(rm.loss_fn, model=model), params, tx, mesh)
     batches = {k: sharding.host_to_global(comparison_batch(args.prompts, k, args.seq, cfg.vocab_size), mesh)
                for k in ks}
-
-    def step(k):
-        def run(_rep):
-            with sharding.use(mesh):
-                box["state"], metrics = step_fn(box["state"], batches[k], rng)
-            return float(metrics["loss"])  # blocks
-        return run
-
-    fns = {k: step(k) for k in ks}
+    fns = {k: (lambda _rep, k=k: run(batches[k])) for k in ks}  # one state, stepped by every K in turn
     for f in fns.values():  # compile every K, then one more warm step
         f(-1)
         f(-1)

@@ -6,9 +6,9 @@
 Both frameworks train the same architecture from the SAME weights (ours are initialised randomly and
 written with `hf.save_pretrained`, then loaded by transformers): float32, dropout off, same batch of
 random tokens, loss = mean cross-entropy over the masked (response) tokens, Adam(b1 0.9, b2 0.95,
-eps 1e-8, no weight decay) with global-norm clipping at 1.0 on both sides. Ours is `sft.train_step`
-exactly as `sft.train` runs it: `jax.jit` with explicit shardings on the stage's mesh and donated
-state. torch runs with as many intra-op threads as XLA:CPU uses (one per available core).
+eps 1e-8, no weight decay) with global-norm clipping at 1.0 on both sides. Ours is the generic
+`train_lib.train_step` on `sft.loss_fn` exactly as `sft.train` runs it: `jax.jit` with explicit
+shardings on the stage's mesh and donated state. torch runs with as many intra-op threads as XLA:CPU uses (one per available core).
 
 Tokens/s = batch * sequence length / step wall time. Every contender is warmed up first (for
 torch.compile that includes compilation), then they run alternately, one step each in turn.
@@ -38,25 +38,15 @@ def make_batch(batch, seq, vocab, seed=0):
 
 
 def ours(cfg, batch, optim_cfg):
-    """(step(rep) that blocks, params before the first step, first-step loss fn)."""
+    """(model, params before the first step (host copy), step(rep) -> loss that blocks)."""
     mesh = sharding.make_mesh(config_lib.mesh_config())
     model = Transformer(cfg)
     tx = train_lib.make_optimizer(optim_cfg, num_steps=10_000)
-    state = sft.init_state(model, tx, None, mesh, jax.random.PRNGKey(0))
-    state, shardings = sharding.place(state, mesh)
-    params0 = jax.tree.map(np.asarray, state["params"])  # host copy for transformers (state is donated)
-    step_fn = train_lib.jit_train_step(functools.partial(sft.train_step, model=model, tx=tx, grad_accum=1),
-                                       shardings, mesh)
+    params = sharding.init_model(model, jax.random.PRNGKey(0), mesh)
+    params0 = jax.tree.map(np.asarray, params)  # host copy for transformers (the state is donated)
+    run = common.train_step_runner(functools.partial(sft.loss_fn, model=model), params, tx, mesh)
     gbatch = sharding.host_to_global(batch, mesh)
-    rng = jax.random.PRNGKey(1)
-    box = {"state": state}
-
-    def step(_rep):
-        with sharding.use(mesh):
-            box["state"], metrics = step_fn(box["state"], gbatch, rng)
-        return float(metrics["loss"])  # the host read blocks, as a training loop's logging would
-
-    return model, params0, step
+    return model, params0, lambda _rep: run(gbatch)
 
 
 def theirs(model, params, batch, optim_cfg, tmpdir):
