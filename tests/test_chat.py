@@ -191,3 +191,17 @@ def test_all_rows_skipped_is_one_line_error(toks):
     rows = [{"prompt": "p " * 20, "response": "r"}, {"prompt": "q", "response": ""}]
     with pytest.raises(ValueError, match=r"skipped_empty_response=1, skipped_no_room=1"):
         pipeline.lm_batches(rows, toks["qwen2"], kind="demonstrations", global_batch_size=1, seed=0, seq_len=8)
+
+
+def test_a_conversation_without_any_template_is_a_clear_error():
+    """{messages} rows with chat_template 'none' and a tokenizer without one: an error naming the fix, not a
+    silently empty (skipped) row."""
+    from instructgpt_jax.data import iterators
+    from instructgpt_jax.data.tokenizer import train_tokenizer
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tok = train_tokenizer(["hello there friend"] * 30, f"{d}/sp.model", 300)
+    row = {"prompt": "", "response": "", "messages": [{"role": "user", "content": "Hi"},
+                                                      {"role": "assistant", "content": "Yes"}]}
+    with pytest.raises(ValueError, match="no chat template is set and the tokenizer has none"):
+        iterators.lm_example(row, tok, kind="demonstrations", seq_len=32, max_prompt_len=16)

@@ -202,7 +202,7 @@ def runs(tmp_path_factory, data):
         ckpt = make_checkpoint(str(root / "ckpt"), family)
         workdir, out = str(root / "sft"), str(root / "hf")
         keys = dict(SFT_KEYS, **{"init.hf_path": ckpt, "data.train": data["chat"]})
-        if family == "gpt2":
+        if family in ("gpt2", "pythia"):  # base models without a template
             template = root / "chatml_eos.jinja"
             template.write_text(CHATML_EOS)
             keys["data.chat_template"] = str(template)

@@ -74,6 +74,8 @@ def _crop_prompt(tok, prompt: str, max_prompt_len: int | None) -> tuple[list[int
 
 
 def _where(row: dict) -> str:
+    if not row.get("prompt") and row.get("messages"):
+        return f"row with messages starting {str(row['messages'][0].get('content', ''))[:40]!r}"
     return f"row with prompt {_text(row.get('prompt', ''))[:40]!r}"
 
 
@@ -81,6 +83,14 @@ def _template(chat_template, tok):
     """(template or None, tokenizer with the template's end-of-turn token among its EOS ids)."""
     template = chat.resolve(chat_template, tok)
     return template, chat.with_end_of_turn(tok, template)
+
+
+def _check_chat(row: dict, template) -> None:
+    """A conversation needs a template to become tokens: without one it would silently be an empty row."""
+    if template is None and row.get("messages"):
+        raise ValueError(f"{_where(row)} is a conversation ({{messages}}) but no chat template is set and the "
+                         f"tokenizer has none: set config.data.chat_template to 'chatml', 'llama2', 'llama3' or a "
+                         f".jinja file whose assistant turns end with one of the tokenizer's special tokens")
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +139,7 @@ def lm_example(
         pieces = [_lm_piece(seq[s : s + seq_len + 1], 0) for s in range(0, len(seq) - 1, seq_len)]
         return {"pieces": pieces, "stats": _stats(examples=1, chunked_texts=int(len(pieces) > 1))}
     template, tok = _template(chat_template, tok)
+    _check_chat(row, template)
     if template is not None:
         return _chat_lm_example(row, tok, template, seq_len, max_prompt_len, max_response_len)
     response = tok.encode(_text(row["response"]))
@@ -209,6 +220,7 @@ def scoring_example(
     completion its assistant reply (`chat.scoring_ids`); the EOS is then the end-of-turn token."""
     template, tok = _template(chat_template, tok)
     row = {"prompt": prompt, "messages": messages or []}
+    _check_chat(row, template)
     prompt_ids, _, body, end = _scored_parts(row, completion, tok, template, max_prompt_len)
     seq, _ = _scored_sequence(prompt_ids, body, tok, seq_len - len(prompt_ids) - 1, end)
     n = len(seq)
@@ -240,6 +252,7 @@ def comparison_example(
     if len(np.unique(ranks)) < 2:
         return {"pieces": [], "stats": _stats(examples=1, skipped_no_untied_pair=1)}
     template, tok = _template(chat_template, tok)
+    _check_chat(row, template)
     parts = [_scored_parts(row, c, tok, template, max_prompt_len) for c in completions]
     if row.get("completion_ids"):  # the sampled ids themselves: no decode -> encode round trip
         parts = [(p, c, list(ids), tok.eos_id if end is None else end)
@@ -276,6 +289,7 @@ def prompt_example(row: dict, tok, *, max_prompt_len: int, chat_template=None) -
     (`chat.prompt_ids`). A prompt of no tokens (no BOS, empty text) becomes [EOS], so
     that every row has a real token to sample from."""
     template, tok = _template(chat_template, tok)
+    _check_chat(row, template)
     if template is None:
         prompt, cropped = _crop_prompt(tok, row["prompt"], max_prompt_len)
     else:
