@@ -77,13 +77,13 @@ def activations(cfg: ModelConfig, rows: int, seq: int, mesh: AbstractMesh, lm_he
     one block. LM logits and their gradient add 2 x vocab / tensor float32 per token; with fsdp > 1,
     two layers of all-gathered float32 params (still split over tensor) come on top.
     """
-    t, e, h = mesh.shape["tensor"], jnp.dtype(cfg.dtype).itemsize, cfg.d_model
+    t, e, h = sharding.tensor_parallel_size(mesh), jnp.dtype(cfg.dtype).itemsize, cfg.d_model
     full_layer = 4 * h + (4 * h + 2 * cfg.mlp_dim + 2 * cfg.num_heads * seq) / t
     kept = {"none": full_layer, "full": h, "dots": 2 * h + (3 * h + cfg.mlp_dim) / t}[cfg.remat]
     layers = cfg.num_layers * kept + (0 if cfg.remat == "none" else full_layer)
     attn = 2 * h * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)  # q, out + k, v
     mlp = (3 if cfg.arch == "llama" else 2) * h * cfg.mlp_dim
-    gathered = 2 * 4 * (attn + mlp) / t if mesh.shape["fsdp"] > 1 else 0  # FSDP gathers a layer, prefetches the next
+    gathered = 2 * 4 * (attn + mlp) / t if sharding.param_shard_count(mesh) > 1 else 0  # FSDP gathers a layer, prefetches the next
     logits = 4 * 2 * cfg.vocab_size / t if lm_head else 0
     return int(rows * seq * (e * layers + logits) + gathered)
 
@@ -125,7 +125,7 @@ def _model(model_cfg, **overrides) -> ModelConfig:
 
 
 def _rows(n: int, mesh, what: str) -> int:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.data_parallel_size(mesh)
     if n % shards:
         raise ValueError(f"{what}={n} is not divisible by data x fsdp = {shards}: every device needs whole rows")
     return n // shards
@@ -196,7 +196,7 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
                          f"forward passes are saved")
         chunk = ppo.get("rollout_chunk", 0) or ppo.get("minibatch_size", batch)
         sample_rows = _rows(sample_batch or chunk, mesh, "sample batch")
-        phases["kv_cache (rollout)"] = kv_cache(policy, sample_rows, seq, mesh.shape["tensor"])
+        phases["kv_cache (rollout)"] = kv_cache(policy, sample_rows, seq, sharding.tensor_parallel_size(mesh))
         minibatch, ptx = ppo.get("minibatch_size", batch), ppo.get("ptx_batch_size", 0) * (ppo.get("ptx_coef", 0) > 0)
         phases["activations (update)"] = max(activations(policy, micro(minibatch + ptx), seq, mesh),
                                              0 if critic_free else

@@ -173,6 +173,16 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def tensor_parallel_size(mesh) -> int:
+    """Ways heads / MLP / vocabulary are split."""
+    return mesh.shape["tensor"]
+
+
+def param_shard_count(mesh) -> int:
+    """Ways each layer's weights are split by FSDP (gathered for compute)."""
+    return mesh.shape["fsdp"]
+
+
 def divides_batch(rows: int, mesh: Mesh) -> bool:
     return rows % data_parallel_size(mesh) == 0
 
