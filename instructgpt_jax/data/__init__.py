@@ -1,4 +1,5 @@
-"""Data layer: tokenizer, TFDS ArrayRecord builders, grain batch iterators."""
+"""Data layer: tokenizers (SentencePiece, Hugging Face tokenizers), chat templates, TFDS ArrayRecord
+builders (JSONL / Parquet in the public formats), grain batch iterators."""
 
 from instructgpt_jax.data.builders import KINDS, Source, build, fingerprint, load
 from instructgpt_jax.data.iterators import (
@@ -9,7 +10,8 @@ from instructgpt_jax.data.iterators import (
     lm_batches,
     prompt_batches,
 )
-from instructgpt_jax.data.tokenizer import Tokenizer, train_tokenizer
+from instructgpt_jax.data import chat
+from instructgpt_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
     "KINDS",
@@ -18,11 +20,13 @@ __all__ = [
     "Source",
     "Tokenizer",
     "build",
+    "chat",
     "comparison_batches",
     "eval_batches",
     "fingerprint",
     "lm_batches",
     "load",
+    "load_tokenizer",
     "prompt_batches",
     "train_tokenizer",
 ]
