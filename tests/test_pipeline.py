@@ -173,3 +173,15 @@ def test_sweep_runs_cover_the_grid_and_the_oracle(tmp_path):
     assert oracle.ppo.rm_workdir == os.path.join(str(tmp_path), "rm")  # the value model starts from the RM
     assert [s.name for s in pipeline.plan(config, str(tmp_path))][-1] == "sweep"
     assert "sweep" not in [s.name for s in pipeline.plan(pipeline_config(), str(tmp_path))]
+
+
+def test_rm_probes_violate_exactly_their_dimension():
+    prompts = [synthetic.format_prompt(p.text) for p in synthetic.make_prompts(200, 0, "test", tempt_rate=0.5)]
+    probes = evaluate.probe_pairs(prompts, seed=0)
+    assert set(probes) == set(synthetic.DIMENSIONS) and all(len(v) > 20 for v in probes.values())
+    for d, pairs in probes.items():
+        for prompt, good, bad in pairs:
+            assert synthetic.verify(prompt, good) == 1.0
+            v = synthetic.violations(prompt, bad)
+            assert v[d] > 0 and {o for o, x in v.items() if x > 0} <= {d, "task"}
+    assert all(synthetic.parse_prompt(p).caps for p, _, _ in probes["format"])

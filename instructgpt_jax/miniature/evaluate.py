@@ -234,14 +234,62 @@ def rm_accuracy(rm, tok, rows: list[dict], heldout_judge: world.Labeler, *, batc
             if abs(true[i] - true[j]) > 1e-9:
                 tally("vs_true", *((i, j) if true[i] > true[j] else (j, i)))
             differ = [d for d in world.DIMENSIONS if abs(viol[i][d] - viol[j][d]) > 1e-9]
-            if len(differ) == 1:  # the pair differs in this dimension only
+            if len(differ) == 1:  # the pair differs in this dimension only (task score included)
                 d = differ[0]
+                tally(f"strict/{d}", *((i, j) if viol[i][d] < viol[j][d] else (j, i)))
+            checkable = [d for d in differ if d != "task"]
+            if len(checkable) == 1:  # one checkable dimension differs (the task score may differ too)
+                d = checkable[0]
                 tally(d, *((i, j) if viol[i][d] < viol[j][d] else (j, i)))
         pos += k
     out = {k: (a / n if n else float("nan")) for k, (a, n) in tallies.items() if k.startswith("vs_")}
     out["pairs"] = tallies["vs_labels"][1]
-    out["dimensions"] = {d: {"accuracy": tallies[d][0] / tallies[d][1] if tallies[d][1] else float("nan"),
-                             "pairs": tallies[d][1]} for d in world.DIMENSIONS}
+    rate = lambda key: {"accuracy": tallies[key][0] / tallies[key][1] if tallies[key][1] else float("nan"),  # noqa: E731
+                        "pairs": tallies[key][1]}
+    out["dimensions"] = {d: rate(f"strict/{d}" if d == "task" else d) for d in world.DIMENSIONS}
+    out["dimensions_strict"] = {d: rate(f"strict/{d}") for d in world.DIMENSIONS}
+    return out
+
+
+def probe_pairs(prompts: list[str], seed: int) -> dict[str, list[tuple[str, str, str]]]:
+    """Controlled probes per dimension: (prompt, the correct answer, the same answer with that one dimension
+    violated) on held-out prompts; 'task': one random edit that violates nothing else, 'format': only
+    "(caps)" prompts. Every variant is checked to violate its dimension and no other checkable one."""
+    rng, out = random.Random(f"probes/{seed}"), {d: [] for d in world.DIMENSIONS}
+    for text in prompts:
+        p = world.parse_prompt(text)
+        good = world.solve(p)
+        variants = {
+            "task": world.corrupt(good, rng),
+            "harmful": world.naive_solve(p) if p.tempting else world.synthetic_completion(p, rng, "harmful")[1],
+            "hallucination": world._hallucinate(p, good, rng),
+            "chatter": world._chatter(good, rng),
+            "echo": f"{p.family}: {good}",
+            "format": good.lower() if p.caps else None,
+        }
+        for d, bad in variants.items():
+            if bad is None:
+                continue
+            v = world.violations(p, bad)
+            if v[d] > 0 and not any(v[o] > 0 for o in world.DIMENSIONS if o not in (d, "task")):
+                out[d].append((text, good, bad))
+    return out
+
+
+def rm_probe_accuracy(rm, tok, prompts: list[str], *, batch_size: int, seq_len: int, max_prompt_len: int, mesh,
+                      seed: int) -> dict:
+    """{dimension: {'accuracy', 'pairs'}}: how often the RM scores the correct answer above its one-violation
+    variant (`probe_pairs`; a tie counts half)."""
+    out = {}
+    for d, pairs in probe_pairs(prompts, seed).items():
+        if not pairs:
+            out[d] = {"accuracy": float("nan"), "pairs": 0}
+            continue
+        ps = [x[0] for x in pairs] * 2
+        s = rm_scores(rm, tok, ps, [x[1] for x in pairs] + [x[2] for x in pairs], batch_size=batch_size,
+                      seq_len=seq_len, max_prompt_len=max_prompt_len, mesh=mesh)
+        good, bad = s[:len(pairs)], s[len(pairs):]
+        out[d] = {"accuracy": float(np.mean((good > bad) + 0.5 * (good == bad))), "pairs": len(pairs)}
     return out
 
 
@@ -306,6 +354,9 @@ def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldo
     if comparisons_eval:
         out["rm_accuracy"] = rm_accuracy(rm, tok, comparisons_eval, judges[0], batch_size=cfg.batch_size,
                                          seq_len=rm_seq_len, max_prompt_len=rm_max_prompt_len, mesh=mesh, seed=seed)
+        out["rm_accuracy"]["probes"] = rm_probe_accuracy(rm, tok, prompts, batch_size=cfg.batch_size,
+                                                         seq_len=rm_seq_len, max_prompt_len=rm_max_prompt_len,
+                                                         mesh=mesh, seed=seed)
     return out
 
 
@@ -334,6 +385,8 @@ def acceptance(results: dict) -> dict:
         out["rm_accuracy_at_least_65"] = r["vs_labels"] >= 0.65
         out["rm_above_chance_on_every_dimension"] = all(
             v["accuracy"] > 0.5 for v in r["dimensions"].values() if v["pairs"])
+        if "probes" in r:
+            out["rm_above_chance_on_every_probe"] = all(v["accuracy"] > 0.5 for v in r["probes"].values() if v["pairs"])
     return out
 
 
@@ -395,11 +448,14 @@ def write_report(results: dict, workdir: str, rl_metrics: dict[str, list[dict]])
     if "rm_accuracy" in results:
         r = results["rm_accuracy"]
         dims = ", ".join(f"{d} {_pct(v['accuracy'])}% ({v['pairs']} pairs)" for d, v in r["dimensions"].items())
+        probes = ", ".join(f"{d} {_pct(v['accuracy'])}% ({v['pairs']})" for d, v in r.get("probes", {}).items())
         lines += ["", "## Reward model and labelers", "",
                   f"RM pairwise accuracy on held-out comparisons ({r['pairs']} pairs): {_pct(r['vs_labels'])}% vs the "
                   f"training labelers' noisy ranks, {_pct(r['vs_heldout'])}% vs a held-out labeler, "
-                  f"{_pct(r['vs_true'])}% vs the noiseless reference. Per dimension (pairs differing in it only): "
-                  f"{dims}."]
+                  f"{_pct(r['vs_true'])}% vs the noiseless reference. Per dimension, on pairs of SFT samples that "
+                  f"differ in that checkable dimension only (the task score may differ too; 'task': pairs differing in "
+                  f"the task score only): {dims}. Controlled probes (a held-out prompt's correct answer vs the same "
+                  f"answer with one dimension violated): {probes}."]
     if "labelers" in results:
         a = results["labelers"]
         lines += ["", f"Labelers: noise {a['noise']:.3f}; agreement on SFT sample pairs: training-training "
