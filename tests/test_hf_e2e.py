@@ -261,7 +261,7 @@ def test_sft_from_checkpoint_exports_what_transformers_loads(family, runs):
     assert list(theirs_tok.apply_chat_template(conv[:3], tokenize=True, add_generation_prompt=True,
                                                return_dict=False)) == chat.prompt_ids(template, conv[:3], ours)
     assert 0 < sum(mask) < len(ids)
-    if family != "gpt2":  # the checkpoint's own template was the default
+    if family not in ("gpt2", "pythia"):  # the checkpoint's own template was the default
         assert theirs_tok.chat_template == original.chat_template
     # generation stops at every EOS id, the primary first
     gen = json.load(open(os.path.join(r["out"], "generation_config.json")))
@@ -287,9 +287,10 @@ def test_qwen_sft_rm_ppo_through_the_command_line(runs, data):
         rms[name] = str(root / f"rm_{name}")
         run_cli("instructgpt_jax.main", "--config=configs/rm.py:tiny", f"--workdir={rms[name]}",
                 *flags(dict(rm_keys, **{"data.train": data[name]})))
-        assert np.isfinite(train_lib.read_metrics(rms[name])[-1]["loss"])
-    stats = {k: checkpoints.read_export_meta(v)["data_stats"] for k, v in rms.items()}
-    assert stats  # both files were read (HH transcripts -> pairs, UltraFeedback -> ranked triples)
+        assert np.isfinite([m for m in train_lib.read_metrics(rms[name]) if "loss" in m][-1]["loss"])
+    for name, path in rms.items():  # both files were read (HH transcripts -> pairs, UltraFeedback -> ranked sets)
+        stats = checkpoints.read_export_meta(path)["data_stats"]
+        assert stats["examples"] > 0 and stats["skipped_no_untied_pair"] < stats["examples"], (name, stats)
 
     ppo = str(root / "ppo")
     run_cli("instructgpt_jax.main", "--config=configs/ppo.py:tiny", f"--workdir={ppo}", *flags(dict(
@@ -376,7 +377,7 @@ def test_ppo_with_a_reward_model_of_another_tokenizer(runs, data, tmp_path):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
     rows = retok.rows(pol_tok, ["", _w[5]], [json.dumps(conv), ""], [ids, ids])
     assert rows["tokens"][0, 0] == retok.tokenizer.bos_id  # Llama-2's <s>, not a Qwen id
-    assert retok.tokenizer.decode(rows["tokens"][1]).endswith(reply)
+    assert retok.tokenizer.decode(rows["tokens"][1]).rstrip().endswith(reply.strip())  # the template adds " " + EOS
 
     ppo_dir = str(tmp_path / "ppo")
     last = ppo.train(stage_config("ppo", **{
