@@ -212,7 +212,8 @@ def rm_accuracy(rm, tok, rows: list[dict], heldout_judge: world.Labeler, *, batc
     flat = [(i, c) for i, r in enumerate(rows) for c in r["completions"]]
     scores = rm_scores(rm, tok, [rows[i]["prompt"] for i, _ in flat], [c for _, c in flat], batch_size=batch_size,
                        seq_len=seq_len, max_prompt_len=max_prompt_len, mesh=mesh)
-    tallies = {k: [0.0, 0] for k in ("vs_labels", "vs_heldout", "vs_true", *world.DIMENSIONS)}
+    tallies = {k: [0.0, 0] for k in ("vs_labels", "vs_heldout", "vs_true", *world.DIMENSIONS,
+                                     *(f"strict/{d}" for d in world.DIMENSIONS))}
     rng, pos = random.Random(f"rm_accuracy/{seed}"), 0
 
     def tally(key, better, worse):  # better / worse: indices into this row's completions
