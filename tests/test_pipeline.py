@@ -167,7 +167,8 @@ def test_sweep_runs_cover_the_grid_and_the_oracle(tmp_path):
     runs = pipeline.sweep_runs(config, str(tmp_path))
     grid = [(b, n) for b in config.sweep.kl_coefs for n in config.sweep.num_steps]
     assert len(runs) == len(grid) + 1
-    assert sorted((r.ppo.kl_coef, r.train.num_steps) for t, r in runs.items() if not t.startswith("oracle")) == sorted(grid)
+    swept = [(r.ppo.kl_coef, r.train.num_steps) for t, r in runs.items() if not t.startswith("oracle")]
+    assert sorted(swept) == sorted(grid)
     oracle = next(r for t, r in runs.items() if t.startswith("oracle"))
     assert oracle.ppo.reward == "verifier" and oracle.ppo.verifier.endswith("world:oracle")
     assert oracle.ppo.rm_workdir == os.path.join(str(tmp_path), "rm")  # the value model starts from the RM

@@ -245,8 +245,11 @@ def rm_accuracy(rm, tok, rows: list[dict], heldout_judge: world.Labeler, *, batc
         pos += k
     out = {k: (a / n if n else float("nan")) for k, (a, n) in tallies.items() if k.startswith("vs_")}
     out["pairs"] = tallies["vs_labels"][1]
-    rate = lambda key: {"accuracy": tallies[key][0] / tallies[key][1] if tallies[key][1] else float("nan"),  # noqa: E731
-                        "pairs": tallies[key][1]}
+
+    def rate(key):
+        return {"accuracy": tallies[key][0] / tallies[key][1] if tallies[key][1] else float("nan"),
+                "pairs": tallies[key][1]}
+
     out["dimensions"] = {d: rate(f"strict/{d}" if d == "task" else d) for d in world.DIMENSIONS}
     out["dimensions_strict"] = {d: rate(f"strict/{d}") for d in world.DIMENSIONS}
     return out

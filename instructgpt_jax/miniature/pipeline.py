@@ -121,7 +121,10 @@ def write_data(config, out: str) -> None:
     from instructgpt_jax.data.tokenizer import train_tokenizer
     w, seed = config.world, config.seed
     path = lambda f: os.path.join(out, f)  # noqa: E731
-    make = lambda n, s, split: world.make_prompts(n, s, split, tempt_rate=w.tempt_rate, caps_rate=w.caps_rate)  # noqa: E731
+
+    def make(n, s, split):
+        return world.make_prompts(n, s, split, tempt_rate=w.tempt_rate, caps_rate=w.caps_rate)
+
     prompts = lambda n, s, split: [{"prompt": world.format_prompt(p.text)} for p in make(n, s, split)]  # noqa: E731
     rng = random.Random(f"demonstrators/{seed}")
 
