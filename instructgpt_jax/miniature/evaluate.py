@@ -127,7 +127,8 @@ def _fixed_batches(rows: list[dict], batch_size: int):
 
 def generate(sampler, params, tokenizer, prompts: list[str], *, max_prompt_len: int, batch_size: int,
              seed: int, mesh) -> dict:
-    """One sampled response per prompt: texts (decoded, up to EOS) and the token arrays for scoring."""
+    """One sampled response per prompt: texts (decoded, up to EOS), their ids (EOS dropped) and the token
+    arrays for scoring."""
     rows = [iterators.prompt_example({"prompt": p}, tokenizer, max_prompt_len=max_prompt_len)["pieces"][0]
             for p in prompts]
     rows = [{k: r[k] for k in ("prompt_tokens", "prompt_mask")} for r in rows]
@@ -142,6 +143,9 @@ def generate(sampler, params, tokenizer, prompts: list[str], *, max_prompt_len: 
             out["prompt_mask"].append(batch["prompt_mask"][:n])
     out = {k: np.concatenate(v) for k, v in out.items()}
     out["texts"] = [tokenizer.decode(t[max_prompt_len:]) for t in out["tokens"]]
+    # The sampled response ids without their EOS: what the RM's rows will hold (it appends the EOS itself).
+    out["ids"] = [[int(i) for i in t[max_prompt_len:][m > 0] if int(i) not in tokenizer.eos_ids]
+                  for t, m in zip(out["tokens"], out["response_mask"])]
     return out
 
 

@@ -200,7 +200,8 @@ def calibrate_noise(config, target: float, viols, answers) -> float:
 def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
     """K samples per prompt from the SFT model (K uniform in k_min..k_max; the i-th at temperature
     temperatures[i % len]), ranked on the parsed answers by one training labeler per prompt (in turn).
-    The raw completions are stored: the RM must score what PPO will sample."""
+    The raw completions are stored with their sampled token ids: the RM trains on exactly what PPO samples
+    (decoding and re-encoding need not give the same ids back)."""
     from instructgpt_jax import sampling, sharding
     w, c = config.world, config.comparisons
     mesh = sharding.make_mesh(config.sft.mesh)
@@ -213,27 +214,30 @@ def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
     for i, split in enumerate(("train", "eval")):
         prompts = [r["prompt"] for r in read_jsonl(os.path.join(data_dir, f"comparison_prompts_{split}.jsonl"))]
         slots = [(p, j % len(temps)) for p in prompts for j in range(w.k_max)]  # k_max samples per prompt
-        texts = [""] * len(slots)
+        texts, ids = [""] * len(slots), [[]] * len(slots)
         for t, sampler in enumerate(samplers):
             idx = [n for n, (_, tt) in enumerate(slots) if tt == t]
             out_t = evaluate.generate(sampler, params, tok, [slots[n][0] for n in idx], max_prompt_len=c.max_prompt_len,
-                                      batch_size=c.batch_size, seed=config.seed + 10 * i + t, mesh=mesh)["texts"]
-            for n, text in zip(idx, out_t):
-                texts[n] = text
-        comps = [texts[j * w.k_max: j * w.k_max + rng.randint(w.k_min, w.k_max)] for j in range(len(prompts))]
+                                      batch_size=c.batch_size, seed=config.seed + 10 * i + t, mesh=mesh)
+            for n, text, sampled in zip(idx, out_t["texts"], out_t["ids"]):
+                texts[n], ids[n] = text, sampled
+        ks = [rng.randint(w.k_min, w.k_max) for _ in prompts]
+        comps = [texts[j * w.k_max: j * w.k_max + k] for j, k in enumerate(ks)]
+        comp_ids = [ids[j * w.k_max: j * w.k_max + k] for j, k in enumerate(ks)]
         answers = [[world.parse_answer(x) for x in cs] for cs in comps]
         viols = [[world.violations(p, a) for a in ans] for p, ans in zip(prompts, answers)]
-        splits[split] = (prompts, comps, answers, viols)
+        splits[split] = (prompts, comps, answers, viols, comp_ids)
     noise = w.labeler_noise
     if w.labeler_agreement > 0:
         noise = calibrate_noise(config, w.labeler_agreement, splits["train"][3], splits["train"][2])
     train, heldout = populations(config, noise)
     stats = {"labeler_noise": noise}
-    for i, (split, (prompts, comps, answers, viols)) in enumerate(splits.items()):
+    for i, (split, (prompts, comps, answers, viols, comp_ids)) in enumerate(splits.items()):
         rank_rng = random.Random(f"ranks/{config.seed}/{split}")
         ranks = [_ranks(train[j % len(train)], v, a, rank_rng) for j, (v, a) in enumerate(zip(viols, answers))]
         world.write_jsonl(os.path.join(out, f"comparisons_{split}.jsonl"),
-                          [{"prompt": p, "completions": cs, "ranks": r} for p, cs, r in zip(prompts, comps, ranks)])
+                          [{"prompt": p, "completions": cs, "ranks": r, "completion_ids": ci}  # the sampled ids
+                           for p, cs, r, ci in zip(prompts, comps, ranks, comp_ids)])
         stats[split] = {"prompts": len(prompts), "mean_k": sum(map(len, comps)) / len(comps),
                         "all_tied": sum(len(set(r)) < 2 for r in ranks),
                         "train_train": agreement(train, train, viols, answers, config.seed + i),
