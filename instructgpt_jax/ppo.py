@@ -334,7 +334,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     # --- loop
     state, last = train_lib.fit(config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
                                 step=iteration, data_state=data_state, evaluate_fn=evaluate,
-                                finite_keys=("pg_loss", "value_loss", "score"), shown=("score", "kl"))
+                                finite_keys=("pg_loss", "value_loss", "score"), shown=("score", "kl"),
+                                updates_per_step=updates_per_iteration)
 
     # --- save: the policy and its bias-corrected EMA, for the next stage / evaluation
     meta = {"stage": "ppo", "model": config.model.to_dict(), "step": int(state["step"]), "ptx_coef": cfg.ptx_coef,

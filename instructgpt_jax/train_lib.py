@@ -278,15 +278,17 @@ def batches_step(step_fn, train_iter, mesh, rng):
 
 def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callable[[], dict],
         evaluate_fn: Callable | None = None, units_per_step: float = 0, units: str = "tokens",
-        finite_keys=("loss",), shown=("loss",)):
+        finite_keys=("loss",), shown=("loss",), updates_per_step: int = 1):
     """The loop every stage shares: step, log, evaluate, checkpoint, progress bar, clean shutdown.
 
     `step(state, step_number) -> (state, metrics)` runs one stage step (an optimizer step, or a whole
-    PPO iteration); metrics are fetched from the device only on log steps. `evaluate_fn(state) -> dict`
-    runs every `train.eval_every` steps and at the end. `data_state()` is saved with each checkpoint.
+    PPO iteration of `updates_per_step` optimizer updates); metrics are fetched from the device only on
+    log steps, with the lr of the step's last update. `evaluate_fn(state) -> dict` runs every
+    `train.eval_every` steps and at the end. `data_state()` is saved with each checkpoint.
     Returns (final state, last logged metrics).
     """
     start, total = int(state["step"]), config.train.num_steps
+    schedule = lr_schedule(config.optim, total, updates_per_step)
     writer = MetricWriter(workdir, resume_step=start)
     progress = Progress(total, start, config.stage, config.train.progress)
     speed = Throughput()
@@ -300,6 +302,7 @@ def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callabl
                 if n % config.train.log_every == 0 or is_last:
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     check_finite(n, last, finite_keys)
+                    last["lr"] = float(schedule(n * updates_per_step - 1))
                     if units_per_step:
                         last[f"{units}_per_sec"] = speed.rate()
                     if evaluate_fn is not None and (is_last or (config.train.eval_every

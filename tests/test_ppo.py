@@ -30,7 +30,7 @@ def test_ppo_smoke(ppo_run):
     assert [r["step"] for r in records] == [1, 2]
     for key in ("score", "kl", "beta", "entropy", "pg_loss", "value_loss", "clipfrac", "approx_kl",
                 "explained_variance", "ptx_loss", "response_length", "eos_rate", "rollout_tokens_per_sec",
-                "update_tokens_per_sec", "eval_score", "eval_kl"):
+                "update_tokens_per_sec", "eval_score", "eval_kl", "lr"):
         assert np.isfinite(records[-1][key]), key
     # iteration 1 samples from the SFT policy itself: KL to the reference is exactly 0
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)
