@@ -246,13 +246,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
                                         rm_bias=rm_bias))
     advantages_fn = jax.jit(functools.partial(advantages, cfg=cfg))
 
+    def local_responses(sample):
+        """This process's rows of the sampled responses, on the host (they line up with its prompts)."""
+        local = b // jax.process_count()
+        return sharding.to_host(sample["response"])[jax.process_index() * local:][:local]
+
     def verifier_scores(prompts, sample):
         """The verifier on this process's rows (decoded responses), as a global [B] array."""
-        local = b // jax.process_count()
-        start = jax.process_index() * local
-        responses = sharding.to_host(sample["response"])[start:start + local]
-        texts = [verifier(pr, tok.decode(r)) for pr, r in zip(prompts["prompt_text"], responses)]
-        return sharding.host_to_global({"s": np.asarray(texts, np.float32)}, mesh)["s"]
+        scores = [verifier(pr, tok.decode(r)) for pr, r in zip(prompts["prompt_text"], local_responses(sample))]
+        return sharding.host_to_global({"s": np.asarray(scores, np.float32)}, mesh)["s"]
 
     def rollout(state, prompts, rng):
         """Sample and score one batch; returns (rollout arrays for the update, metrics)."""
@@ -269,9 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
             parts.append(dict(s, **forward(params, s)))
         s = {k: jnp.concatenate([x[k] for x in parts]) for k in parts[0] if k != "logits"}
         if retokenize is not None:
-            local = b // jax.process_count()
-            start = jax.process_index() * local
-            scores = retokenize(tok, prompts, sharding.to_host(s["response"])[start:start + local], mesh)
+            scores = retokenize(tok, prompts, local_responses(s), mesh)
         else:
             scores = verifier_scores(prompts, s) if verifier is not None else s["scores"]
         adv, returns, metrics = advantages_fn(scores, s["old_logp"], s["ref_logp"], s.get("values"),
