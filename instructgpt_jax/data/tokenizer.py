@@ -33,6 +33,8 @@ EOS 3. Tokenizers pickle as their file bytes plus the resolved metadata (grain m
 
 from __future__ import annotations
 
+import abc
+
 import bisect
 import dataclasses
 import io
@@ -108,7 +110,7 @@ def _template_of(configs: dict) -> str | None:
     return t if isinstance(t, str) and t else None
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface; `load(path)` returns a `SentencePieceTokenizer` or an `HFTokenizer`."""
 
     backend = "?"
@@ -131,30 +133,36 @@ class Tokenizer:
     special_ids = property(lambda self: self._meta.special_ids)
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        ...
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS are added (special-token strings in it become those tokens)."""
         return self.encode_with_offsets(text)[0]
 
+    @abc.abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`[encode(t) for t in texts]`, through the library's batch path."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """(ids, starts): starts[i] is the character index in `text` where token i begins (byte-level
         tokens of one character share its index)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def id_to_token(self, i: int) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _decode_kept(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        ...
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`: everything from the first id in `eos_ids` on is cut; BOS, special pads and
@@ -187,8 +195,9 @@ class Tokenizer:
         return out
 
     # --- files ---
+    @abc.abstractmethod
     def _backend_files(self) -> dict[str, bytes]:
-        raise NotImplementedError
+        ...
 
     def save(self, directory: str) -> list[str]:
         """Writes the backend file (tokenizer.model or tokenizer.json), tokenizer_config.json (the
