@@ -1,14 +1,17 @@
-"""The README's main job, InstructGPT end to end on a CPU: `--config=configs/pipeline.py[:default|smoke|sweep]`.
+"""The README's main job, InstructGPT end to end on a CPU: `--config=configs/pipeline.py[:default|methods|smoke|sweep]`.
 
-`instructgpt_jax.miniature.pipeline.train` runs data -> pretrain -> sft -> comparisons -> rm -> ppo, ppo_ptx,
-grpo, grpo_verifier, dpo, dpo_pl -> pretrain_large, sft_large -> eval, each in WORKDIR/<step>. `config.<stage>`
+`instructgpt_jax.miniature.pipeline.train` runs data -> pretrain -> sft -> comparisons -> rm -> ppo, ppo_ptx
+[-> dpo, dpo_pl, grpo, grpo_verifier] -> pretrain_large, sft_large -> eval, each in WORKDIR/<step>. `config.<stage>`
 is a full stage config (`config_lib.load('<stage file>', preset)`) with CPU-sized overrides; override them from
 the command line like `--config.ppo.ppo.kl_coef=0.05`. The pipeline fills in, per stage: `seed`
 (= config.seed), the data paths (WORKDIR/data/*.jsonl, the tokenizer), `init.from_workdir` and `ppo.rm_workdir`.
 
-'default' takes about 10 minutes on 2 idle CPU cores; 'smoke' runs the same code path on tiny schedules
-(plumbing only: its numbers mean nothing); 'sweep' is 'default' plus the over-optimisation sweep (PPO at
-several KL coefficients and lengths, and an oracle-reward run: WORKDIR/sweep.png), outside the default's budget.
+'default' (InstructGPT: SFT, RM, PPO, PPO-ptx and the larger SFT model) fits in 10 minutes on 2 idle CPU
+cores; 'methods' adds the methods that came after it (DPO, listwise DPO, GRPO with the RM and with the world's
+verifier) to the same run and table (run it on a finished default's WORKDIR: only the new steps and the
+evaluation run); 'sweep' adds the over-optimisation sweep (PPO at several KL coefficients and lengths, and an
+oracle-reward run: WORKDIR/sweep.png); 'smoke' runs the default's code path on tiny schedules (plumbing only:
+its numbers mean nothing; add `--config.methods=True` for the methods' path).
 """
 import ml_collections
 
@@ -20,8 +23,8 @@ LARGE = {"model.num_layers": 4, "model.d_model": 96, "model.num_heads": 4, "mode
 
 def get_config(arg: str = "default"):
     arg = (arg or "default").strip().lower()
-    if arg not in ("default", "smoke", "sweep"):
-        raise ValueError(f"configs/pipeline.py:{arg}: valid choices are 'default', 'smoke' and 'sweep'")
+    if arg not in ("default", "methods", "smoke", "sweep"):
+        raise ValueError(f"configs/pipeline.py:{arg}: valid choices are 'default', 'methods', 'smoke' and 'sweep'")
     smoke = arg == "smoke"
     preset = "tiny"            # model size of every stage but the large SFT model (config_lib.CPU_PRESETS)
     prompt_len, new_tokens = 16, 20  # tokens: BOS + the longest prompt (~15); the longest answer + EOS + slack
@@ -29,6 +32,7 @@ def get_config(arg: str = "default"):
     config = ml_collections.ConfigDict()
     config.stage = "pipeline"  # main.py dispatches to instructgpt_jax.miniature.pipeline.train
     config.seed = 0            # one seed for the synthetic world, every stage, sampling and evaluation
+    config.methods = arg == "methods"  # also train DPO, DPO-PL, GRPO and GRPO-verifier (config.dpo, ... below)
 
     config.world = ml_collections.ConfigDict(dict(
         labeler_agreement=0.73,  # > 0: the ranking noise at which two training labelers agree on this fraction of

@@ -14,8 +14,8 @@ METRICS = {"wins", "ties", "losses", "win_rate", "win_ci", "decisive_win_rate", 
            "heldout_loss", "tax", "tax_vs_base", "vs_large"}
 
 
-def pipeline_config(arg="smoke"):
-    return config_lib.load("pipeline", arg)
+def pipeline_config(arg="smoke", **overrides):
+    return config_lib.load("pipeline", arg, **overrides)
 
 
 def smoke_workdir(tmp_path_factory) -> str:
@@ -29,9 +29,34 @@ def snapshot(root):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke_default(tmp_path_factory):
+    """The smoke run without the methods (test_notebooks' run when it made one: then every step skips)."""
     workdir = smoke_workdir(tmp_path_factory)
     return workdir, pipeline.train(pipeline_config(), workdir)
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_default):
+    """The same workdir with `methods` on: only the methods' stages and the evaluation run."""
+    workdir, _ = smoke_default
+    before = snapshot(workdir)
+    results = pipeline.train(pipeline_config(methods=True), workdir)
+    return workdir, results, before
+
+
+def test_default_runs_instructgpt_and_methods_add_only_their_stages(smoke_default, smoke):
+    workdir, default_results = smoke_default
+    assert set(default_results["models"]) == set(evaluate.MODELS) - {"dpo", "dpo_pl", "grpo", "grpo_verifier"}
+    names = [s.name for s in pipeline.plan(pipeline_config(), workdir)]
+    assert not set(pipeline.METHODS) & set(names) and names[-1] == "eval"
+    _, results, before = smoke
+    after = snapshot(workdir)
+    changed = {os.path.relpath(p, workdir).split(os.sep)[0] for p in after if before.get(p) != after[p]}
+    # the new stages, the redone evaluation and its reports; no finished stage of the default is touched
+    assert changed == {*pipeline.METHODS, "eval", "results.json", "results.md", "results.png", "timings.json",
+                       "config.json"}
+    for name in ("sft", "ppo", "sft_large"):  # the evaluation is deterministic: the default's rows are unchanged
+        assert results["models"][name] == default_results["models"][name]
 
 
 def test_default_and_smoke_configs_share_the_code_path():
@@ -39,7 +64,8 @@ def test_default_and_smoke_configs_share_the_code_path():
     assert default.stage == smoke_cfg.stage == "pipeline"
     assert default.to_dict().keys() == smoke_cfg.to_dict().keys()
     assert [default[s].stage for s in pipeline.TRAINED] == [
-        "pretrain", "sft", "rm", "ppo", "ppo", "ppo", "ppo", "dpo", "dpo", "pretrain", "sft"]
+        "pretrain", "sft", "rm", "ppo", "ppo", "dpo", "dpo", "ppo", "ppo", "pretrain", "sft"]
+    assert not default.methods and pipeline_config("methods").methods
     assert default.ppo.ppo.ptx_coef == 0 < default.ppo_ptx.ppo.ptx_coef
     assert (default.dpo.dpo.loss_type, default.dpo_pl.dpo.loss_type) == ("sigmoid", "plackett_luce")
     assert default.grpo.ppo.advantage_estimator == "grpo" and default.grpo_verifier.ppo.reward == "verifier"
@@ -68,7 +94,7 @@ def test_compute_tokens_hand_counts():
 
 
 def test_smoke_run_writes_every_stage_and_the_results(smoke):
-    workdir, results = smoke
+    workdir, results, _ = smoke
     for step in pipeline.STEPS:
         assert os.path.exists(os.path.join(workdir, step, "config.json")), step
     for stage in pipeline.TRAINED:
@@ -99,9 +125,9 @@ def test_smoke_run_writes_every_stage_and_the_results(smoke):
 
 
 def test_rerun_skips_every_step(smoke, capsys):
-    workdir, results = smoke
+    workdir, results, _ = smoke
     before = snapshot(workdir)
-    assert pipeline.train(pipeline_config(), workdir)["models"] == results["models"]
+    assert pipeline.train(pipeline_config(methods=True), workdir)["models"] == results["models"]
     out = capsys.readouterr().out
     assert all(f"{step:<14} skip" in out for step in pipeline.STEPS), out
     assert " start " not in out and "| PPO-ptx |" in out and "| GRPO-verifier |" in out
@@ -111,8 +137,8 @@ def test_rerun_skips_every_step(smoke, capsys):
 
 
 def test_changed_config_of_a_finished_stage_is_an_error_that_touches_nothing(smoke):
-    workdir, _ = smoke
-    config = pipeline_config()
+    workdir, _, _ = smoke
+    config = pipeline_config(methods=True)
     config.sft.optim.lr = 0.123
     before = snapshot(workdir)
     with pytest.raises(ValueError, match=r"stage 'sft'.*different config") as e:

@@ -484,6 +484,8 @@ def _make(
         drop_remainder=not pad_final,
         batch_fn=functools.partial(_stack, batch_size=global_batch_size, pad=pad_final),
     )
+    # Packing and stacking run in Python: a thread prepares the next batches while a jitted step runs.
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
     description = dict(
         description,
         global_batch_size=global_batch_size,

@@ -6,6 +6,7 @@
     comparisons     DIR/comparisons     K (4..9) SFT samples per prompt, ranked by the training labelers
     rm              DIR/rm              K-choose-2 reward model on those rankings
     ppo, ppo_ptx    DIR/ppo, ...        PPO against the RM; PPO-ptx (pretraining log-likelihood mixed in)
+   (config.methods, `configs/pipeline.py:methods`:)
     dpo, dpo_pl     DIR/dpo, ...        DPO (sigmoid, all pairs) and listwise Plackett-Luce DPO on the same rankings
     grpo            DIR/grpo            critic-free GRPO against the RM
     grpo_verifier   DIR/grpo_verifier   GRPO against the world's programmatic verifier (no RM)
@@ -16,7 +17,8 @@
 Every step writes its own sub-workdir and its config.json. Rerunning skips finished steps (the training
 stages resume an interrupted run themselves). Before anything runs, every finished (or, for a training
 stage, checkpointed) step's saved config is compared with the current one: a difference is an error
-naming the step and the keys, and nothing is touched.
+naming the step and the keys, and nothing is touched. The evaluation alone is redone when its config
+changes (for example when `methods` adds models to a finished default run): nothing depends on it.
 
 `configs/pipeline.py:sweep` adds the over-optimisation sweep (`sweep` step): PPO at several KL coefficients
 and lengths, and the oracle-reward run, each evaluated for true utility and RM score against KL to SFT.
@@ -38,8 +40,9 @@ from instructgpt_jax.miniature import evaluate, world
 
 RL_STAGES = ("ppo", "ppo_ptx", "grpo", "grpo_verifier")
 DPO_STAGES = ("dpo", "dpo_pl")
-TRAINED = ("pretrain", "sft", "rm", *RL_STAGES, *DPO_STAGES, "pretrain_large", "sft_large")
-STEPS = ("data", "pretrain", "sft", "comparisons", "rm", *RL_STAGES, *DPO_STAGES, "pretrain_large", "sft_large",
+METHODS = ("dpo", "dpo_pl", "grpo", "grpo_verifier")  # the methods after InstructGPT: config.methods
+TRAINED = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", *METHODS, "pretrain_large", "sft_large")
+STEPS = ("data", "pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", *METHODS, "pretrain_large", "sft_large",
          "eval")
 # Keys the pipeline fills in from DIR (so a moved workdir still matches) or that only change display.
 DERIVED_KEYS = ("data.train", "data.eval", "data.ptx", "data.tokenizer", "data.demonstrations", "data.dir",
@@ -54,9 +57,15 @@ class Step:
     run: Callable[[], None]
     done_file: str               # exists once the step has finished
     is_stage: bool = False       # a training stage (its checkpoints.Manager writes config.json)
+    redo_if_changed: bool = False  # a changed config reruns the step (no other step depends on it)
 
     def done(self) -> bool:
-        return os.path.exists(os.path.join(self.dir, self.done_file))
+        if not os.path.exists(os.path.join(self.dir, self.done_file)):
+            return False
+        if self.redo_if_changed:
+            with open(os.path.join(self.dir, "config.json")) as f:
+                return json.load(f) == self.config
+        return True
 
 
 def log(msg: str) -> None:
@@ -249,15 +258,20 @@ def make_comparisons(config, sft_dir: str, data_dir: str, out: str) -> None:
         f"training-held-out {s['train_heldout']:.1%}, held-out-held-out {s['heldout_heldout']:.1%}")
 
 
-def eval_exports(workdir: str) -> dict[str, str]:
-    """{model name: export path} of everything the evaluation compares (PPO rows: raw policy and EMA)."""
+def eval_models(config) -> dict[str, str]:
+    """{model name: the stage that trained it} for everything the evaluation compares (PPO rows: the raw
+    policy and its EMA)."""
+    models = {"base": "pretrain", "sft": "sft", "sft_large": "sft_large", "ppo": "ppo", "ppo_ema": "ppo",
+              "ppo_ptx": "ppo_ptx", "ppo_ptx_ema": "ppo_ptx"}
+    return dict(models, **{n: n for n in METHODS}) if config.methods else models
+
+
+def eval_exports(config, workdir: str) -> dict[str, str]:
+    """{model name: export path} of everything the evaluation compares."""
     sub = lambda *s: os.path.join(workdir, *s)  # noqa: E731
-    exports = {"base": sub("pretrain"), "sft": sub("sft"), "sft_large": sub("sft_large")}
-    for name in ("ppo", "ppo_ptx"):
-        exports[name], exports[f"{name}_ema"] = sub(name, "export"), sub(name, "export_ema")
-    exports.update({n: sub(n) for n in DPO_STAGES})
-    exports.update({n: sub(n, "export") for n in ("grpo", "grpo_verifier")})
-    return exports
+    return {name: (sub(stage, "export_ema") if name.endswith("_ema") else
+                   sub(stage, "export") if stage in RL_STAGES else sub(stage))
+            for name, stage in eval_models(config).items()}
 
 
 def run_eval(config, workdir: str) -> None:
@@ -267,7 +281,7 @@ def run_eval(config, workdir: str) -> None:
         stats = json.load(f)  # the labelers' calibrated noise and agreement
     _, heldout = populations(config, stats["labeler_noise"])
     results = evaluate.evaluate(
-        eval_exports(workdir), sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))],
+        eval_exports(config, workdir), sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))],
         heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))], judges=heldout,
         cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh), seed=config.seed,
         rm_seq_len=config.rm.data.seq_len, rm_max_prompt_len=config.rm.data.max_prompt_len,
@@ -277,13 +291,11 @@ def run_eval(config, workdir: str) -> None:
     results["labelers"] = {"noise": stats["labeler_noise"],
                            **{k: stats["train"][k] for k in ("train_train", "train_heldout", "heldout_heldout")}}
     stages = stage_configs(config, workdir)
-    results["compute"] = {}
-    for model, stage in (("base", "pretrain"), ("sft", "sft"), ("sft_large", "sft_large"), ("ppo", "ppo"),
-                         ("ppo_ema", "ppo"), ("ppo_ptx", "ppo_ptx"), ("ppo_ptx_ema", "ppo_ptx"), ("dpo", "dpo"),
-                         ("dpo_pl", "dpo_pl"), ("grpo", "grpo"), ("grpo_verifier", "grpo_verifier")):
-        results["compute"][model] = compute_tokens(stages[stage])
+    models = eval_models(config)
+    results["compute"] = {model: compute_tokens(stages[stage]) for model, stage in models.items()}
     results["timings"] = json.load(open(sub("timings.json"))) if os.path.exists(sub("timings.json")) else {}
-    evaluate.write_report(results, workdir, {n: train_lib.read_metrics(sub(n)) for n in RL_STAGES})
+    rl = [n for n in RL_STAGES if n in models.values()]
+    evaluate.write_report(results, workdir, {n: train_lib.read_metrics(sub(n)) for n in rl})
 
 
 # ----------------------------------------------------------------------------- over-optimisation sweep
@@ -374,11 +386,12 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Step]:
                             as_saved(dict(seeded, comparisons=config.comparisons.to_dict())),
                             lambda: make_comparisons(config, sub("sft"), sub("data"), sub("comparisons")),
                             "config.json"),
-        "eval": Step("eval", sub("eval"), as_saved(dict(seeded, eval=config.eval.to_dict())),
-                     lambda: run_eval(config, workdir), "config.json"),
+        "eval": Step("eval", sub("eval"), as_saved(dict(seeded, eval=config.eval.to_dict(),
+                                                        models=sorted(eval_models(config)))),
+                     lambda: run_eval(config, workdir), "config.json", redo_if_changed=True),
         **{name: stage(name) for name in TRAINED},
     }
-    out = [steps[name] for name in STEPS]
+    out = [steps[name] for name in STEPS if config.methods or name not in METHODS]
     if config.sweep.enabled:
         out.append(Step("sweep", sub("sweep"), as_saved(dict(seeded, sweep=config.sweep.to_dict(),
                                                              ppo=json.loads(stages["ppo"].to_json()))),
@@ -390,7 +403,7 @@ def check_configs(steps: list[Step]) -> None:
     """Every finished step (and every checkpointed stage) must have been run with the current config."""
     for s in steps:
         path = os.path.join(s.dir, "config.json")
-        if not os.path.exists(path):
+        if not os.path.exists(path) or s.redo_if_changed:
             continue
         ckpt = os.path.join(s.dir, "checkpoints")
         if s.done():
