@@ -18,7 +18,8 @@ import ml_collections
 from instructgpt_jax import config_lib
 
 LARGE = {"model.num_layers": 4, "model.d_model": 96, "model.num_heads": 4, "model.num_kv_heads": 4,
-         "model.head_dim": 24, "model.mlp_dim": 384}  # ~503k parameters: ~3.6x the tiny preset's ~139k
+         "model.head_dim": 24, "model.mlp_dim": 384,  # ~503k parameters: ~3.6x the tiny preset's ~139k
+         "model.scan_unroll": 4}  # speed only: every layer unrolled (tiny's 2 is half): 0.33 -> 0.26 s per step
 
 
 def get_config(arg: str = "default"):
@@ -81,7 +82,7 @@ def get_config(arg: str = "default"):
 
     # Short schedules, and one knob per stage where the pipeline needs it. Shared by every preset.
     steps = (dict(pretrain=10, sft=10, rm=5, rl=2, dpo=3) if smoke else
-             dict(pretrain=600, sft=300, rm=300, rl=60, dpo=150))
+             dict(pretrain=450, sft=250, rm=300, rl=60, dpo=150))
     quiet = {"train.progress": not smoke, "train.log_every": 5 if not smoke else 1,
              "train.eval_every": 0, "train.eval_batches": 2 if smoke else 0}
     load = config_lib.load

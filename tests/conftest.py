@@ -1,11 +1,21 @@
 """Shared tiny runs: one SFT and one RM workdir per test session, reused by the stage tests
 (JAX compilation dominates on CPU, so every stage is trained once and inspected many times)."""
 import os
+import shutil
+import tempfile
 
-import pytest
+# One XLA compilation cache for the session, set before jax is imported: the tests compile many identical
+# programs (the same tiny model's steps in several tests, resumed runs, and the command-line and notebook
+# subprocesses, which inherit it). Counting compilations (test_recompilation) is unaffected: a cache hit
+# is still a jit cache miss that logs "Compiling".
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="instructgpt_jax_xla_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
-from instructgpt_jax import config_lib
-from instructgpt_jax.miniature.world import builtin_rows as BUILTIN  # noqa: F401  (stages' built-in data)
+import pytest  # noqa: E402
+
+from instructgpt_jax import config_lib  # noqa: E402
+from instructgpt_jax.miniature.world import builtin_rows as BUILTIN  # noqa: F401,E402  (stages' built-in data)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,3 +54,8 @@ def rm_workdir(tmp_path_factory, sft_workdir):
     workdir = str(tmp_path_factory.mktemp("rm"))
     rm.train(stage_config("rm", **{"init.from_workdir": sft_workdir}), workdir, builtin_data=BUILTIN)
     return workdir
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "_CACHE" in globals():
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -212,3 +212,22 @@ def test_rm_probes_violate_exactly_their_dimension():
             v = synthetic.violations(prompt, bad)
             assert v[d] > 0 and {o for o, x in v.items() if x > 0} <= {d, "task"}
     assert all(synthetic.parse_prompt(p).caps for p, _, _ in probes["format"])
+
+
+def test_compilation_cache_is_scoped_to_the_run_and_respects_the_users(tmp_path):
+    import jax
+    saved = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)  # as in a user's process without the env var
+        with pipeline.compilation_cache(str(tmp_path / "cache")):
+            assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+            jax.jit(lambda x: x * 3.0 + 1.0)(np.arange(7.0)).block_until_ready()
+        assert jax.config.jax_compilation_cache_dir is None and os.listdir(tmp_path / "cache")
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "users"))
+        with pipeline.compilation_cache(str(tmp_path / "other")):  # the user's own cache wins
+            assert jax.config.jax_compilation_cache_dir == str(tmp_path / "users")
+        assert not os.path.exists(tmp_path / "other")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)
+        from jax.experimental.compilation_cache import compilation_cache as cc
+        cc.reset_cache()

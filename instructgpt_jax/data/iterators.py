@@ -4,7 +4,7 @@ Pipeline (the same in every process):
 
     MapDataset.source -> shuffle(seed) -> repeat(num_epochs) -> map(tokenise + truncate)
       -> to_iter_dataset (threaded reads) -> _Unroll (skip / split examples, carry stats)
-      -> [FirstFitPackIterDataset] -> batch(global_batch_size) -> rows of this process
+      -> [_FirstFitPack] -> batch(global_batch_size) -> thread prefetch -> rows of this process
 
 Every process computes the whole *global* batch and keeps its own slice
 [p*b, (p+1)*b). Tokenising the global batch costs little next to a train step, and
@@ -355,16 +355,92 @@ class _UnrollIterator(grain.DatasetIterator):
             self._offset = state["offset"]
 
 
-def _from_packed(row: dict) -> dict:
-    """grain's packer names its outputs per feature; keep one set, sum the counters."""
-    return {
-        "tokens": row["tokens"],
-        "targets": row["targets"],
-        "loss_mask": row["loss_mask"],
-        "segment_ids": row["tokens_segment_ids"],
-        "positions": row["tokens_positions"],
-        "stats": np.sum(np.stack(list(row["stats"])), axis=0),
-    }
+class _FirstFitPack(grain.IterDataset):
+    """First-fit packing of pieces (tokens / targets / loss_mask of equal length <= `length`) into rounds
+    of `num_bins` rows, the semantics of grain's FirstFitPackIterDataset: each piece goes into the first
+    row with room; a piece that fits nowhere closes the round (its rows are emitted in order, then the
+    piece opens the next round); the last round may have fewer rows. A row holds its pieces back to back
+    (segment ids 1, 2, ..., positions from 0 in each; PAD = 0 after them) and the sum of their counters.
+    grain's generic packer costs ~1 ms of Python per piece (as much as a tiny train step per batch); this
+    one does the bookkeeping on ints and copies each piece once."""
+
+    def __init__(self, parent: grain.IterDataset, length: int, num_bins: int):
+        super().__init__(parent)
+        self._length, self._num_bins = length, num_bins
+
+    def __iter__(self):
+        return _FirstFitPackIterator(self._parent.__iter__(), self._length, self._num_bins)
+
+
+class _FirstFitPackIterator(grain.DatasetIterator):
+    """State: the parent's state at the start of the current round and the rows of it already emitted
+    (a restored iterator re-packs that round from the same pieces and skips them)."""
+
+    def __init__(self, parent: grain.DatasetIterator, length: int, num_bins: int):
+        super().__init__(parent)
+        self._length, self._num_bins = length, num_bins
+        self._round_state = parent.get_state()  # parent state before the current round's first piece
+        self._rows: list[dict] = []  # the current round's packed rows
+        self._emitted = 0  # rows of the current round already emitted
+        self._carry = None  # (parent state before it, piece): the piece that closed the last round
+
+    def _pack_round(self) -> None:
+        bins: list[list[dict]] = [[] for _ in range(self._num_bins)]
+        used = [0] * self._num_bins
+        if self._carry is not None:
+            (before, piece), self._carry = self._carry, None
+        else:
+            before, piece = self._parent.get_state(), next(self._parent, None)
+        self._round_state = before
+        while piece is not None:
+            n = len(piece["tokens"])
+            if n > self._length:
+                raise ValueError(f"a piece of {n} tokens does not fit a packed row of {self._length}")
+            row = next((i for i in range(self._num_bins) if used[i] + n <= self._length), None)
+            if row is None:  # fits nowhere: it opens the next round
+                self._carry = (before, piece)
+                break
+            bins[row].append(piece)
+            used[row] += n
+            before, piece = self._parent.get_state(), next(self._parent, None)
+        self._rows = [self._row(b) for b in bins if b]
+        self._emitted = 0
+
+    def _row(self, pieces: list[dict]) -> dict:
+        row = {k: np.zeros(self._length, np.asarray(pieces[0][k]).dtype) for k in ("tokens", "targets", "loss_mask")}
+        row.update({k: np.zeros(self._length, np.int32) for k in ("segment_ids", "positions")})
+        start = 0
+        for seg, piece in enumerate(pieces, 1):
+            end = start + len(piece["tokens"])
+            for k in ("tokens", "targets", "loss_mask"):
+                row[k][start:end] = piece[k]
+            row["segment_ids"][start:end] = seg
+            row["positions"][start:end] = np.arange(end - start)
+            start = end
+        row["stats"] = np.sum([p["stats"] for p in pieces], axis=0)
+        return row
+
+    def __next__(self):
+        if self._emitted == len(self._rows):
+            self._pack_round()
+            if not self._rows:
+                raise StopIteration
+        self._emitted += 1
+        return self._rows[self._emitted - 1]
+
+    def get_state(self):
+        if self._emitted == len(self._rows):  # between rounds: the next round starts where the parent is
+            if self._carry is not None:
+                return {"parent": self._carry[0], "emitted": 0}
+            return {"parent": self._parent.get_state(), "emitted": 0}
+        return {"parent": self._round_state, "emitted": self._emitted}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._rows, self._emitted, self._carry = [], 0, None
+        if state["emitted"]:
+            self._pack_round()
+            self._emitted = state["emitted"]
 
 
 _TEXT_KEYS = ("prompt_text", "prompt_messages")  # host-side strings: object arrays, never sent to devices
@@ -473,12 +549,7 @@ def _make(
     ds = ds.repeat(num_epochs).map(example_fn).to_iter_dataset(read)
     ds = _UnrollIterDataset(ds)
     if pack_len is not None:
-        lengths = {"tokens": pack_len, "targets": pack_len, "loss_mask": pack_len}
-        # One packing round fills exactly one global batch of bins.
-        ds = grain.experimental.FirstFitPackIterDataset(
-            ds, length_struct=lengths, num_packing_bins=global_batch_size, shuffle_bins=False, meta_features=("stats",)
-        )
-        ds = ds.map(_from_packed)
+        ds = _FirstFitPack(ds, pack_len, num_bins=global_batch_size)  # one round of bins: one global batch
     ds = ds.batch(
         global_batch_size,
         drop_remainder=not pad_final,

@@ -25,6 +25,7 @@ and lengths, and the oracle-reward run, each evaluated for true utility and RM s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -421,12 +422,40 @@ def check_configs(steps: list[Step]) -> None:
                 + "\n  ".join(diff))
 
 
+@contextlib.contextmanager
+def compilation_cache(path: str):
+    """XLA's persistent compilation cache in `path` for the block (unless JAX_COMPILATION_CACHE_DIR names
+    one): the stages compile many identical programs (PPO and PPO-ptx sample and score alike, every sweep
+    run, the evaluation's passes), and a rerun or resumed run compiles almost nothing."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or finish) every step of the pipeline in `workdir`; returns the evaluation results."""
     workdir = os.path.abspath(workdir)
     steps = plan(config, workdir)
     check_configs(steps)
     os.makedirs(workdir, exist_ok=True)
+    with compilation_cache(os.path.join(workdir, "xla_cache")):
+        return _run(config, workdir, steps)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, steps: list[Step]) -> dict:
     checkpoints.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     timings_path = os.path.join(workdir, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
