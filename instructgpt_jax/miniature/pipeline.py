@@ -281,8 +281,9 @@ def run_eval(config, workdir: str) -> None:
     with open(sub("comparisons/stats.json")) as f:
         stats = json.load(f)  # the labelers' calibrated noise and agreement
     _, heldout = populations(config, stats["labeler_noise"])
+    prompts = [r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))]
     results = evaluate.evaluate(
-        eval_exports(config, workdir), sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))],
+        eval_exports(config, workdir), sub("rm"), prompts=prompts,
         heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))], judges=heldout,
         cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh), seed=config.seed,
         rm_seq_len=config.rm.data.seq_len, rm_max_prompt_len=config.rm.data.max_prompt_len,
