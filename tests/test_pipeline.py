@@ -231,3 +231,12 @@ def test_compilation_cache_is_scoped_to_the_run_and_respects_the_users(tmp_path)
         jax.config.update("jax_compilation_cache_dir", saved)
         from jax.experimental.compilation_cache import compilation_cache as cc
         cc.reset_cache()
+
+
+def test_sweep_plot_reads_every_tag(tmp_path):
+    assert pipeline._tag_value("oracle_kl0.01_it120", "kl") == 0.01 and pipeline._tag_value("kl1_it30", "it") == 30
+    point = {"kl_to_sft": 4.0, "utility": 0.1, "rm_score": 1.0, "win_rate": 0.6, "win_ci": [0.5, 0.7]}
+    points = {"sft": dict(point, kl_to_sft=0.0), "kl0.1_it30": point, "kl0.1_it120": point, "kl1_it30": point,
+              "oracle_kl0.1_it120": point}
+    pipeline.plot_sweep(points, str(tmp_path / "sweep.png"))
+    assert os.path.getsize(tmp_path / "sweep.png") > 10_000

@@ -35,6 +35,7 @@ import time
 from typing import Callable
 
 import ml_collections
+import numpy as np
 
 from instructgpt_jax import checkpoints, config_lib, train_lib
 from instructgpt_jax.miniature import evaluate, world
@@ -345,23 +346,39 @@ def run_sweep(config, workdir: str) -> None:
 
 
 def plot_sweep(points: dict, path: str) -> None:
-    """True utility (gold) and RM score (proxy) against KL to SFT, one marker per run; the oracle-reward
-    runs in a separate colour (their proxy is the truth: an upper bound)."""
+    """True utility (gold) and RM score (proxy) against sqrt(KL to SFT), Gao et al. 2022's distance: one
+    colour per KL coefficient, circles for the shorter runs and squares for the longer; the oracle-reward
+    runs as stars (their proxy is the truth: an upper bound); SFT in grey at the origin."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    betas = sorted({_tag_value(t, "kl") for t in points if t != "sft"})
+    steps = sorted({_tag_value(t, "it") for t in points if t != "sft"})
+    colors = dict(zip(betas, plt.cm.viridis(np.linspace(0, 0.9, len(betas)))))
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for tag, p in points.items():
-        color = "tab:purple" if tag.startswith("oracle") else "gray" if tag == "sft" else "tab:blue"
-        ax[0].scatter(p["kl_to_sft"], p["utility"], color=color)
-        ax[1].scatter(p["kl_to_sft"], p["rm_score"], color=color)
-        for a, y in ((ax[0], p["utility"]), (ax[1], p["rm_score"])):
-            a.annotate(tag, (p["kl_to_sft"], y), fontsize=7)
-    ax[0].set(title="gold: true labeler utility", xlabel="KL to SFT (per sequence)", ylabel="utility")
-    ax[1].set(title="proxy: reward-model score", xlabel="KL to SFT (per sequence)", ylabel="RM score")
+        x = np.sqrt(max(p["kl_to_sft"], 0.0))
+        if tag == "sft":
+            style = dict(color="gray", marker="o", label="SFT")
+        elif tag.startswith("oracle"):
+            style = dict(color="tab:purple", marker="*", s=160, label=f"oracle reward, {tag.split('_', 1)[1]}")
+        else:
+            beta, it = _tag_value(tag, "kl"), _tag_value(tag, "it")
+            style = dict(color=colors[beta], marker="o" if it == steps[0] else "s",
+                         label=f"beta {beta:g}, {it:g} it")
+        ax[0].scatter(x, p["utility"], **style)
+        ax[1].scatter(x, p["rm_score"], **style)
+    ax[0].set(title="gold: true labeler utility", xlabel="sqrt(KL to SFT per sequence)", ylabel="utility")
+    ax[1].set(title="proxy: reward-model score", xlabel="sqrt(KL to SFT per sequence)", ylabel="RM score")
+    ax[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _tag_value(tag: str, key: str) -> float:
+    """The number after `key` in a sweep tag such as 'kl0.3_it120' or 'oracle_kl0.01_it120'."""
+    return float(next(part[len(key):] for part in tag.split("_") if part.startswith(key)))
 
 
 # ----------------------------------------------------------------------------- plan, check, run
