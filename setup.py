@@ -5,7 +5,9 @@ setup(
     name="instructgpt_jax",
     version="0.1.0",
     description="InstructGPT (Ouyang et al. 2022) end to end in JAX/Flax: SFT, K-choose-2 reward model, PPO-ptx.",
-    packages=find_packages(include=["instructgpt_jax", "instructgpt_jax.*"]),
+    # configs/ ships inside the package as instructgpt_jax.configs (one copy: `--config=sft:finetune` anywhere)
+    packages=find_packages(include=["instructgpt_jax", "instructgpt_jax.*"]) + ["instructgpt_jax.configs"],
+    package_dir={"instructgpt_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

@@ -22,4 +22,8 @@ def get_config(preset: str = "tiny"):
         beta=0.1,              # strength of the implicit KL constraint (Rafailov et al.: 0.1)
         loss_type="sigmoid",   # 'sigmoid' (DPO), 'ipo' or 'plackett_luce' (listwise; ties: Breslow)
     ))
+    if preset == config_lib.FINETUNE:
+        # DPO on 7B chat models (Zephyr, Tunstall et al. 2023; Tulu 2 DPO): lr 5e-7, 10 % warmup, beta 0.1,
+        # 1 epoch (the alignment-handbook recipe), 64 prompts per batch.
+        config_lib.finetune_schedule(config, lr=5e-7, epochs=1, batch_size=64, warmup_frac=0.1)
     return config

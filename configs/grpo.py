@@ -19,4 +19,8 @@ def get_config(preset: str = "tiny"):
     config.ppo.kl_estimator = "k3"
     config.ppo.kl_coef = 0.04                # DeepSeekMath's beta
     config.ppo.ptx_coef = 0.0
+    if preset == config_lib.FINETUNE:
+        # DeepSeekMath's GRPO (Shao et al. 2024): lr 1e-6, beta 0.04, 1 update per rollout batch; 8 samples per
+        # prompt (TRL's default), 64 rollouts per iteration.
+        config.ppo.update(group_size=8, minibatch_size=16)
     return config

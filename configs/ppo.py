@@ -39,6 +39,7 @@ def get_config(preset: str = "tiny"):
         tokenizer="",        # .model, tokenizer.json or a checkpoint directory ('' = the SFT stage's)
         chat_template="",    # '' = the SFT stage's / the tokenizer's, 'none', a built-in name or a .jinja file
         fields="",           # column renames 'prompt:question' (canonical:column)
+        max_bad_rows=0,      # malformed rows skipped (counted in data_stats) before one is an error
         max_prompt_len=ctx // 2,        # prompts are cropped from the left to this many tokens
         ptx_seq_len=ctx,     # tokens per pretraining row
         builtin_size=4000,   # built-in prompts / pretraining documents when the paths are ''
@@ -73,4 +74,13 @@ def get_config(preset: str = "tiny"):
         ema_decay=0.992,         # EMA of policy weights (bias-corrected), exported as export_ema/
         value_coef=1.0,          # weight of the value loss (separate network and optimizer)
     ))
+    if preset == config_lib.FINETUNE:
+        # One pass over the prompts; policy lr 1e-6 (OpenRLHF's 7B-8B PPO: 5e-7; TRL: 3e-6), value lr 9e-6 (the
+        # paper's, OpenRLHF's critic); the paper's beta 0.02, clip 0.2, 1 inner epoch, 10-iteration warmup from
+        # 1/10 then constant; 64 rollouts of <= 256 tokens, minibatch 16. Plain PPO: PPO-ptx needs
+        # --config.data.ptx=FILE --config.ppo.ptx_coef=G.
+        config_lib.finetune_schedule(config, lr=1e-6, epochs=1, batch_size=64, warmup_frac=0.0, end_lr_frac=1.0)
+        config.optim.warmup_steps = 10
+        config.value_optim.lr = 9e-6
+        config.ppo.update(max_new_tokens=256, minibatch_size=16, ppo_epochs=1, ptx_coef=0.0, ptx_batch_size=16)
     return config

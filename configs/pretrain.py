@@ -16,4 +16,7 @@ def get_config(preset: str = "tiny"):
                                            weight_decay=0.1)
     ctx = config.model.max_len
     config.data = config_lib.data_config(seq_len=ctx, max_prompt_len=0, max_response_len=ctx)
+    if preset == config_lib.FINETUNE:  # continued pretraining of a checkpoint: one pass at an SFT-like lr
+        config_lib.finetune_schedule(config, lr=2e-5, epochs=1, batch_size=64, warmup_frac=0.03)
+        config.data.max_response_len = 0
     return config

@@ -19,6 +19,10 @@ def get_config(preset: str = "tiny"):
     ctx = config.model.max_len
     config.data = config_lib.data_config(seq_len=ctx, max_prompt_len=ctx // 2, max_response_len=ctx // 2)
     del config.data["max_response_len"], config.data["pack"]  # completions are never packed
+    if preset == config_lib.FINETUNE:
+        # The paper's RM recipe (appendix C.2; also OpenRLHF's for 7B-8B RMs): lr 9e-6, cosine to 10 %,
+        # 1 epoch (more overfits), 64 prompts with all their completions per batch; 3 % warmup.
+        config_lib.finetune_schedule(config, lr=9e-6, epochs=1, batch_size=64, warmup_frac=0.03, end_lr_frac=0.1)
     config.data.max_k = 9                  # most completions per prompt (paper: K = 4..9)
     config.data.demonstrations = ""        # {prompt, response} / {messages} file for the bias ('' = the SFT stage's data)
     config.data.builtin_size = 2000        # built-in comparison prompts when data.train is ''

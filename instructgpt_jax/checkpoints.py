@@ -11,6 +11,7 @@ export -> scratch. Incompatible configs are refused before anything is written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,6 +30,8 @@ RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "tra
                   "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.",
                   "model.scan_unroll", "model.causal_blocks")
 EXPORT_DIR = "export"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what an export or a Hugging Face directory holds
+TEMPLATE_FILE = "chat_template.jinja"  # the chat template a run used, saved with its export
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -59,24 +62,28 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, ignore=()) -> None:
+    """A workdir holding checkpoints of a different config is refused, listing the keys (`ignore`: keys still
+    to be derived from the data, compared once they are)."""
+    workdir = os.path.abspath(workdir)
+    directory, cfg_path = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
+    if os.path.exists(directory) and os.listdir(directory) and os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            diff = config_diff(json.load(f), json.loads(config.to_json()), RESUMABLE_KEYS + tuple(ignore))
+        if diff:
+            raise UserError(f"{workdir} holds checkpoints of a different config; nothing was changed. "
+                            f"Use a new --workdir, or restore these keys:\n  " + "\n  ".join(diff))
+
+
 class Manager:
     """A stage's CheckpointManager: async saves every N steps, keeps the last K, resumes exactly."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
-        cfg_path = os.path.join(self.workdir, "config.json")
-        current = json.loads(config.to_json())
-        if os.path.exists(self.directory) and os.listdir(self.directory):
-            if os.path.exists(cfg_path):
-                with open(cfg_path) as f:
-                    diff = config_diff(json.load(f), current)
-                if diff:
-                    raise UserError(
-                        f"{self.workdir} holds checkpoints of a different config; nothing was changed. "
-                        f"Use a new --workdir, or restore these keys:\n  " + "\n  ".join(diff))
+        check_workdir(self.workdir, config)
         os.makedirs(self.workdir, exist_ok=True)
-        write_json_atomic(cfg_path, current)
+        write_json_atomic(os.path.join(self.workdir, "config.json"), json.loads(config.to_json()))
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
@@ -171,14 +178,56 @@ def init_with_trunk(scalar_model, lm_model, mesh, rng, lm_export: Optional[str] 
     return params
 
 
-def previous_export(config) -> Optional[str]:
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """A finished stage's export: the one owner of what later stages adopt from it (its meta.json: stage,
+    model config, step, data statistics, extras such as the RM bias; its params; its tokenizer files and
+    the chat template it used; the training file it read)."""
+    path: str
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str) -> "Export":
+        """A stage workdir or its export directory (UserError when the stage has not finished)."""
+        path = export_path(path)
+        return cls(path, read_export_meta(path))
+
+    @property
+    def stage(self) -> str:
+        return self.meta.get("stage", "?")
+
+    @property
+    def model(self) -> dict:
+        return self.meta["model"]
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any(os.path.exists(os.path.join(self.path, f)) for f in TOKENIZER_FILES)
+
+    @property
+    def template_file(self) -> Optional[str]:
+        path = os.path.join(self.path, TEMPLATE_FILE)
+        return path if os.path.exists(path) else None
+
+    @property
+    def train_data(self) -> str:
+        return stage_train_data(self.path)
+
+    def params(self, model, mesh) -> Any:
+        return load_params(self.path, model, mesh)
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.stage}, step {self.meta.get('step', '?')})"
+
+
+def previous_export(config) -> Optional[Export]:
     """The export of the stage this one starts from (`config.init.from_workdir`), or None."""
-    return export_path(config.init.from_workdir) if config.init.from_workdir else None
+    return Export.open(config.init.from_workdir) if config.init.from_workdir else None
 
 
 def stage_train_data(path: str) -> str:
-    """The training file a finished stage read (its config.json's data.train), else its built-in
-    data file, else ''. Accepts the stage's workdir or its export directory."""
+    """The training file a finished stage read (its config.json's data.train), or the built-in rows it
+    wrote (data.train 'builtin'), else ''. Accepts the stage's workdir or its export directory."""
     workdir = os.path.abspath(path)
     if os.path.basename(workdir).startswith(EXPORT_DIR):
         workdir = os.path.dirname(workdir)
@@ -186,21 +235,10 @@ def stage_train_data(path: str) -> str:
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             train = json.load(f).get("data", {}).get("train", "")
-        if train:
+        if train and train != "builtin":
             return train
     builtin = os.path.join(workdir, "builtin_data", "demonstrations_train.jsonl")
     return builtin if os.path.exists(builtin) else ""
-
-
-def check_model_matches(meta_model: dict, model_cfg: ml_collections.ConfigDict, source: str,
-                        keys=("arch", "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
-                              "head_dim", "mlp_dim", "max_len", "tie_embeddings")) -> None:
-    """An export whose model shape differs from the config is an error naming both shapes."""
-    diff = {k: (meta_model.get(k), model_cfg[k]) for k in keys if meta_model.get(k) != model_cfg[k]}
-    if diff:
-        lines = ", ".join(f"{k}: export {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise UserError(f"{source} was trained with a different model shape than config.model ({lines}); "
-                         f"pick the matching preset or override config.model.*")
 
 
 def sync(name: str) -> None:

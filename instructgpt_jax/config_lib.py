@@ -91,18 +91,25 @@ PRESET_KEYS = {
 SPEED_KEYS = {"tiny": dict(scan_unroll=2, causal_blocks=4)}
 # Presets small enough to train on a laptop CPU: stage configs give them fast schedules.
 CPU_PRESETS = ("tiny", "mini", "small")
+# Starting from a checkpoint (config.init.hf_path or config.init.from_workdir): the model comes from it, the
+# sequence length from the data and the schedule in epochs over the data (stage configs give the recipe).
+FINETUNE = "finetune"
+FROM_CHECKPOINT = "checkpoint"  # config.model.preset of a model taken from a checkpoint
 
 
 def check_preset(name: str) -> str:
     name = name.strip().lower()
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    if name not in PRESETS and name != FINETUNE:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {FINETUNE}, {', '.join(PRESETS)}")
     return name
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
-    """The `config.model` block for a preset."""
+    """The `config.model` block for a preset ('finetune': a placeholder the checkpoint's model replaces)."""
     preset = check_preset(preset)
+    if preset == FINETUNE:
+        return ml_collections.ConfigDict(dict(model_config("tiny"), preset=FROM_CHECKPOINT, scan_unroll=1,
+                                              causal_blocks=1, dtype="bfloat16"))
     arch, layers, d_model, heads, kv_heads, d_head, mlp, ctx, vocab = PRESETS[preset]
     speed = SPEED_KEYS.get(preset, {})  # these two change speed only, never results
     keys = dict(
@@ -163,6 +170,7 @@ def optim_config(lr: float, *, warmup_steps: int = 0, weight_decay: float = 0.0)
         lr=lr,                       # peak learning rate
         end_lr_frac=0.1,             # cosine decays to this fraction of the peak (paper: 10 %)
         warmup_steps=warmup_steps,   # linear warmup steps from warmup_init_frac * lr
+        warmup_frac=0.0,             # > 0: warmup over this fraction of the steps instead of warmup_steps
         warmup_init_frac=0.0,        # warmup starts at this fraction of the peak
         b1=0.9,                      # Adam beta1 (paper)
         b2=0.95,                     # Adam beta2 (paper)
@@ -174,7 +182,8 @@ def optim_config(lr: float, *, warmup_steps: int = 0, weight_decay: float = 0.0)
 
 def train_config(*, num_steps: int, batch_size: int, cpu: bool) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        num_steps=num_steps,                   # optimizer steps
+        num_steps=num_steps,                   # optimizer steps (stage steps: PPO iterations)
+        num_epochs=0.0,                        # > 0: num_steps = this many passes over the training data (derived at start)
         batch_size=batch_size,                 # global batch (rows / prompts), split over processes
         grad_accum=1,                          # microbatches per step, accumulated inside the jitted step
         log_every=5 if cpu else 50,            # steps between metric records
@@ -205,6 +214,24 @@ def is_cpu_preset(preset: str) -> bool:
     return check_preset(preset) in CPU_PRESETS
 
 
+def finetune_schedule(config, *, lr: float, epochs: float, batch_size: int, warmup_frac: float,
+                      end_lr_frac: float = 0.0) -> None:
+    """The `finetune` presets' schedule: `epochs` passes over the data (steps derived from its size at start),
+    linear warmup over `warmup_frac` of them from 0, cosine to `end_lr_frac`; bf16 compute, f32 master weights."""
+    config.train.num_steps = 0
+    config.train.num_epochs = epochs
+    config.train.batch_size = batch_size
+    config.optim.lr = lr
+    config.optim.warmup_steps = 0
+    config.optim.warmup_frac = warmup_frac
+    config.optim.end_lr_frac = end_lr_frac
+    config.optim.weight_decay = 0.0
+    config.model.dropout = 0.0
+    for key in ("seq_len", "max_prompt_len", "ptx_seq_len"):  # 0: measured on the data at start
+        if key in config.data:
+            config.data[key] = 0
+
+
 def replace(config: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
     """Copy of `config` with dotted-key overrides, e.g. replace(c, **{'train.num_steps': 3})."""
     config = ml_collections.ConfigDict(config.to_dict())
@@ -222,21 +249,45 @@ def replace(config: ml_collections.ConfigDict, **overrides) -> ml_collections.Co
 def data_config(*, seq_len: int, max_prompt_len: int, max_response_len: int) -> ml_collections.ConfigDict:
     """The `config.data` block of the LM stages (pretrain, SFT)."""
     return ml_collections.ConfigDict(dict(
-        train="",                # JSONL / Parquet training file ('' = built-in data on the command line's CPU presets)
+        train="",                # JSONL / Parquet training file ('builtin' = the built-in synthetic world's rows)
         eval="",                 # held-out JSONL / Parquet ('' = the last 5 % of the training split)
         dir="",                  # where TFDS writes ArrayRecord files ('' = WORKDIR/tfds)
         tokenizer="",            # .model, tokenizer.json or a checkpoint directory ('' = previous stage's, else trained)
         chat_template="",        # '' = the previous stage's / the tokenizer's, 'none', 'chatml', 'llama2', 'llama3', a .jinja
         fields="",               # column renames 'prompt:question,response:answer' (canonical:column)
-        seq_len=seq_len,         # tokens per row (packed)
+        max_bad_rows=0,          # malformed rows skipped (counted in data_stats) before one is an error
+        seq_len=seq_len,         # tokens per row (packed); 0 = from the data (longest example, up to model.max_len)
         max_prompt_len=max_prompt_len,      # prompts longer than this are cropped from the left
         max_response_len=max_response_len,  # responses longer than this are cropped from the right
         pack=True,               # pack several examples per row (attention never crosses them)
-        builtin_size=4000,       # examples of the built-in corpus when data.train is ''
+        builtin_size=4000,       # examples of the built-in corpus when data.train is 'builtin'
     ))
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+def _config_dir() -> str:
+    """The stage configs: the installed package's copy (setup.py maps configs/ to instructgpt_jax.configs; an
+    editable install maps it back to the repository's configs/), else the repository's, run uninstalled."""
+    try:
+        from instructgpt_jax import configs
+        return os.path.dirname(os.path.abspath(configs.__file__))
+    except ImportError:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+CONFIG_DIR = _config_dir()
+
+
+def stage_names() -> list[str]:
+    """The stage configs there are ('sft', 'rm', ...): what `--config=STAGE:PRESET` accepts."""
+    return sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def config_path(spec: str) -> str:
+    """'sft:tiny' -> '<CONFIG_DIR>/sft.py:tiny'; a spec naming a .py file is returned as it is."""
+    path, sep, arg = spec.partition(":")
+    if path.endswith(".py") or os.path.sep in path:
+        return spec
+    return os.path.join(CONFIG_DIR, f"{path}.py") + sep + arg
 
 
 def load(spec: str, preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
@@ -249,8 +300,7 @@ def load(spec: str, preset: str | None = None, **overrides) -> ml_collections.Co
     if not path.endswith(".py"):
         path = os.path.join(CONFIG_DIR, f"{path}.py")
     if not os.path.exists(path):
-        names = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
-        raise ValueError(f"config {spec!r}: no file {path}; valid stage configs: {', '.join(names)}")
+        raise ValueError(f"config {spec!r}: no file {path}; valid stage configs: {', '.join(stage_names())}")
     module_spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from instructgpt_jax import checkpoints, losses, scoring, sharding, train_lib
+from instructgpt_jax import harness, losses, scoring, train_lib
 from instructgpt_jax.data import prepare
 from instructgpt_jax.errors import UserError
 from instructgpt_jax.models import ModelConfig, Transformer
@@ -37,23 +37,19 @@ def loss_fn(params, batch, rng, reference, *, model, beta, loss_type):
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Train the policy with the DPO family from the SFT export; exports it like SFT. Resumes."""
-    from instructgpt_jax import hf
-    config = hf.with_checkpoint_model(config)  # init.hf_path: config.model follows the checkpoint SFT started from
-    # --- mesh
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.batch_size_per_process(config.train.batch_size, mesh)
-    manager = checkpoints.Manager(workdir, config)
+    if not config.init.from_workdir:
+        raise UserError("config.init.from_workdir must name the SFT stage's workdir (policy and frozen reference)")
+    # --- mesh (and the config resolved: the SFT export's model, data paths checked)
+    run = harness.Stage(config, workdir)
+    config, mesh = run.config, run.mesh
 
     # --- data: the reward model's comparisons (no demonstrations: DPO has no bias to fit)
     data = prepare.prepare_comparisons(config, workdir, builtin_data, demonstrations=False)
-    sft = checkpoints.previous_export(config)
-    if not sft:
-        raise UserError("config.init.from_workdir must name the SFT stage's workdir (policy and frozen reference)")
-    checkpoints.check_model_matches(checkpoints.read_export_meta(sft)["model"], config.model, sft)
 
     # --- init: policy = reference = SFT; resume overwrites the policy
     model = Transformer(ModelConfig.from_config(config.model))
-    reference = checkpoints.load_params(sft, model, mesh)
+    manager = run.start(data, model)
+    reference = run.source.params(model, mesh)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
     params = jax.tree.map(jnp.copy, reference)  # the policy: a copy, since the train state is donated
@@ -65,7 +61,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len, frozen=reference)
 
     # --- save: the policy, loadable wherever an SFT export is
-    checkpoints.export(workdir, state["params"], save_tokenizer=data.save_tokenizer, meta={
-        "stage": "dpo", "model": config.model.to_dict(), "step": int(state["step"]), "beta": config.dpo.beta,
-        "loss_type": config.dpo.loss_type, "data_stats": data.stats()})
+    run.export(state["params"], data, step=int(state["step"]), beta=config.dpo.beta, loss_type=config.dpo.loss_type)
     return last

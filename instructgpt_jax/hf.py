@@ -666,15 +666,81 @@ _README = {
            "`transformers.AutoModelForSequenceClassification.from_pretrained(DIR)` (num_labels 1) is the trunk and "
            "the scalar head's weight. reward = logits[:, 0] + config.json `reward_bias` ({reward_bias:.6g} = the "
            "head's bias {score_bias:.6g} + the bias fitted so that the SFT demonstrations average 0, `rm_bias` "
-           "{rm_bias:.6g}). The reward is read at the last non-pad token, which must be the token that closes the "
-           "reply, exactly as in training: {format}. The base model alone: `AutoModel.from_pretrained(DIR)`; the "
-           "head with its bias: {score_file} (torch Linear(d_model, 1) tensors score.weight, score.bias).\n"),
+           "{rm_bias:.6g}). The reward was trained at the token that closes the reply (config.json "
+           "`reward_token_id`, {token!r}): {format}. transformers reads the logits at the last non-pad token, so "
+           "the ids must end there: {warning}\n\n"
+           "```python\n{snippet}```\n\n"
+           "Or score a file of conversations (JSONL or Parquet rows {{messages}} or {{prompt, response}}): "
+           "`python -m instructgpt_jax.hf --score --model=DIR --data=FILE.jsonl`. The base model alone: "
+           "`AutoModel.from_pretrained(DIR)`; the head with its bias: {score_file} (torch Linear(d_model, 1) "
+           "tensors score.weight, score.bias).\n"),
+}
+
+# How transformers users score with an exported reward model (the export README holds it; tests run it). {bos} is
+# "[tok.bos_token_id] + " when training put a BOS in front that the template / tokenizer call does not add.
+RM_SNIPPET = {
+    "chat": """\
+import torch, transformers
+DIR = "."  # this directory
+tok = transformers.AutoTokenizer.from_pretrained(DIR)
+rm = transformers.AutoModelForSequenceClassification.from_pretrained(DIR).eval()
+
+def reward(messages):  # a conversation ending with the assistant reply to score
+    ids = {bos}tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    ids = ids[:len(ids) - ids[::-1].index(rm.config.reward_token_id)]  # cut after the reply's end of turn
+    with torch.no_grad():
+        return rm(torch.tensor([ids])).logits[0, 0].item() + rm.config.reward_bias
+""",
+    "plain": """\
+import torch, transformers
+DIR = "."  # this directory
+tok = transformers.AutoTokenizer.from_pretrained(DIR)
+rm = transformers.AutoModelForSequenceClassification.from_pretrained(DIR).eval()
+
+def reward(prompt, response):  # as in training: prompt and response encoded apart, then the EOS
+    encode = lambda text: tok(text, add_special_tokens=False).input_ids
+    ids = {bos}encode(prompt) + encode(response) + [rm.config.reward_token_id]
+    with torch.no_grad():
+        return rm(torch.tensor([ids])).logits[0, 0].item() + rm.config.reward_bias
+""",
 }
 
 
 def _fail(message: str):
     from instructgpt_jax.errors import UserError
     raise UserError(message)
+
+
+def _rm_template(export_dir, tok):
+    """The chat template a reward model was trained with: the one its run saved with its export (None when
+    the run used none, even if the tokenizer has a template of its own)."""
+    from instructgpt_jax.data import chat, prepare
+    file = os.path.join(export_dir, prepare.TEMPLATE_FILE)
+    return chat.resolve(file if os.path.exists(file) else "none", tok)
+
+
+def _rm_readme_parts(tok, template, end) -> dict:
+    """The export README's description of a reward model's input format, and its transformers snippet."""
+    from instructgpt_jax.data import chat
+    if tok is None:
+        return dict(token=None, format="BOS + prompt + reply + EOS", warning="this export has no tokenizer.",
+                    snippet="# no tokenizer in this export\n")
+    token = tok.id_to_token(end)
+    if template is None:
+        ids = tok.encode("Hi")
+        fmt = (f"{'BOS + ' if tok.add_bos else ''}prompt + response + that token, prompt and response "
+               f"encoded apart")
+        warning = "append `reward_token_id` after the response."
+    else:
+        text = chat.render(template, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}],
+                           tok)
+        ids, tail = tok.encode(text), text[text.rfind(token) + len(token):] if token in text else ""
+        fmt = "the chat template rendering the conversation, its last turn the assistant's reply, up to that token"
+        warning = ((f"the template adds {tail!r} after it, where `apply_chat_template` + a forward pass would read "
+                    f"a wrong reward; " if tail else "") + "cut the ids after the last `reward_token_id`.")
+    bos = tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]  # training put one in front
+    snippet = RM_SNIPPET["plain" if template is None else "chat"].format(bos="[tok.bos_token_id] + " if bos else "")
+    return dict(token=token, format=fmt, warning=warning, snippet=snippet)
 
 
 def export_stage(export, out, *, mesh=None) -> dict:
@@ -714,12 +780,17 @@ def export_stage(export, out, *, mesh=None) -> dict:
     if any(os.path.exists(os.path.join(path, f)) for f in prepare.TOKENIZER_FILES):
         tok = load_tokenizer(path)
     template = tok.chat_template if tok is not None else None
+    rm_template = _rm_template(path, tok) if rm and tok is not None else None
+    if rm:  # what the reward model was trained with, not whatever template its tokenizer carries
+        template = rm_template.source if rm_template is not None else None
     extra = {}
     if tok is not None:
         others = sorted(tok.eos_ids - {tok.eos_id})
         extra = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         if tok.bos_id is not None:
             extra["bos_token_id"] = tok.bos_id
+        if rm:  # where the reward was trained to be read: the reply's end-of-turn token (or EOS)
+            extra["reward_token_id"] = prepare.end_id(tok, rm_template)
     summary = dict(source=path, out=str(out), stage=meta.get("stage", "?"), model_type=hf_model_type(cfg),
                    kind="rm" if rm else "lm", tokenizer=tok is not None, chat_template=template is not None)
     if rm:
@@ -743,6 +814,9 @@ def export_stage(export, out, *, mesh=None) -> dict:
         tc = json.loads(tc_path.read_text())
         if template is not None:  # where AutoTokenizer looks (and where chat_template.jinja, if written, agrees)
             tc["chat_template"] = template
+        elif rm:  # trained without a template: apply_chat_template should fail, not format rows it never saw
+            tc.pop("chat_template", None)
+            (out / "chat_template.jinja").unlink(missing_ok=True)
         tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
         gen = dict(eos_token_id=[tok.eos_id] + others, pad_token_id=tok.pad_id)
         if tok.bos_id is not None:
@@ -750,11 +824,9 @@ def export_stage(export, out, *, mesh=None) -> dict:
         if not rm:
             (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if rm:
-        fmt = ("the chat template rendering the prompt conversation plus the reply as the assistant's turn, cut "
-               "after that turn's end-of-turn token" if template is not None else
-               "BOS (when the tokenizer adds one) + prompt + reply + EOS")
         text = _README["rm"].format(source=path, reward_bias=extra["reward_bias"], score_bias=extra["score_bias"],
-                                    rm_bias=extra["rm_bias"], format=fmt, score_file=SCORE_FILE)
+                                    rm_bias=extra["rm_bias"], score_file=SCORE_FILE,
+                                    **_rm_readme_parts(tok, rm_template, extra.get("reward_token_id")))
     else:
         eos = ([tok.eos_id] + others) if tok is not None else "(no tokenizer in the export)"
         text = _README["lm"].format(source=path, stage=summary["stage"], eos=eos)
@@ -762,17 +834,134 @@ def export_stage(export, out, *, mesh=None) -> dict:
     return summary
 
 
+# --------------------------------------------------------------------------- scoring with an exported reward model
+
+
+_RM_DIRS = ("give the directory `python -m instructgpt_jax.hf --export=RM_WORKDIR --out=DIR` wrote, or the RM "
+            "stage's workdir")
+
+
+def load_reward_model(path, *, mesh=None):
+    """(scoring.RewardModel, tokenizer, chat template or None) of a reward model: the directory `hf --export`
+    wrote for one (its config.json `rm_bias`, the head from score_head.safetensors), or an RM stage workdir /
+    its export/ directory. The tokenizer's eos_ids hold the template's end of turn, as in training."""
+    from instructgpt_jax import checkpoints, scoring
+    from instructgpt_jax.data import chat, prepare
+    from instructgpt_jax.errors import MissingFileError, UserError
+    path = Path(path)
+    mesh = mesh or sharding.default_mesh()
+    if not path.is_dir():
+        raise MissingFileError(f"{path}: no such directory; {_RM_DIRS}")
+    ours = (path / "meta.json").exists() or (path / checkpoints.EXPORT_DIR / "meta.json").exists()
+    if ours:
+        rm = scoring.RewardModel.load(str(path), mesh)
+        path = Path(checkpoints.export_path(str(path)))
+    elif not (path / "config.json").exists():
+        raise UserError(f"{path} is not a reward model (no config.json, no meta.json); {_RM_DIRS}")
+    else:
+        c = _read_config(path)
+        if "rm_bias" not in c or not (path / SCORE_FILE).exists():
+            raise UserError(f"{path} is not a reward model exported by instructgpt_jax (its config.json has no "
+                            f"rm_bias, or there is no {SCORE_FILE}); {_RM_DIRS}")
+        model, params = load_pretrained(path, mesh=mesh, dtype=c.get("dtype") or c.get("torch_dtype") or "float32",
+                                        head="scalar")  # the head's own bias is in params; rm_bias comes on top
+        rm = scoring.RewardModel(model, params, float(c["rm_bias"]), c)
+    if not any((path / f).exists() for f in prepare.TOKENIZER_FILES):
+        raise UserError(f"{path}: no tokenizer ({' or '.join(prepare.TOKENIZER_FILES)}) to encode conversations with")
+    tok = load_tokenizer(path)
+    # a stage export: the template its run saved; ours exported: the one export_stage put in tokenizer_config
+    template = _rm_template(path, tok) if ours else chat.resolve("auto", tok)
+    return rm, chat.with_end_of_turn(tok, template), template
+
+
+def _conversation(where: str, obj) -> tuple:
+    """A row to score -> (prompt, the turns before the reply or None, reply)."""
+    from instructgpt_jax.data import builders
+    from instructgpt_jax.errors import UserError
+    messages = obj.get("messages") if isinstance(obj, dict) else None
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        role = messages[-1].get("role", messages[-1].get("from"))
+        if role not in ("assistant", "gpt"):
+            raise UserError(f"{where}: the last turn of 'messages' must be the assistant reply to score, "
+                            f"got role {role!r}")
+    row = builders.validate_row("demonstrations", obj, where)
+    if not row["messages"]:
+        return row["prompt"], None, row["response"]
+    if len(row["messages"]) < 2:
+        raise UserError(f"{where}: 'messages' holds only the reply; give the conversation before it too")
+    return "", row["messages"][:-1], row["messages"][-1]["content"]
+
+
+def score_conversations(model, rows, *, batch_size: int = 8, mesh=None, where=None) -> np.ndarray:
+    """Rewards (bias included) of conversations, each formatted exactly as the reward model was trained: the
+    chat template (or BOS + prompt + response + EOS without one), the reward read at the token that closes
+    the reply. (transformers' `apply_chat_template` + a forward pass reads it after that token, where the
+    template goes on, e.g. at a newline: a different number.)
+
+    model: the directory `hf --export` wrote for a reward model, an RM stage workdir or its export/, or
+      what `load_reward_model` returned (to score many times without reloading).
+    rows: dicts {messages: [{role, content}, ...]} whose last turn is the assistant reply to score, or
+      {prompt, response}. where: a label per row for error messages (default 'row i').
+    A row longer than the model's max_len is cropped as in training: the prompt from the left to
+    max_len // 2 tokens, then the reply cut, keeping its closing token. Returns float32 [len(rows)].
+    """
+    from instructgpt_jax.data import iterators
+    from instructgpt_jax.errors import UserError
+    rows = list(rows)
+    where = list(where) if where is not None else [f"row {i}" for i in range(len(rows))]
+    convs = [_conversation(w, r) for w, r in zip(where, rows)]  # bad rows fail before the model loads
+    mesh = mesh or sharding.default_mesh()
+    rm, tok, template = model if isinstance(model, tuple) else load_reward_model(model, mesh=mesh)
+    n = rm.model.cfg.max_len
+    examples = []
+    for w, (prompt, before, reply) in zip(where, convs):
+        if before is not None and template is None:
+            raise UserError(f"{w}: a conversation ('messages'), but this reward model was trained without a chat "
+                            f"template: give {{prompt, response}} rows")
+        try:
+            examples.append(iterators.scoring_example(prompt, reply, tok, seq_len=n, max_prompt_len=n // 2,
+                                                      chat_template=template, messages=before))
+        except ValueError as e:
+            raise UserError(f"{w}: {e}") from None
+    return rm.score_examples(examples, batch_size=batch_size, mesh=mesh)
+
+
+def read_scoring_file(path) -> tuple[list, list]:
+    """(rows, where) of a JSONL or Parquet file for `score_conversations`; where = 'file:line' / 'file:row N'."""
+    from instructgpt_jax.data import builders
+    from instructgpt_jax.errors import MissingFileError, UserError
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path}: no such file")
+    objects = (builders._parquet_objects if builders._file_type(path) == "parquet" else builders._jsonl_objects)(path)
+    pairs = [(obj, where) for _, where, obj in objects]
+    if not pairs:
+        raise UserError(f"{path}: no rows")
+    return [o for o, _ in pairs], [w for _, w in pairs]
+
+
 def _cli():
-    """`python -m instructgpt_jax.hf --export=WORKDIR --out=DIR`: mistakes print one line `error: ...` and
-    exit with status 2 (--debug or INSTRUCTGPT_DEBUG=1 shows the traceback), as the main command line does."""
+    """`python -m instructgpt_jax.hf --export=WORKDIR --out=DIR` and `python -m instructgpt_jax.hf --score
+    --model=DIR --data=FILE [--out=FILE.jsonl] [--batch_size=N]`: mistakes print one line `error: ...` and exit
+    with status 2 (--debug or INSTRUCTGPT_DEBUG=1 shows the traceback), as the main command line does."""
     import sys
 
     from absl import app, flags
 
     from instructgpt_jax import errors
 
+    usage = ("usage: python -m instructgpt_jax.hf --export=WORKDIR --out=DIR, or python -m instructgpt_jax.hf "
+             "--score --model=DIR --data=FILE [--out=FILE.jsonl] [--batch_size=N]")
     flags.DEFINE_string("export", None, "A stage's workdir, or its export/ or export_ema/ directory.")
-    flags.DEFINE_string("out", None, "Directory to write (transformers' from_pretrained reads it).")
+    flags.DEFINE_string("out", None, "--export: directory to write (transformers' from_pretrained reads it); "
+                                     "--score: JSON lines file to write (default: stdout).")
+    flags.DEFINE_bool("score", False, "Score conversations with a reward model (--model, --data): one JSON line "
+                                      "per row, its fields plus 'reward'; the count and mean on stderr.")
+    flags.DEFINE_string("model", None, "--score: the directory --export wrote for a reward model, or the RM "
+                                       "stage's workdir.")
+    flags.DEFINE_string("data", None, "--score: JSONL or Parquet rows {messages} (the last turn is the assistant "
+                                      "reply to score) or {prompt, response}.")
+    flags.DEFINE_integer("batch_size", 8, "--score: rows per forward pass.")
     flags.DEFINE_bool("debug", False, f"Show the traceback of an error; also {errors.DEBUG_ENV}=1.")
 
     def debug(argv) -> bool:
@@ -791,16 +980,36 @@ def _cli():
                 raise
             fail(errors.one_line(e))
         if len(rest) > 1:
-            fail(f"unexpected arguments {rest[1:]}; usage: python -m instructgpt_jax.hf --export=WORKDIR --out=DIR")
-        for name in ("export", "out"):
-            if not flags.FLAGS[name].value:
-                fail(f"--{name} is required; usage: python -m instructgpt_jax.hf --export=WORKDIR --out=DIR")
+            fail(f"unexpected arguments {rest[1:]}; {usage}")
+        f = flags.FLAGS
+        if f.score and f.export:
+            fail(f"--score and --export are two commands; give one; {usage}")
+        for name in ("model", "data") if f.score else ("export", "out"):
+            if not f[name].value:
+                fail(f"--{name} is required{' with --score' if f.score else ''}; {usage}")
+        if f.score and f.batch_size < 1:
+            fail(f"--batch_size={f.batch_size}: must be at least 1")
         return rest
+
+    def score():
+        f = flags.FLAGS
+        rows, where = read_scoring_file(f.data)
+        rewards = score_conversations(f.model, rows, batch_size=f.batch_size, where=where)
+        lines = "".join(json.dumps({**r, "reward": float(x)}, ensure_ascii=False, default=str) + "\n"
+                        for r, x in zip(rows, rewards))
+        if f.out:
+            Path(f.out).write_text(lines, encoding="utf-8")
+        else:
+            sys.stdout.write(lines)
+        sys.stderr.write(f"scored {len(rows)} rows of {f.data} with {f.model}: mean reward {rewards.mean():.6g}"
+                         + (f"; written to {f.out}" if f.out else "") + "\n")
 
     def main(argv):
         from absl import logging
         logging.set_verbosity(logging.WARNING)
         try:
+            if flags.FLAGS.score:
+                return score()
             s = export_stage(flags.FLAGS.export, flags.FLAGS.out)
         except errors.USER_ERRORS as e:
             if debug(argv):
@@ -812,7 +1021,6 @@ def _cli():
               + ("" if s["tokenizer"] else "; no tokenizer in the export"))
 
     app.run(main, flags_parser=parse)
-
 
 if __name__ == "__main__":
     _cli()

@@ -1,4 +1,4 @@
-"""Command line: `python -m instructgpt_jax.main --config=configs/sft.py:tiny --workdir=DIR`.
+"""Command line: `python -m instructgpt_jax.main --config=sft:tiny --workdir=DIR` (`--help` for more).
 
 Overrides: `--config.train.num_steps=10 --config.mesh.fsdp=4` (unknown keys are errors).
 Multi-host: every process runs the same command with --coordinator_address, --num_processes,
@@ -10,6 +10,10 @@ reading the config, absl flag errors, unknown config keys, and ValueError / KeyE
 FileNotFoundError raised by the config file; while running, errors.UserError, ValueError and
 FileNotFoundError (errors.USER_ERRORS) and absl's app.UsageError (inconsistent multi-host flags).
 Anything else is a bug and keeps its traceback.
+
+SIGINT / SIGTERM during training end the current step, save its checkpoint, print one line
+`interrupted by SIGTERM at step N; checkpoint saved in DIR; rerun the same command to resume` and
+exit with 130 (SIGINT) / 143 (SIGTERM); a second Ctrl-C stops at once.
 """
 import importlib
 import os
@@ -18,11 +22,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from instructgpt_jax import errors  # jax is imported once the flags are good: config mistakes show at once
+from instructgpt_jax import config_lib, errors  # jax is imported once the flags are good: mistakes show at once
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<stage>.py:<preset>.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "STAGE:PRESET (e.g. sft:finetune) or a config file "
+                                          "path.py:PRESET.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (presets, the checkpoint's "
+                                  "model, overrides) and exit without touching the workdir.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -30,9 +36,82 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
                                  "(TPU pods, SLURM) even without the flags above.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error (bad data, config, checkpoint) "
                            f"instead of one line; also {errors.DEBUG_ENV}=1.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "pipeline": "miniature.pipeline"}
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
+HELP = """usage: python -m instructgpt_jax.main --config=STAGE:PRESET --workdir=DIR [--config.KEY=VALUE ...]
+                                       [--print_config] [--debug] [multi-host flags]
+
+Stages (--config=STAGE:PRESET; a config file path.py:PRESET works too):
+  pretrain  next-token loss on raw text {{text}}
+  sft       supervised fine-tuning on demonstrations {{prompt, response}} or {{messages}}
+  rm        K-wise Bradley-Terry reward model on comparisons (K-wise ranks, chosen/rejected, HH, UltraFeedback)
+  dpo       DPO / IPO / listwise Plackett-Luce on the same comparisons (config.dpo.loss_type)
+  ppo       PPO / PPO-ptx against the reward model, on prompts {{prompt}} or {{messages}}
+  grpo      critic-free RL (GRPO, Dr. GRPO, RLOO) against the reward model or a verifier
+  pipeline  the whole method in miniature on the built-in synthetic world (no data needed)
+  (config files here: {stages})
+
+Presets:
+  finetune   start from a checkpoint: the model, tokenizer and chat template come from
+             --config.init.hf_path=DIR (SFT) or --config.init.from_workdir=RUN (later stages);
+             sequence length from the data, schedule in epochs (train.num_epochs), bf16 compute
+  tiny mini small   CPU-sized models trained from scratch, fast schedules
+  {sizes}
+             model sizes (GPT-3 and the Hugging Face families) with the paper's schedules
+
+Main keys (--config.KEY=VALUE; unknown keys are errors, --print_config shows them all):
+  init.hf_path, init.from_workdir      where the weights come from; ppo.rm_workdir: the reward model
+  data.train, data.eval, data.ptx      JSONL / Parquet files ('builtin' = the built-in synthetic world's rows;
+                                       data.eval '' = the last 5 % of train); data.fields renames columns
+  data.tokenizer, data.chat_template   default: the checkpoint's / previous stage's
+  data.seq_len, data.max_prompt_len    0 = measured on the data; data.max_bad_rows: malformed rows to skip
+  train.num_steps, train.num_epochs, train.batch_size, train.grad_accum, train.log_every, train.checkpoint_every
+  optim.lr, optim.warmup_frac, optim.end_lr_frac    model.dtype, model.remat    mesh.data, mesh.fsdp, mesh.tensor
+  ppo.kl_coef, ppo.ptx_coef, ppo.advantage_estimator, ppo.group_size, ppo.max_new_tokens, ppo.reward
+  dpo.beta, dpo.loss_type
+
+Examples:
+  python -m instructgpt_jax.main --config=sft:finetune --workdir=runs/sft \
+      --config.init.hf_path=/path/to/hf_checkpoint --config.data.train=demos.jsonl
+  python -m instructgpt_jax.main --config=rm:finetune --workdir=runs/rm \
+      --config.init.from_workdir=runs/sft --config.data.train=comparisons.jsonl
+  python -m instructgpt_jax.main --config=ppo:finetune --workdir=runs/ppo --config.init.from_workdir=runs/sft \
+      --config.ppo.rm_workdir=runs/rm --config.data.train=prompts.jsonl --print_config
+
+Interrupt with Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved; rerun the same command to resume.
+Flags: --workdir (required to run), --print_config, --debug (tracebacks of user errors), --distributed,
+--coordinator_address / --num_processes / --process_id (multi-host); --helpfull lists absl's own flags.
+"""
+
+
+def print_help() -> None:
+    sizes = [p for p in config_lib.PRESETS if p not in config_lib.CPU_PRESETS]
+    lines, line = [], " "
+    for name in sizes:  # wrapped preset names
+        if len(line) + len(name) > 100:
+            lines.append(line)
+            line = " "
+        line += f" {name}"
+    sys.stdout.write(HELP.format(stages=", ".join(config_lib.stage_names()), sizes="\n  ".join(lines + [line]).strip()))
+
+
+def explicit_keys(argv) -> list[str]:
+    """The config keys the command line sets ('model.num_layers' for --config.model.num_layers=...)."""
+    return [a.lstrip("-").split("=", 1)[0][len("config."):] for a in argv[1:]
+            if a.startswith("-") and a.lstrip("-").startswith("config.")]
+
+
+def _with_stage_configs(argv):
+    """--config=sft:finetune (a bare stage name, from any directory) -> the installed configs' file."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.lstrip("-").startswith("config=") and arg.startswith("-"):
+            out[i] = arg.split("=", 1)[0] + "=" + config_lib.config_path(arg.split("=", 1)[1])
+        elif arg.lstrip("-") == "config" and arg.startswith("-") and i + 1 < len(out):
+            out[i + 1] = config_lib.config_path(out[i + 1])
+    return out
 
 
 def initialize_distributed(coordinator, num_processes, process_id, auto=False):
@@ -131,6 +210,10 @@ def _config_error(exc: Exception, argv):
 
 def parse_flags(argv):
     """absl's flag parsing, with the config's mistakes shown as one line and status 2."""
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print_help()
+        sys.exit(0)
+    argv = _with_stage_configs(argv)
     try:
         args = flags.FLAGS(argv)
         _CONFIG.value.stage  # config_flags defers a config file's load error to first use  # noqa: B018
@@ -143,12 +226,22 @@ def parse_flags(argv):
 
 
 def main(argv):
+    import jax  # the flags are good by now
+
+    from instructgpt_jax import train_lib
     try:
         run(argv)
     except errors.USER_ERRORS + (app.UsageError,) as e:
         if _debug_requested(argv):
             raise
         _user_error(errors.one_line(e))
+    except train_lib.Interrupted as e:  # SIGINT / SIGTERM in training: the step is saved, no traceback
+        if jax.process_index() == 0:
+            sys.stderr.write(f"{e}\n")
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (data preparation, export)
+        sys.stderr.write("interrupted by SIGINT; rerun the same command to resume from the last checkpoint\n")
+        sys.exit(128 + 2)
 
 
 def run(argv):
@@ -158,15 +251,27 @@ def run(argv):
 
     if not flags.FLAGS["verbosity"].present:  # keep Orbax / TFDS info logs out of the progress bar
         logging.set_verbosity(logging.WARNING)
-    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     config = _CONFIG.value
     if config.stage not in STAGES:
         raise errors.UserError(f"config.stage={config.stage!r}; valid: {', '.join(STAGES)}")
+    if config.stage != "pipeline":  # the checkpoint's model adopted, data paths checked: before any work
+        from instructgpt_jax import harness
+        config = harness.resolve(config, explicit_keys(sys.argv), strict=not _PRINT_CONFIG.value)
+    if _PRINT_CONFIG.value:
+        sys.stdout.write(str(config))
+        if config.get("model", {}).get("preset") == config_lib.FROM_CHECKPOINT and not (
+                config.init.hf_path or config.init.from_workdir):
+            sys.stderr.write("note: config.model is a placeholder until config.init.hf_path or "
+                             "config.init.from_workdir names the checkpoint it comes from\n")
+        return
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required to run a stage (--print_config needs none)")
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
     stage = importlib.import_module(f"instructgpt_jax.{STAGES[config.stage]}")
     if config.stage == "pipeline":
         final = stage.train(config, _WORKDIR.value)
-    else:  # a data path left '' reads the built-in miniature world's rows (CPU presets' defaults)
+    else:  # data paths set to 'builtin' read the built-in miniature world's rows
         from instructgpt_jax.miniature import world
         final = stage.train(config, _WORKDIR.value, builtin_data=world.builtin_rows)
     shown = {k: v for k, v in (final or {}).items() if isinstance(v, float) and "per_sec" not in k}

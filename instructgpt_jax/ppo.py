@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, losses, rl, sampling, scoring, sharding, train_lib
+from instructgpt_jax import checkpoints, harness, losses, rl, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import prepare
 from instructgpt_jax.errors import UserError
 from instructgpt_jax.models import ModelConfig, Transformer
@@ -185,15 +185,13 @@ def ema_params(state, decay: float):
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Run the RL stage; exports the policy (and its bias-corrected EMA). Resumes from `workdir`."""
-    from instructgpt_jax import hf
-    config = hf.with_checkpoint_model(config)  # init.hf_path: config.model follows the checkpoint SFT started from
-    cfg = config.ppo
-    critic_free = cfg.advantage_estimator != "gae"
-    # --- mesh
     check_config(config)
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.batch_size_per_process(config.train.batch_size, mesh)
-    manager = checkpoints.Manager(workdir, config)  # refuses an incompatible workdir before any work
+    if not config.init.from_workdir:
+        raise UserError("config.init.from_workdir must name the SFT stage's workdir (policy and reference)")
+    # --- mesh (and the config resolved: the SFT export's model, data paths checked)
+    run = harness.Stage(config, workdir)
+    config, mesh, cfg = run.config, run.mesh, run.config.ppo
+    critic_free = cfg.advantage_estimator != "gae"
 
     # --- data: prompts (each repeated group_size times, consecutively) and pretraining text for ptx
     data = prepare.prepare_ppo(config, workdir, builtin_data)
@@ -204,12 +202,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     updates_per_iteration = n_mb * cfg.ppo_epochs
 
     # --- init: policy and reference from SFT; reward model; value model (gae) from the RM, else from SFT
-    sft = checkpoints.previous_export(config)
-    if not sft:
-        raise UserError("config.init.from_workdir must name the SFT stage's workdir (policy and reference)")
-    checkpoints.check_model_matches(checkpoints.read_export_meta(sft)["model"], config.model, sft)
+    sft = run.source
     policy = Transformer(ModelConfig.from_config(config.model))
-    reference = checkpoints.load_params(sft, policy, mesh)
+    manager = run.start(data, policy)
+    reference = sft.params(policy, mesh)
     rm_model, rm_params, rm_bias, retokenize = None, None, 0.0, None
     if cfg.rm_workdir:
         rm = scoring.RewardModel.load(cfg.rm_workdir, mesh)
@@ -224,7 +220,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
             value_model, value_params = rm_model, rm_params
         else:  # no RM (verifier reward), or one reading other tokens: the SFT trunk with a fresh scalar head
             value_model = Transformer(policy.cfg, head="scalar")
-            value_params = checkpoints.init_with_trunk(value_model, policy, mesh, jax.random.PRNGKey(config.seed), sft)
+            value_params = checkpoints.init_with_trunk(value_model, policy, mesh, jax.random.PRNGKey(config.seed),
+                                                       sft.path)
         value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps, updates_per_iteration)
     state = init_state(reference, policy_tx, cfg.kl_coef, value_params, value_tx)
 
@@ -338,11 +335,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
                                 updates_per_step=updates_per_iteration)
 
     # --- save: the policy and its bias-corrected EMA, for the next stage / evaluation
-    meta = {"stage": "ppo", "model": config.model.to_dict(), "step": int(state["step"]), "ptx_coef": cfg.ptx_coef,
-            "kl_beta": float(state["kl_beta"]), "advantage_estimator": cfg.advantage_estimator,
+    meta = {"step": int(state["step"]), "ptx_coef": cfg.ptx_coef, "kl_beta": float(state["kl_beta"]), "advantage_estimator": cfg.advantage_estimator,
             "reward": cfg.reward}
-    checkpoints.export(workdir, state["policy"]["params"], meta=meta, save_tokenizer=data.save_tokenizer)
-    checkpoints.export(workdir, jax.jit(functools.partial(ema_params, decay=cfg.ema_decay))(state),
-                       meta=dict(meta, ema_decay=cfg.ema_decay, ema_updates=int(state["updates"])),
-                       save_tokenizer=data.save_tokenizer, name="export_ema")
+    run.export(state["policy"]["params"], data, **meta)
+    run.export(jax.jit(functools.partial(ema_params, decay=cfg.ema_decay))(state), data, name="export_ema",
+               **meta, ema_decay=cfg.ema_decay, ema_updates=int(state["updates"]))
     return last

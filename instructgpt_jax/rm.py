@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, losses, scoring, sharding, train_lib
+from instructgpt_jax import checkpoints, harness, losses, scoring, sharding, train_lib
 from instructgpt_jax.data import prepare
 from instructgpt_jax.models import ModelConfig, Transformer
 
@@ -63,27 +63,22 @@ def demonstration_bias(rm: scoring.RewardModel, data: prepare.StageData, config,
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Train the reward model; export params with the fitted bias. Resumes from `workdir`."""
-    from instructgpt_jax import hf
-    config = hf.with_checkpoint_model(config)  # init.hf_path: config.model follows the checkpoint SFT started from
-    # --- mesh
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.batch_size_per_process(config.train.batch_size, mesh)
-    manager = checkpoints.Manager(workdir, config)  # refuses an incompatible workdir before any work
+    # --- mesh (and the config resolved: the SFT export's model, data paths checked)
+    run = harness.Stage(config, workdir)
+    config, mesh = run.config, run.mesh
 
     # --- data
     data = prepare.prepare_comparisons(config, workdir, builtin_data)
-    sft_export = checkpoints.previous_export(config)
-    if sft_export:
-        checkpoints.check_model_matches(checkpoints.read_export_meta(sft_export)["model"], config.model, sft_export)
 
     # --- init: resume -> SFT export -> scratch
     model_cfg = ModelConfig.from_config(config.model)
     model = Transformer(model_cfg, head="scalar")
+    manager = run.start(data, model)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
-    resuming = manager.latest_step() is not None
     # The scalar head starts at N(0, 1/sqrt(d+1)), bias 0; the trunk from SFT.
-    params = checkpoints.init_with_trunk(model, Transformer(model_cfg), mesh, rng, None if resuming else sft_export)
+    trunk = None if run.resuming or not run.source else run.source.path
+    params = checkpoints.init_with_trunk(model, Transformer(model_cfg), mesh, rng, trunk)
 
     # --- step + loop: the generic train step on this stage's loss, the shared loop
     state, last = train_lib.run_supervised(
@@ -100,7 +95,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     writer.close()
 
     # --- save
-    checkpoints.export(workdir, state["params"], save_tokenizer=data.save_tokenizer, meta={
-        "stage": "rm", "model": config.model.to_dict(), "step": int(state["step"]), "rm_bias": bias,
-        "bias_demonstrations": n_demos, "data_stats": data.stats()})
+    run.export(state["params"], data, step=int(state["step"]), rm_bias=bias, bias_demonstrations=n_demos)
     return last

@@ -138,6 +138,26 @@ class RewardModel:
         out = self(batch["tokens"], batch["segment_ids"], batch["positions"], batch["last_index"])
         return np.asarray(sharding.to_host(out))
 
+    def score_examples(self, examples, *, batch_size: int = 8, mesh=None) -> np.ndarray:
+        """Rewards (bias included) of scored rows (`iterators.scoring_example` dicts of one seq_len),
+        `batch_size` rows at a time. Each batch is cut to its longest row rounded up to a power of two
+        (no work on padding, a few compilations rather than one per length) and filled up to batch_size
+        with copies of its last row (one shape). Returns float32 [len(examples)]."""
+        out = []
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            n = len(chunk)
+            chunk = chunk + chunk[-1:] * (batch_size - n)
+            longest = max(int(e["last_index"]) for e in chunk) + 1
+            length = min(len(chunk[0]["tokens"]), max(16, 1 << (longest - 1).bit_length()))
+            batch = {k: np.stack([e[k][:length] for e in chunk]) for k in ("tokens", "segment_ids", "positions")}
+            batch["last_index"] = np.array([e["last_index"] for e in chunk], np.int32)
+            if mesh is not None and sharding.divides_batch(batch_size, mesh):
+                batch = sharding.global_from_full(batch, mesh)
+            rewards = self(batch["tokens"], batch["segment_ids"], batch["positions"], batch["last_index"])
+            out.append(np.asarray(sharding.to_host(rewards), np.float32)[:n])
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
 
 _jit_score = jax.jit(score, static_argnames="model")
 

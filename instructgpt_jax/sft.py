@@ -6,14 +6,12 @@ Reads top to bottom: mesh -> data -> init -> step -> loop -> save.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import ml_collections
 
-from instructgpt_jax import checkpoints, losses, sharding, train_lib
+from instructgpt_jax import harness, losses, sharding, train_lib
 from instructgpt_jax.data import prepare
-from instructgpt_jax.errors import UserError
 from instructgpt_jax.models import ModelConfig, Transformer
 
 
@@ -26,45 +24,25 @@ def loss_fn(params, batch, rng, frozen=None, *, model):
     return loss, {"accuracy": aux["accuracy"], "weight": aux["num_tokens"]}
 
 
-def from_hf_checkpoint(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """config.init.hf_path set: config.model follows the checkpoint's config.json, and the checkpoint's
-    own tokenizer (tokenizer.model or tokenizer.json) becomes the tokenizer unless one is given."""
-    from instructgpt_jax import hf
-    config = hf.with_checkpoint_model(config)
-    if not config.data.tokenizer:
-        if not any(os.path.exists(os.path.join(config.init.hf_path, f)) for f in prepare.TOKENIZER_FILES):
-            raise UserError(f"{config.init.hf_path} has no tokenizer (tokenizer.model or tokenizer.json); "
-                            f"set config.data.tokenizer to one whose ids match the checkpoint's vocabulary")
-        config.data.tokenizer = config.init.hf_path  # its chat template comes with it (data.chat_template 'auto')
-    return config
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Run the stage; returns the final metrics. Resumes from `workdir` if it holds checkpoints.
-    `builtin_data(kind, n, seed, split) -> rows` stands in for empty data paths (see data.prepare)."""
-    if config.init.hf_path:
-        config = from_hf_checkpoint(config)
-    # --- mesh
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.batch_size_per_process(config.train.batch_size, mesh)
-    manager = checkpoints.Manager(workdir, config)  # refuses an incompatible workdir before any work
+    `builtin_data(kind, n, seed, split) -> rows` is read for data paths set to 'builtin' (see data.prepare)."""
+    # --- mesh (and the config resolved: the checkpoint's model, data paths checked)
+    run = harness.Stage(config, workdir)
+    config, mesh = run.config, run.mesh
 
     # --- data
     data = prepare.prepare(config, workdir, "text" if config.stage == "pretrain" else "demonstrations", builtin_data)
-    model_cfg = ModelConfig.from_config(config.model)
-    if data.tokenizer.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"tokenizer has {data.tokenizer.vocab_size} tokens but config.model.vocab_size="
-                        f"{model_cfg.vocab_size}; raise config.model.vocab_size")
 
     # --- init: resume from this workdir -> previous stage's export -> Hugging Face checkpoint -> scratch
-    model = Transformer(model_cfg)
+    model = Transformer(ModelConfig.from_config(config.model))
+    manager = run.start(data, model)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
-    source = checkpoints.previous_export(config)
-    if manager.latest_step() is not None:
+    if run.resuming:
         params = sharding.init_model(model, rng, mesh)  # only a template: the restore overwrites it
-    elif source:
-        params = checkpoints.load_params(source, model, mesh)
+    elif run.source:
+        params = run.source.params(model, mesh)
     elif config.init.hf_path:
         from instructgpt_jax import hf
         _, params = hf.load_pretrained(config.init.hf_path, mesh=mesh)
@@ -78,7 +56,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         units_per_step=config.train.batch_size * config.data.seq_len)
 
     # --- save: params-only export for the next stage
-    checkpoints.export(workdir, state["params"], meta={"stage": config.stage, "model": config.model.to_dict(),
-                                                         "step": int(state["step"]), "data_stats": data.stats()},
-                       save_tokenizer=data.save_tokenizer)
+    run.export(state["params"], data, step=int(state["step"]))
     return last

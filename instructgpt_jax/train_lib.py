@@ -1,11 +1,16 @@
 """Pieces every stage's loop shares: optimizer and schedule, gradient accumulation, metric
-writers, the progress bar, and the NaN guard. Stage files wire these; they own no logic here."""
+writers, the progress output, the NaN guard and the clean stop on SIGINT / SIGTERM. Stage files
+wire these; they own no logic here."""
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -23,12 +28,14 @@ from instructgpt_jax import checkpoints, sharding
 def lr_schedule(optim_cfg, num_steps: int, updates_per_step: int = 1) -> optax.Schedule:
     """Linear warmup from warmup_init_frac * lr, then cosine decay to end_lr_frac * lr.
 
-    `num_steps` and `optim_cfg.warmup_steps` count stage steps; the schedule is evaluated once per
+    `num_steps` and `optim_cfg.warmup_steps` (or `warmup_frac` of num_steps) count stage steps; the schedule is evaluated once per
     optimizer update, and a PPO iteration makes `updates_per_step` of them (minibatches x epochs), so
     both are scaled: the paper's "10-iteration warmup" lasts 10 iterations, not 10 minibatches.
     """
     peak = optim_cfg.lr
-    total, warmup = num_steps * updates_per_step, int(optim_cfg.warmup_steps) * updates_per_step
+    frac = optim_cfg.get("warmup_frac", 0.0)  # a fraction of the run (the finetune presets') or a step count
+    warmup_steps = math.ceil(frac * num_steps) if frac > 0 else int(optim_cfg.warmup_steps)
+    total, warmup = num_steps * updates_per_step, warmup_steps * updates_per_step
     cosine = optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=optim_cfg.end_lr_frac)
     if warmup <= 0:
         return cosine
@@ -210,19 +217,51 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-    """tqdm bar with ETA (only on process 0, only when enabled)."""
+    """Where the loop is, on stderr of process 0: a tqdm bar with ETA when `enabled` and stderr is a
+    terminal; otherwise (SLURM / nohup logs, or the bar turned off) one plain line every `log_every`
+    steps and at the end, e.g. `sft: step 20/60 loss=1.234 4.52 steps/s ETA 0:00:09`, so a log
+    file gets readable lines instead of carriage-return bar redraws."""
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        self.bar = tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                             disable=not enabled or jax.process_index() != 0)
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, log_every: int = 1):
+        self.on = jax.process_index() == 0
+        self.desc, self.total, self.step, self.log_every = desc, total, initial, max(int(log_every), 1)
+        self.bar = None
+        if self.on and enabled and sys.stderr.isatty():
+            self.bar = tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        self._t = self._n = None  # speed is measured from the end of the first step: compiling does not count
+
+    def log(self, message: str):
+        """A line of its own (above the bar, if there is one)."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        elif self.on:
+            print(message, file=sys.stderr, flush=True)
 
     def update(self, n: int = 1, **postfix):
-        if postfix:
-            self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in postfix.items()}, refresh=False)
-        self.bar.update(n)
+        self.step += n
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if self._t is None:
+            self._t, self._n = now, self.step
+        if self.on and (self.step % self.log_every == 0 or self.step == self.total):
+            done, seconds = self.step - self._n, now - self._t
+            shown = " ".join(f"{k}={float(v):.4g}" for k, v in postfix.items())
+            line = f"{self.desc}: step {self.step}/{self.total}" + (f" {shown}" if shown else "")
+            if done > 0 and seconds > 0:
+                rate = done / seconds
+                speed = f"{rate:.3g} steps/s" if rate >= 1 else f"{1 / rate:.3g} s/step"
+                eta = datetime.timedelta(seconds=round((self.total - self.step) / rate))
+                line += f" {speed} ETA {eta}"
+            self.log(line)
+            self._t, self._n = now, self.step
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Throughput:
@@ -248,6 +287,58 @@ def check_finite(step: int, metrics: dict, keys=("loss",)) -> None:
             raise FloatingPointError(
                 f"{k} is {float(np.asarray(metrics[k]))} at step {step}; stopping. The last good checkpoint "
                 f"is kept; lower config.optim.lr or check the data.")
+
+
+# ----------------------------------------------------------------------------- clean stop
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM stopped training after `step`, whose checkpoint (with the data position) is
+    saved: rerunning the same command resumes there. Not a user error and not a bug."""
+
+    def __init__(self, step: int, signum: int, workdir: str):
+        self.step, self.signum, self.workdir = step, signum, workdir
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved "
+                         f"in {workdir}; rerun the same command to resume")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process the signal killed: 130, 143
+
+
+class StopRequest:
+    """While active (a context manager), SIGINT / SIGTERM only set `signum`, so the loop can end the
+    current step and save it. After the first signal the default handlers return, so a second Ctrl-C
+    kills at once (Orbax writes a checkpoint to a temporary directory and renames it, so a killed save
+    leaves no half checkpoint). Signal handlers exist only in the main thread; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self._previous = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signum = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def agreed(self) -> int:
+        """The signal to stop on, the same on every process (0: go on). With several processes a stop on
+        one is a stop on all at the same step, else they would hang in the next step's collectives."""
+        if jax.process_count() == 1:
+            return self.signum
+        from jax.experimental import multihost_utils
+        return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -279,24 +370,31 @@ def batches_step(step_fn, train_iter, mesh, rng):
 def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callable[[], dict],
         evaluate_fn: Callable | None = None, units_per_step: float = 0, units: str = "tokens",
         finite_keys=("loss",), shown=("loss",), updates_per_step: int = 1):
-    """The loop every stage shares: step, log, evaluate, checkpoint, progress bar, clean shutdown.
+    """The loop every stage shares: step, log, evaluate, checkpoint, progress output, clean shutdown.
 
     `step(state, step_number) -> (state, metrics)` runs one stage step (an optimizer step, or a whole
     PPO iteration of `updates_per_step` optimizer updates); metrics are fetched from the device only on
     log steps, with the lr of the step's last update. `evaluate_fn(state) -> dict` runs every
     `train.eval_every` steps and at the end. `data_state()` is saved with each checkpoint.
+    SIGINT / SIGTERM end the current step, save its checkpoint and raise `Interrupted`.
     Returns (final state, last logged metrics).
     """
     start, total = int(state["step"]), config.train.num_steps
     schedule = lr_schedule(config.optim, total, updates_per_step)
     writer = MetricWriter(workdir, resume_step=start)
-    progress = Progress(total, start, config.stage, config.train.progress)
+    progress = Progress(total, start, config.stage, config.train.progress, config.train.log_every)
     speed = Throughput()
     last = {}
     try:
-        with sharding.use(mesh):
+        with StopRequest() as stop_request, sharding.use(mesh):
             for n in range(start + 1, total + 1):
+                if n == start + 1:  # say why the first step takes long
+                    progress.log(f"{config.stage}: compiling the train step (first step)...")
+                    t0 = time.perf_counter()
                 state, metrics = step(state, n)
+                if n == start + 1:
+                    jax.block_until_ready(metrics)
+                    progress.log(f"{config.stage}: first step compiled and run in {time.perf_counter() - t0:.1f}s")
                 speed.add(units_per_step)
                 is_last = n == total
                 if n % config.train.log_every == 0 or is_last:
@@ -310,9 +408,13 @@ def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callabl
                         last.update(evaluate_fn(state))
                     writer.write(n, last)
                 progress.update(1, **{k: last[k] for k in shown if k in last})
-                if n % config.train.checkpoint_every == 0 or is_last:
+                stop = stop_request.agreed()
+                if n % config.train.checkpoint_every == 0 or is_last or stop:
                     check_finite(n, jax.device_get(metrics), finite_keys)  # never save a NaN state
-                    manager.save(n, state, data_state(), force=is_last)
+                    manager.save(n, state, data_state(), force=is_last or bool(stop))
+                if stop:
+                    manager.wait()
+                    raise Interrupted(n, stop, workdir)
     finally:  # also on Ctrl-C / errors: finish in-flight async saves so the last good one is complete
         progress.close()
         manager.close()

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def stage_config(stage: str, **overrides):
     """configs/<stage>.py:tiny shrunk for tests (short rows, small built-in data, no progress bar)."""
     config = config_lib.load(stage, "tiny")
-    small = {"train.progress": False, "data.builtin_size": 400}
+    small = {"train.progress": False, "data.builtin_size": 400, "data.train": "builtin"}
     if stage in ("sft", "pretrain"):
         small.update({"data.seq_len": 64, "data.max_prompt_len": 32, "data.max_response_len": 32,
                       "train.batch_size": 8, "train.num_steps": 30, "train.log_every": 1, "train.eval_every": 0,
@@ -35,7 +35,7 @@ def stage_config(stage: str, **overrides):
     elif stage in ("ppo", "grpo"):
         small.update({"data.max_prompt_len": 24, "ppo.max_new_tokens": 16, "train.batch_size": 8,
                       "ppo.minibatch_size": 4, "train.num_steps": 2, "train.eval_every": 0, "train.eval_batches": 1,
-                      "ppo.ptx_batch_size": 4, "data.ptx_seq_len": 32})
+                      "ppo.ptx_batch_size": 4, "data.ptx_seq_len": 32, "data.ptx": "builtin"})
     small.update(overrides)
     return config_lib.replace(config, **small)
 

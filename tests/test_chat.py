@@ -11,6 +11,7 @@ import pytest
 from instructgpt_jax.data import chat
 from instructgpt_jax.data import iterators as pipeline
 from instructgpt_jax.data.tokenizer import load_tokenizer
+from instructgpt_jax.errors import UserError
 
 from test_tokenizers import make_bpe, make_llama2
 
@@ -185,11 +186,12 @@ def test_iterators_render_templates(toks):
 
 def test_all_rows_skipped_is_one_line_error(toks):
     rows = [{"prompt": "p", "completions": ["a", "b"], "ranks": [1, 1]}] * 3
-    with pytest.raises(ValueError, match=r"every row of the list of 3 rows was skipped \(3 rows: "
-                                         r"skipped_no_untied_pair=3\)"):
+    with pytest.raises(UserError, match=r"^the list of 3 rows: every row was skipped \(3 rows read, 3 with no "
+                                        r"untied pair \(all ranks equal\)\); check the data"):
         pipeline.comparison_batches(rows, toks["qwen2"], global_batch_size=1, seed=0, seq_len=16, max_prompt_len=8)
     rows = [{"prompt": "p " * 20, "response": "r"}, {"prompt": "q", "response": ""}]
-    with pytest.raises(ValueError, match=r"skipped_empty_response=1, skipped_no_room=1"):
+    with pytest.raises(UserError, match=r"\(2 rows read, 1 with an empty response, 1 whose prompt leaves no room "
+                                        r"for a response in seq_len\)"):
         pipeline.lm_batches(rows, toks["qwen2"], kind="demonstrations", global_batch_size=1, seed=0, seq_len=8)
 
 

@@ -59,4 +59,4 @@ def test_bad_override_value_and_unknown_preset(tmp_path):
     proc = run_main("--config.train.num_steps=abc", workdir=tmp_path / "w")
     assert_one_line_error(proc, "error: flag --config.train.num_steps=abc: invalid literal for int()")
     proc = run_main("--config=configs/sft.py:huge", workdir=tmp_path / "w")  # the last --config wins
-    assert_one_line_error(proc, "error: flag --config=configs/sft.py:huge: unknown preset 'huge'; valid presets: tiny")
+    assert_one_line_error(proc, "error: flag --config=configs/sft.py:huge: unknown preset 'huge'; valid presets: finetune, tiny")

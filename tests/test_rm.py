@@ -45,7 +45,17 @@ def test_rm_starts_from_sft_trunk(rm_workdir, sft_workdir):
     assert 0.5 / np.sqrt(65) < std < 2 / np.sqrt(65)
 
 
-def test_rm_refuses_an_sft_export_of_another_shape(tmp_path, sft_workdir):
-    with pytest.raises(ValueError, match="d_model: export 64 vs config 128"):
-        rm.train(stage_config("rm", **{"init.from_workdir": sft_workdir, "model.d_model": 128}), str(tmp_path),
-                 builtin_data=BUILTIN)
+def test_later_stages_adopt_the_exports_model_and_refuse_a_contradicting_override(tmp_path, sft_workdir):
+    from instructgpt_jax import harness
+    for stage in ("rm", "dpo", "ppo", "grpo"):  # the config's own shape (128 wide, 4 layers) is replaced
+        config = stage_config(stage, **{"init.from_workdir": sft_workdir, "model.d_model": 128,
+                                        "model.num_layers": 4, "model.dropout": 0.0, "model.dtype": "bfloat16"})
+        resolved = harness.resolve(config)
+        assert (resolved.model.d_model, resolved.model.num_layers) == (64, 2)
+        assert resolved.model.dtype == "bfloat16"  # runtime keys stay the run's own
+        assert harness.resolve(resolved).to_dict() == resolved.to_dict()  # idempotent
+    with pytest.raises(ValueError, match=r"config.model.d_model=128 contradicts the checkpoint .*d_model=64"):
+        harness.resolve(stage_config("rm", **{"init.from_workdir": sft_workdir, "model.d_model": 128}),
+                        explicit=["model.d_model", "train.num_steps"])
+    # an override that agrees with the export is fine
+    harness.resolve(stage_config("rm", **{"init.from_workdir": sft_workdir}), explicit=["model.d_model"])

@@ -94,4 +94,4 @@ def test_pretrain_counts_every_token(tmp_path):
 
 def test_empty_data_path_without_builtin_data_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="config.data.train is empty"):
-        sft.train(stage_config("sft"), str(tmp_path))
+        sft.train(stage_config("sft", **{"data.train": ""}), str(tmp_path))

@@ -50,6 +50,10 @@ Shapes recognised per kind, and the canonical row each becomes (what `Source[i]`
 Messages are {role, content} with role in system / user / assistant / tool (ShareGPT's
 {from: human|gpt|system, value} is read too). Unknown fields are ignored. Every error names
 file:line (JSONL, 1-based) or file:row N (Parquet, 0-based as in pandas) and the field.
+
+Malformed rows (invalid JSON, not an object, or a row the checks above refuse) are errors, unless
+`max_bad_rows` > 0: then up to that many per file are skipped, counted, and the first few recorded
+(`BadRows`); the build's `metadata.json` keeps them, and `Source.stats()` reports them.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from instructgpt_jax.errors import MissingFileError, UserError
 
@@ -401,13 +406,16 @@ def _file_type(path: str) -> str:
 
 
 def _jsonl_objects(path: str) -> Iterator[tuple[int, str, object]]:
+    """(line number, "file:line", parsed object); a line that does not parse comes as its UserError,
+    so that `read_rows` can skip it like any other malformed row."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             where = f"{path}:{n}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 ({e})") from None
+                yield n, where, UserError(f"{where}: not valid UTF-8 ({e})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -415,7 +423,7 @@ def _jsonl_objects(path: str) -> Iterator[tuple[int, str, object]]:
             except json.JSONDecodeError as e:
                 hint = ("; the file must hold one JSON object per line (JSON lines)"
                         if n == 1 and line.strip() in ("[", "{") else "")
-                raise UserError(f"{where}: invalid JSON ({e}){hint}") from None
+                obj = UserError(f"{where}: invalid JSON ({e}){hint}")
             yield n, where, obj
 
 
@@ -435,13 +443,44 @@ def _parquet_objects(path: str) -> Iterator[tuple[int, str, object]]:
             n += 1
 
 
-def read_rows(path: str, kind: str, max_k: int = 9, fields: Mapping[str, str] | None = None
-              ) -> Iterator[tuple[int, dict]]:
+class BadRows:
+    """The malformed rows of one file skipped under `limit` (config.data.max_bad_rows): how many, and
+    the first few 'file:line: reason'. Limit 0: the first malformed row is the error, unchanged."""
+
+    EXAMPLES = 5
+
+    def __init__(self, path: str, limit: int = 0):
+        self.path, self.limit, self.count, self.examples = path, limit, 0, []
+
+    def skip(self, error: UserError) -> None:
+        """Counts one malformed row; raises once there are more than `limit`."""
+        self.count += 1
+        if self.limit == 0:
+            raise error
+        if self.count > self.limit:
+            raise UserError(f"{self.path}: more than config.data.max_bad_rows={self.limit} malformed rows "
+                            f"(malformed row {self.count}: {error})")
+        if len(self.examples) < self.EXAMPLES:
+            self.examples.append(str(error))
+
+
+def read_rows(path: str, kind: str, max_k: int = 9, fields: Mapping[str, str] | None = None,
+              bad: BadRows | None = None) -> Iterator[tuple[int, dict]]:
     """Yields (key, canonical row) from a JSONL (key = line number, blank lines skipped) or
-    Parquet (key = row index) file; `fields` is the parsed {canonical: column} renaming."""
+    Parquet (key = row index) file; `fields` is the parsed {canonical: column} renaming.
+    A malformed row raises UserError, or with `bad` is counted there and skipped (up to its limit)."""
     objects = _parquet_objects(path) if _file_type(path) == "parquet" else _jsonl_objects(path)
     for n, where, obj in objects:
-        yield n, validate_row(kind, obj, where, max_k, fields)
+        try:
+            if isinstance(obj, UserError):  # a line that is not JSON
+                raise obj
+            row = validate_row(kind, obj, where, max_k, fields)
+        except UserError as e:
+            if bad is None:
+                raise
+            bad.skip(e)
+            continue
+        yield n, row
 
 
 def _encode(row: dict) -> dict:
@@ -483,10 +522,11 @@ class _RowsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     KIND: str = ""
 
     def __init__(self, *, splits: Mapping[str, str] | None = None, max_k: int = 9,
-                 fields: Mapping[str, str] | None = None, **kwargs):
+                 fields: Mapping[str, str] | None = None, max_bad_rows: int = 0, **kwargs):
         self._splits = dict(splits or {})
         self._max_k = max_k
         self._fields = dict(fields or {})
+        self._max_bad_rows = max_bad_rows
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -494,15 +534,17 @@ class _RowsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             builder=self,
             features=_features(self.KIND),
             description=f"instructgpt_jax {self.KIND} rows (max_k={self._max_k}).",
-            disable_shuffling=True,
-        )  # keep file order: index i is the i-th row
+            disable_shuffling=True,  # keep file order: index i is the i-th row
+            metadata=tfds.core.MetadataDict(),  # the malformed rows skipped, per split (metadata.json)
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager
         return {name: self._generate_examples(path) for name, path in self._splits.items()}
 
     def _generate_examples(self, path):
-        for n, row in read_rows(path, self.KIND, self._max_k, self._fields):
+        bad = BadRows(path, self._max_bad_rows)
+        for n, row in read_rows(path, self.KIND, self._max_k, self._fields, bad):
             yield n, _encode(row)  # the line number / row index is a unique key
 
 
@@ -535,10 +577,11 @@ def _check_kind(kind: str):
 
 
 def fingerprint(kind: str, splits: Mapping[str, str], max_k: int = 9,
-                fields: str | Mapping[str, str] | None = None) -> str:
-    """Content hash naming the build: file bytes + split names + kind + max_k + fields + format version."""
+                fields: str | Mapping[str, str] | None = None, max_bad_rows: int = 0) -> str:
+    """Content hash naming the build: file bytes + split names + kind + max_k + fields + max_bad_rows
+    (which rows are kept) + format version."""
     mapping = json.dumps(sorted(parse_fields(kind, fields).items()))
-    h = hashlib.sha256(f"{_FORMAT_VERSION}|{kind}|{max_k}|{mapping}".encode())
+    h = hashlib.sha256(f"{_FORMAT_VERSION}|{kind}|{max_k}|{mapping}|{max_bad_rows}".encode())
     for name in sorted(splits):
         h.update(f"|{name}|".encode())
         with open(splits[name], "rb") as f:
@@ -562,17 +605,20 @@ def _quiet_tfds():
 
 
 def build(kind: str, splits: Mapping[str, str], data_dir: str, *, max_k: int = 9,
-          fields: str | Mapping[str, str] | None = None) -> str:
+          fields: str | Mapping[str, str] | None = None, max_bad_rows: int = 0) -> str:
     """Builds (or reuses) the `kind` dataset from {split_name: path}, paths JSONL or Parquet.
 
     `fields` renames columns ("prompt:question,response:answer" or {"prompt": "question"};
     canonical names per kind in FIELDS). Returns the dataset directory. Every row is validated
     before anything is written; errors (UserError) name file:line or file:row N and the field.
-    Safe to call from several processes at once, but prefer building on process 0 followed by a
-    barrier.
+    `max_bad_rows` > 0 skips up to that many malformed rows per file (counted in the build's
+    metadata and logged as a warning); one more is an error. Safe to call from several processes
+    at once, but prefer building on process 0 followed by a barrier.
     """
     _check_kind(kind)
     mapping = parse_fields(kind, fields)
+    if isinstance(max_bad_rows, bool) or not isinstance(max_bad_rows, int) or max_bad_rows < 0:
+        raise UserError(f"config.data.max_bad_rows={max_bad_rows!r} must be an integer >= 0")
     if not splits:
         raise UserError(f"build: no {kind} splits given")
     for name, path in splits.items():
@@ -581,15 +627,22 @@ def build(kind: str, splits: Mapping[str, str], data_dir: str, *, max_k: int = 9
         if not os.path.isfile(path):
             raise MissingFileError(f"{kind} split {name!r}: no such file {path}")
         _file_type(path)
-    config = tfds.core.BuilderConfig(name=fingerprint(kind, splits, max_k, mapping))
+    config = tfds.core.BuilderConfig(name=fingerprint(kind, splits, max_k, mapping, max_bad_rows))
     with _quiet_tfds():
-        builder = BUILDERS[kind](splits=splits, max_k=max_k, fields=mapping, data_dir=data_dir, config=config,
-                                 file_format="array_record")
+        builder = BUILDERS[kind](splits=splits, max_k=max_k, fields=mapping, max_bad_rows=max_bad_rows,
+                                 data_dir=data_dir, config=config, file_format="array_record")
     done = builder.data_path / "dataset_info.json"
     if not done.exists():
+        skipped = {}
         for name, path in splits.items():  # validate everything before TFDS writes
-            if sum(1 for _ in read_rows(path, kind, max_k, mapping)) == 0:
+            bad = BadRows(path, max_bad_rows)
+            if sum(1 for _ in read_rows(path, kind, max_k, mapping, bad)) == 0:
+                if bad.count:
+                    raise UserError(f"{path}: every row is malformed ({bad.count} rows skipped under "
+                                    f"config.data.max_bad_rows={max_bad_rows}; the first: {bad.examples[0]})")
                 raise UserError(f"{path}: no examples (empty file, or only blank lines)")
+            skipped[name] = {"file": os.fspath(path), "count": bad.count, "examples": bad.examples}
+        builder.info.metadata["bad_rows"] = skipped  # written with the dataset (metadata.json)
         tfds.disable_progress_bar()  # the stage's own progress bar is the one to watch
         with tempfile.TemporaryDirectory() as dl_dir, _quiet_tfds():
             try:
@@ -601,11 +654,31 @@ def build(kind: str, splits: Mapping[str, str], data_dir: str, *, max_k: int = 9
     _atomic_write(
         pointer,
         json.dumps(
-            {"config": config.name, "max_k": max_k, "fields": mapping,
+            {"config": config.name, "max_k": max_k, "fields": mapping, "max_bad_rows": max_bad_rows,
              "splits": {k: os.fspath(v) for k, v in splits.items()}}, indent=1
         ),
     )
+    for name, path in splits.items():  # also when the build is reused: every run says what it lacks
+        count, examples = _bad_rows(os.fspath(builder.data_path), name, path)
+        if count:
+            absl_logging.warning("%s: skipped %d malformed rows (config.data.max_bad_rows=%d), e.g. %s",
+                                 path, count, max_bad_rows, examples[0])
     return os.fspath(builder.data_path)
+
+
+def _bad_rows(dataset_dir: str, split: str, file: str | None = None) -> tuple[int, list[str]]:
+    """(count, first few 'file:line: reason') of the malformed rows the build skipped in `split`,
+    the examples naming `file` when given (the same bytes may have been built from another path)."""
+    path = os.path.join(dataset_dir, "metadata.json")
+    if not os.path.exists(path):  # built before bad rows were recorded: none were skipped
+        return 0, []
+    with open(path) as f:
+        info = json.load(f).get("bad_rows", {}).get(split)
+    if not info:
+        return 0, []
+    old = info["file"]
+    examples = [file + e[len(old):] if file and e.startswith(old) else e for e in info["examples"]]
+    return int(info["count"]), examples
 
 
 def _atomic_write(path: str, text: str):
@@ -618,10 +691,19 @@ def _atomic_write(path: str, text: str):
 class Source:
     """Random-access view of one split: `len(src)`, `src[i]` -> the canonical row (module
     docstring): str fields decoded, `messages` a list of {role, content} dicts ([] when the
-    prompt is plain text), ranks an int32 array. Works with `grain.MapDataset.source`."""
+    prompt is plain text), ranks an int32 array. Works with `grain.MapDataset.source`.
 
-    def __init__(self, data_source, kind: str, path: str, split: str):
+    `path` is the dataset directory, `file` the user's file it was built from (None when unknown),
+    `bad_rows` / `bad_row_examples` the malformed rows the build skipped in that file."""
+
+    def __init__(self, data_source, kind: str, path: str, split: str, file: str | None = None,
+                 bad_rows: int = 0, bad_row_examples: list[str] | None = None):
         self._ds, self.kind, self.path, self.split = data_source, kind, path, split
+        self.file, self.bad_rows, self.bad_row_examples = file, bad_rows, list(bad_row_examples or [])
+
+    def stats(self) -> dict:
+        """What the build skipped, for a stage's data statistics."""
+        return {"bad_rows": self.bad_rows, "bad_row_examples": list(self.bad_row_examples)}
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -661,6 +743,7 @@ def load(kind: str, data_dir: str, split: str, *, config: str | None = None, max
     """
     _check_kind(kind)
     base = os.path.join(data_dir, BUILDERS[kind].name)
+    latest = {}
     if config is None:
         pointer = os.path.join(base, "latest.json")
         if not os.path.exists(pointer):
@@ -678,7 +761,11 @@ def load(kind: str, data_dir: str, split: str, *, config: str | None = None, max
         raise MissingFileError(f"no {kind} dataset at {path} (built by an older version? build it again)")
     builder = tfds.builder_from_directory(path)
     names = sorted(builder.info.splits.keys())
-    for base_split in re.findall(r"(?:^|\+)\s*(\w+)", split):
+    base_splits = re.findall(r"(?:^|\+)\s*(\w+)", split)
+    for base_split in base_splits:
         if base_split not in names:
             raise UserError(f"{kind} dataset at {path} has no split {base_split!r}; valid splits: {', '.join(names)}")
-    return Source(builder.as_data_source(split), kind, path, split)
+    # The user's file, for messages: latest.json names the files of the latest build (ours when config was None).
+    file = latest.get("splits", {}).get(base_splits[0]) if len(base_splits) == 1 else None
+    count, examples = _bad_rows(path, base_splits[0], file) if len(base_splits) == 1 else (0, [])
+    return Source(builder.as_data_source(split), kind, path, split, file, count, examples)

@@ -27,6 +27,7 @@ import grain
 import numpy as np
 
 from instructgpt_jax.data import chat
+from instructgpt_jax.errors import UserError
 
 STAT_KEYS = (
     "examples",  # source rows read (including skipped ones)
@@ -581,26 +582,38 @@ def _template_description(template) -> dict:
 
 
 def _source_name(source) -> str:
+    """The user's file when the source knows it (a built dataset), with the part of it read when that is
+    not all of it ('train[:-5%]': the rest is held out); else the dataset directory and split."""
+    file, split = getattr(source, "file", None), getattr(source, "split", None)
+    if file:
+        return file + (f" ({split})" if split and "[" in split else "")
     path = getattr(source, "path", None)
     if path is not None:
-        split = getattr(source, "split", None)
         return f"{path}" + (f" (split {split!r})" if split else "")
     return f"the {type(source).__name__} of {len(source)} rows"
 
 
+_SKIPPED = {  # why rows are skipped, as the error says it
+    "skipped_empty_response": "with an empty response",
+    "skipped_no_room": "whose prompt leaves no room for a response in seq_len",
+    "skipped_no_untied_pair": "with no untied pair (all ranks equal)",
+}
+
+
 def _check_not_all_skipped(source, example_fn) -> None:
-    """One-line error when every row of `source` is skipped (reads rows in order until one is kept,
-    so a usable source costs a row or a few)."""
+    """One-line UserError when every row of `source` is skipped, naming the file, the rows read and
+    why they were skipped (reads rows in order until one is kept, so a usable source costs a row or a
+    few); made when the iterator is, so a stage fails before training, not at its first batch."""
     stats = _stats()
     for i in range(len(source)):
         out = example_fn(source[i])
         if out["pieces"]:
             return
         stats = stats + out["stats"]
-    counts = ", ".join(f"{k}={int(v)}" for k, v in zip(STAT_KEYS, stats) if v and k != "examples")
-    raise ValueError(
-        f"every row of {_source_name(source)} was skipped ({len(source)} rows: {counts}); "
-        "check the data and the length limits (seq_len, max_prompt_len)"
+    reasons = ", ".join(f"{int(stats[_S[k]])} {why}" for k, why in _SKIPPED.items() if stats[_S[k]])
+    raise UserError(
+        f"{_source_name(source)}: every row was skipped ({len(source)} rows read, {reasons}); "
+        "check the data and the length limits (config.data.seq_len, max_prompt_len)"
     )
 
 
@@ -833,3 +846,26 @@ def eval_batches(
         _pad_final=True,
         **lengths,
     )
+
+
+def token_lengths(kind: str, row: dict, tokenizer, chat_template=None) -> tuple[int, int]:
+    """(prompt tokens, whole sequence tokens) of one canonical row as the iterators format it, nothing cropped:
+    what `seq_len` / `max_prompt_len` must hold for the row to fit (comparisons: the longest completion)."""
+    template, tok = _template(chat_template, tokenizer)
+    if kind == "text":
+        return 0, len(_head(tok)) + len(tok.encode(_text(row["text"]))) + 1
+    if kind == "prompts":
+        return (n := int(prompt_example(row, tok, max_prompt_len=1 << 30, chat_template=template)["pieces"][0]
+                         ["prompt_mask"].sum())), n
+    if kind == "demonstrations":
+        pieces = lm_example(row, tok, kind=kind, seq_len=1 << 30, chat_template=template)["pieces"]
+        if not pieces:
+            return 0, 0
+        mask = pieces[0]["loss_mask"]
+        return int(np.argmax(mask > 0)) + 1, len(mask) + 1
+    prompt, longest = 0, 0
+    for completion in row["completions"]:
+        ids, _, body, _ = _scored_parts(row, completion, tok, template, None)
+        body = tok.encode(_text(body)) if isinstance(body, str) else body
+        prompt, longest = max(prompt, len(ids)), max(longest, len(ids) + len(body) + 1)
+    return prompt, longest

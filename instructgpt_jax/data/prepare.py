@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 
 from instructgpt_jax import checkpoints
 from instructgpt_jax.data import builders, chat, iterators
@@ -21,9 +23,15 @@ from instructgpt_jax.data.tokenizer import Tokenizer, load_tokenizer, train_toke
 from instructgpt_jax.errors import UserError
 
 HELD_OUT = "5%"  # eval split carved from the training file when config.data.eval is ''
+BUILTIN = "builtin"  # a data path with this value reads the caller's built-in rows (never implied by '')
 Builtin = Optional[Callable[[str, int, int, str], list]]  # (kind, n, seed, split) -> rows
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what an export or a Hugging Face directory holds
-TEMPLATE_FILE = "chat_template.jinja"  # the template a run used, saved with its export
+TOKENIZER_FILES, TEMPLATE_FILE = checkpoints.TOKENIZER_FILES, checkpoints.TEMPLATE_FILE
+
+
+# What each kind of file holds, for error messages (the full list of shapes: data/builders.py).
+SHAPES = {"text": "{text} rows", "demonstrations": "{prompt, response} or {messages} rows",
+          "comparisons": "{prompt, completions, ranks}, {prompt, chosen, rejected}, HH or UltraFeedback rows",
+          "prompts": "{prompt} or {messages} rows"}
 
 
 def _texts(kind: str, row: dict) -> list[str]:
@@ -44,8 +52,8 @@ def resolve_tokenizer(config, workdir: str, training_texts: Callable[[], list[st
             raise UserError(f"config.data.tokenizer={config.data.tokenizer!r} does not exist")
         return load_tokenizer(config.data.tokenizer)
     source = checkpoints.previous_export(config)
-    if source and any(os.path.exists(os.path.join(source, f)) for f in TOKENIZER_FILES):
-        return load_tokenizer(source)
+    if source and source.has_tokenizer:
+        return load_tokenizer(source.path)
     own = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(own):
         if jax.process_index() == 0:
@@ -62,8 +70,8 @@ def resolve_chat_template(config, tok: Tokenizer):
     tokenizer's own, else none; 'none'; a built-in name; or a .jinja file."""
     value = config.data.get("chat_template", "")
     source = checkpoints.previous_export(config)
-    if value in ("", "auto") and source and os.path.exists(os.path.join(source, TEMPLATE_FILE)):
-        value = os.path.join(source, TEMPLATE_FILE)
+    if value in ("", "auto") and source and source.template_file:
+        value = source.template_file
     try:
         template = chat.resolve(value, tok)
     except ValueError as e:
@@ -94,6 +102,7 @@ class StageData:
     make_train: Callable
     make_eval: Callable
     extra_sources: dict = dataclasses.field(default_factory=dict)
+    fitted: dict = dataclasses.field(default_factory=dict)  # lengths / steps derived from the data (fit_to_data)
     _train_iter: object = None
 
     def train_iterator(self):
@@ -104,7 +113,15 @@ class StageData:
         return self.make_eval(self.eval_source)
 
     def stats(self) -> dict:
-        return dict(getattr(self._train_iter, "stats", {}) or {})
+        """The train iterator's counters + the malformed rows the build skipped (bad_rows, bad_row_examples)."""
+        return {**(getattr(self._train_iter, "stats", {}) or {}), **self.train_source.stats()}
+
+    def check_rows(self) -> "StageData":
+        """Makes each iterator once: a file whose every row is skipped is a one-line UserError now, before
+        anything is trained or saved, not at the first batch or the first evaluation."""
+        for make, source in ((self.make_train, self.train_source), (self.make_eval, self.eval_source)):
+            make(source).close()
+        return self
 
     def save_tokenizer(self, directory: str) -> None:
         save_tokenizer(directory, self.tokenizer, self.chat_template)
@@ -121,10 +138,13 @@ def build_sources(config, workdir: str, kind: str, train_path: str, eval_path: s
                   key: str = "config.data.train"):
     """Build (or reuse) the TFDS datasets; returns (train_source, eval_source, texts_fn)."""
     data_dir = config.data.dir or os.path.join(workdir, "tfds")
-    if not train_path:  # built-in rows, written once by process 0
+    if not train_path:
+        raise UserError(f"{key} is empty: give a JSONL or Parquet file of {kind} ({SHAPES[kind]}), "
+                        f"or {key}={BUILTIN} for the built-in synthetic world's")
+    if train_path == BUILTIN:  # built-in rows, written once by process 0
         if builtin is None:
-            raise UserError(f"{key} is empty: give a JSONL or Parquet file of {kind} (built-in data exists only "
-                            f"for the command line's CPU presets)")
+            raise UserError(f"{key}={BUILTIN}: built-in rows exist only on the command line and in the miniature "
+                            f"pipeline; from Python pass builtin_data=instructgpt_jax.miniature.world.builtin_rows")
         root = os.path.join(workdir, "builtin_data")
         train_path, eval_path = os.path.join(root, f"{kind}_train.jsonl"), os.path.join(root, f"{kind}_eval.jsonl")
         if jax.process_index() == 0 and not os.path.exists(eval_path):
@@ -137,14 +157,18 @@ def build_sources(config, workdir: str, kind: str, train_path: str, eval_path: s
         splits["eval"] = eval_path
     max_k = config.data.get("max_k", 9)
     if jax.process_index() == 0:
-        builders.build(kind, splits, data_dir, max_k=max_k, fields=config.data.get("fields", "") or None)
+        builders.build(kind, splits, data_dir, max_k=max_k, fields=config.data.get("fields", "") or None,
+                       max_bad_rows=config.data.get("max_bad_rows", 0))
     checkpoints.sync("tfds_build")
     if eval_path:
         train_src = builders.load(kind, data_dir, "train", max_k=max_k)
         eval_src = builders.load(kind, data_dir, "eval", max_k=max_k)
-    else:
-        train_src = builders.load(kind, data_dir, f"train[:-{HELD_OUT}]", max_k=max_k)
-        eval_src = builders.load(kind, data_dir, f"train[-{HELD_OUT}:]", max_k=max_k)
+    else:  # TFDS rounds 5% of 10 rows or fewer to no row (an empty training split): then hold out one
+        n = len(builders.load(kind, data_dir, "train", max_k=max_k))
+        cut = f"-{HELD_OUT}" if n > 10 else "-1"
+        one = n == 1  # a single row is trained and evaluated on
+        train_src = builders.load(kind, data_dir, "train" if one else f"train[:{cut}]", max_k=max_k)
+        eval_src = builders.load(kind, data_dir, "train" if one else f"train[{cut}:]", max_k=max_k)
 
     def texts():
         out = []
@@ -154,10 +178,63 @@ def build_sources(config, workdir: str, kind: str, train_path: str, eval_path: s
     return train_src, eval_src, texts
 
 
+MEASURED_ROWS = 20_000  # rows tokenised to derive lengths / steps from the data (more are extrapolated)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def measure(kind: str, source, tokenizer, template) -> dict:
+    """Token lengths of a training source, nothing cropped: rows, longest prompt and sequence, total tokens."""
+    n = len(source)
+    step = max(1, n // MEASURED_ROWS)  # an even spread when there are more rows than we tokenise
+    lengths = np.array([iterators.token_lengths(kind, source[i], tokenizer, template) for i in range(0, n, step)]
+                       or [(0, 0)])
+    return {"rows": n, "longest_prompt": int(lengths[:, 0].max()), "longest": int(lengths[:, 1].max()),
+            "lengths": lengths[:, 1], "scale": n / len(lengths)}
+
+
+def fit_to_data(config, kind: str, source, tokenizer, template) -> dict:
+    """Lengths and schedule left 0 by a config (the finetune presets) derived from the training data, in place:
+    data.seq_len = the longest example rounded up to 64, at most the model's context; data.max_prompt_len = the
+    whole row when every example fits, else half of it; PPO's max_prompt_len = the longest prompt (up to
+    context - max_new_tokens); train.num_steps = train.num_epochs passes over the data (packed rows: tokens /
+    (seq_len x batch)). Returns what was measured and derived (for the startup summary), {} when nothing was."""
+    d, t = config.data, config.train
+    lengths_needed = d.get("seq_len", 1) == 0 or (
+        kind != "text" and d.get("max_prompt_len", 1) == 0)
+    if not lengths_needed and not t.get("num_epochs", 0):
+        return {}
+    m = measure(kind, source, tokenizer, template)
+    ctx, derived = config.model.max_len, {}
+    if d.get("seq_len", 1) == 0:
+        derived["data.seq_len"] = min(_round_up(max(m["longest"] - (kind in ("text", "demonstrations")), 1), 64), ctx)
+    seq_len = derived.get("data.seq_len", d.get("seq_len", ctx))
+    if kind == "prompts" and d.max_prompt_len == 0:
+        derived["data.max_prompt_len"] = max(1, min(_round_up(m["longest_prompt"], 8), ctx - config.ppo.max_new_tokens))
+    elif kind in ("demonstrations", "comparisons") and d.max_prompt_len == 0:
+        derived["data.max_prompt_len"] = seq_len if m["longest"] <= seq_len + 1 else seq_len // 2
+    if kind == "demonstrations" and d.get("max_response_len", 1) == 0:
+        derived["data.max_response_len"] = seq_len
+    if t.get("num_epochs", 0) > 0:
+        if kind in ("text", "demonstrations") and d.get("pack", False):  # packed rows of seq_len tokens
+            tokens = float(np.minimum(m["lengths"] - 1, seq_len).sum()) * m["scale"]
+            rows = tokens / seq_len
+        else:  # one prompt (comparisons, rollouts: group_size samples of it) per batch row
+            rows = m["rows"] * (config.ppo.group_size if kind == "prompts" else 1)
+        derived["train.num_steps"] = max(1, math.ceil(t.num_epochs * rows / t.batch_size))
+    for key, value in derived.items():
+        group, name = key.split(".")
+        config[group][name] = value
+    return {"measured_rows": m["rows"], "longest_prompt": m["longest_prompt"], "longest": m["longest"], **derived}
+
+
 def prepare(config, workdir: str, kind: str, builtin: Builtin = None) -> StageData:
     """Tokenizer + iterators for an LM stage ('text' = pretraining, 'demonstrations' = SFT)."""
     train_src, eval_src, texts = build_sources(config, workdir, kind, config.data.train, config.data.eval, builtin)
     template, tokenizer = resolve_chat_template(config, resolve_tokenizer(config, workdir, texts))
+    fitted = fit_to_data(config, kind, train_src, tokenizer, template if kind != "text" else None)
     d = config.data
     common = dict(kind=kind, seq_len=d.seq_len, max_prompt_len=d.max_prompt_len or None,  # 0: no prompt (text)
                   max_response_len=d.max_response_len, chat_template=template if kind != "text" else None,
@@ -165,7 +242,7 @@ def prepare(config, workdir: str, kind: str, builtin: Builtin = None) -> StageDa
                   global_batch_size=config.train.batch_size)
     make_train = lambda src: iterators.lm_batches(src, tokenizer, seed=config.seed, pack=d.pack, **common)  # noqa: E731
     make_eval = lambda src: iterators.eval_batches(src, tokenizer, pack=d.pack, **common)  # noqa: E731
-    return StageData(tokenizer, template, train_src, eval_src, make_train, make_eval)
+    return StageData(tokenizer, template, train_src, eval_src, make_train, make_eval, fitted=fitted).check_rows()
 
 
 def prepare_comparisons(config, workdir: str, builtin: Builtin = None, demonstrations: bool = True) -> StageData:
@@ -180,6 +257,7 @@ def prepare_comparisons(config, workdir: str, builtin: Builtin = None, demonstra
         extra["demonstrations"], _, _ = build_sources(config, workdir, "demonstrations", path, "", builtin,
                                                       key="config.data.demonstrations")
     template, tokenizer = resolve_chat_template(config, resolve_tokenizer(config, workdir, texts))
+    fitted = fit_to_data(config, "comparisons", train_src, tokenizer, template)
     d = config.data
     common = dict(seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, process_index=jax.process_index(),
                   process_count=jax.process_count(), global_batch_size=config.train.batch_size,
@@ -188,7 +266,8 @@ def prepare_comparisons(config, workdir: str, builtin: Builtin = None, demonstra
                                                          **common)
     make_eval = lambda src: iterators.eval_batches(src, tokenizer, kind="comparisons", max_k=d.max_k,  # noqa: E731
                                                   **common)
-    return StageData(tokenizer, template, train_src, eval_src, make_train, make_eval, extra_sources=extra)
+    return StageData(tokenizer, template, train_src, eval_src, make_train, make_eval, extra_sources=extra,
+                     fitted=fitted).check_rows()
 
 
 @dataclasses.dataclass
@@ -200,6 +279,9 @@ class PPOData:
     eval_prompts_source: object
     make_eval_prompts: Callable
     ptx: Optional[object]
+    train_source: object = None
+    ptx_source: object = None
+    fitted: dict = dataclasses.field(default_factory=dict)  # lengths / steps derived from the data (fit_to_data)
 
     def eval_prompts(self):
         return self.make_eval_prompts(self.eval_prompts_source)
@@ -212,6 +294,7 @@ def prepare_ppo(config, workdir: str, builtin: Builtin = None) -> PPOData:
     d = config.data
     train_src, eval_src, texts = build_sources(config, workdir, "prompts", d.train, d.eval, builtin)
     template, tokenizer = resolve_chat_template(config, resolve_tokenizer(config, workdir, texts))
+    fitted = fit_to_data(config, "prompts", train_src, tokenizer, template)
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
     n_prompts = config.train.batch_size // config.ppo.group_size  # each is sampled group_size times
     prompts = iterators.prompt_batches(train_src, tokenizer, global_batch_size=n_prompts, chat_template=template,
@@ -219,9 +302,12 @@ def prepare_ppo(config, workdir: str, builtin: Builtin = None) -> PPOData:
     make_eval = lambda src: iterators.eval_batches(src, tokenizer, kind="prompts",  # noqa: E731
                                                    global_batch_size=n_prompts, chat_template=template,
                                                    max_prompt_len=d.max_prompt_len, **proc)
-    ptx = None
+    ptx, ptx_src = None, None
     if config.ppo.ptx_coef > 0:
         ptx_src, _, _ = build_sources(config, workdir, "text", d.ptx, "", builtin, key="config.data.ptx")
+        if d.ptx_seq_len == 0:  # the longest document, up to the context (as data.seq_len 0 elsewhere)
+            longest = measure("text", ptx_src, tokenizer, None)["longest"]
+            fitted["data.ptx_seq_len"] = d.ptx_seq_len = min(_round_up(longest - 1, 64), config.model.max_len)
         ptx = iterators.lm_batches(ptx_src, tokenizer, kind="text", global_batch_size=config.ppo.ptx_batch_size,
                                   seed=config.seed + 1, seq_len=d.ptx_seq_len, **proc)
-    return PPOData(tokenizer, template, prompts, eval_src, make_eval, ptx)
+    return PPOData(tokenizer, template, prompts, eval_src, make_eval, ptx, train_src, ptx_src, fitted)

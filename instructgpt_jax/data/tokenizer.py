@@ -14,7 +14,8 @@ Special tokens follow the checkpoint, read (first hit wins) from our own `instru
 chat_template), `special_tokens_map.json`, `config.json` / `generation_config.json` (*_token_id), and
 the backend (SentencePiece's own special ids; a `tokenizer.json` post-processor that adds BOS).
 `eos_ids` = the primary EOS + every `eos_token_id` of generation_config.json and config.json (each an
-int or a list), e.g. Llama-3's <|eot_id|> and <|end_of_text|>, Qwen's <|im_end|> and <|endoftext|>.
+int or a list; next to our own export too), e.g. Llama-3's <|eot_id|> and <|end_of_text|>, Qwen's <|im_end|>
+and <|endoftext|>, Gemma's <end_of_turn> (an ordinary SentencePiece piece, an EOS only by generation_config.json).
 
 PAD is never an EOS: padding is masked by segment ids, while an EOS is a learned token the RM reads
 and sampling stops on. When the checkpoint has no pad token, or its pad token is an EOS, the pad is,
@@ -299,16 +300,18 @@ def _resolve(configs: dict, where: str, *, lookup, default_bos, default_eos, def
     for i, d in tc.get("added_tokens_decoder", {}).items():
         if isinstance(d, dict) and d.get("special", False):
             special.add(int(i))
-    if saved is not None:  # our own export: exact ids
+    model_eos = [*_as_ids(gen.get("eos_token_id")), *_as_ids(model_cfg.get("eos_token_id"))]
+    if saved is not None:  # our own export: exact ids, plus any EOS a model config next to it lists
         bos, eos, pad, unk = saved["bos_id"], saved["eos_id"], saved["pad_id"], saved["unk_id"]
-        eos_ids, add_bos = frozenset(saved["eos_ids"]) | {eos}, bool(saved["add_bos"])
+        eos_ids, add_bos = frozenset([eos, *saved["eos_ids"], *model_eos]), bool(saved["add_bos"])
+        pad = _choose_pad(pad, eos_ids, bos, unk, special - {bos}, vocab_size)
     else:
         bos, unk = token("bos", default_bos), token("unk", default_unk)
         eos = token("eos", default_eos)
         if eos is None:
             raise ValueError(f"{where}: no EOS token (set eos_token in tokenizer_config.json or eos_token_id in "
                              "generation_config.json)")
-        eos_ids = frozenset([eos, *_as_ids(gen.get("eos_token_id")), *_as_ids(model_cfg.get("eos_token_id"))])
+        eos_ids = frozenset([eos, *model_eos])
         pad = _choose_pad(token("pad", default_pad), eos_ids, bos, unk, special - {bos}, vocab_size)
         add_bos = tc.get("add_bos_token", default_add_bos)
         add_bos = bool(add_bos) and bos is not None

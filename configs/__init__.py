@@ -1,0 +1,1 @@
+"""The stage configs (`get_config(preset)` each), installed as `instructgpt_jax.configs`."""
