@@ -92,6 +92,8 @@ def resolve(config: ml_collections.ConfigDict, explicit: Iterable[str] = (), str
                         f"--config.init.hf_path=DIR (a Hugging Face directory) or --config.init.from_workdir=RUN "
                         f"(a finished stage's workdir)")
     explicit = set(explicit)
+    if "train.num_steps" in explicit and "train.num_epochs" not in explicit:
+        config.train.num_epochs = 0.0  # a step count given on the command line wins over a preset's epochs
     for key, value in (keys or {}).items():
         if key in RUNTIME_MODEL_KEYS or key not in config.model:
             continue

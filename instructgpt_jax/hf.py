@@ -905,7 +905,7 @@ def score_conversations(model, rows, *, batch_size: int = 8, mesh=None, where=No
     A row longer than the model's max_len is cropped as in training: the prompt from the left to
     max_len // 2 tokens, then the reply cut, keeping its closing token. Returns float32 [len(rows)].
     """
-    from instructgpt_jax.data import iterators
+    from instructgpt_jax.data import chat, iterators
     from instructgpt_jax.errors import UserError
     rows = list(rows)
     where = list(where) if where is not None else [f"row {i}" for i in range(len(rows))]
@@ -919,8 +919,15 @@ def score_conversations(model, rows, *, batch_size: int = 8, mesh=None, where=No
             raise UserError(f"{w}: a conversation ('messages'), but this reward model was trained without a chat "
                             f"template: give {{prompt, response}} rows")
         try:
-            examples.append(iterators.scoring_example(prompt, reply, tok, seq_len=n, max_prompt_len=n // 2,
-                                                      chat_template=template, messages=before))
+            if template is None:  # BOS + prompt + reply + EOS
+                size = int(tok.add_bos and tok.bos_id is not None) + len(tok.encode(prompt)) + len(tok.encode(reply))
+            else:
+                conv = chat.as_messages({"prompt": prompt, "messages": before}, with_response=False)
+                ids, body, _ = chat.scoring_ids(template, conv, reply, tok)
+                size = len(ids) + len(body)
+            examples.append(iterators.scoring_example(  # the prompt is cropped only when the row does not fit
+                prompt, reply, tok, seq_len=n, max_prompt_len=n if size < n else n // 2, chat_template=template,
+                messages=before))
         except ValueError as e:
             raise UserError(f"{w}: {e}") from None
     return rm.score_examples(examples, batch_size=batch_size, mesh=mesh)

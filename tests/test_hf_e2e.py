@@ -184,7 +184,8 @@ def data(tmp_path_factory):
                                                        {"response": _w[i + 2], "overall_score": 5.5},
                                                        {"response": _w[i + 3][:9], "overall_score": 2.0}]}
                          for i, w in enumerate(_w[:40])],
-            "prompts.jsonl": [{"messages": c[:1]} for c in CONVS]}
+            "prompts.jsonl": [{"messages": c[:1]} for c in CONVS],
+            "text.jsonl": [{"text": " ".join(_w[i:i + 6])} for i in range(0, 120, 3)]}
     for name, rs in rows.items():
         with open(root / name, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rs)
@@ -207,8 +208,9 @@ def runs(tmp_path_factory, data):
             template = root / "chatml_eos.jinja"
             template.write_text(CHATML_EOS)
             keys["data.chat_template"] = str(template)
-        if family in CLI:
-            run_cli("instructgpt_jax.main", "--config=configs/sft.py:tiny", f"--workdir={workdir}", *flags(keys))
+        if family in CLI:  # the checkpoint preset, with the steps and lengths of a test (float32: logit parity)
+            run_cli("instructgpt_jax.main", "--config=sft:finetune", f"--workdir={workdir}",
+                    *flags(dict(keys, **{"model.dtype": "float32"})))
             printed = run_cli("instructgpt_jax.hf", f"--export={workdir}", f"--out={out}").stdout
             assert "AutoModelForCausalLM" in printed
         else:
@@ -272,33 +274,48 @@ def test_sft_from_checkpoint_exports_what_transformers_loads(family, runs):
     assert end <= ours.eos_ids  # the template's end of turn is an EOS
 
 
-def test_qwen_sft_rm_ppo_through_the_command_line(runs, data):
-    """SFT -> RM on HH-style and on UltraFeedback-style files -> PPO (2 iterations), all through the
-    command line with `--config.init.hf_path` (config.model follows the checkpoint), and the exports load in
-    transformers: the policy as AutoModelForCausalLM, the RM as AutoModelForSequenceClassification whose
-    logits + reward_bias are our rewards."""
+def test_qwen_sft_rm_ppo_ptx_dpo_grpo_through_the_command_line(runs, data):
+    """A researcher's first real run: SFT from the checkpoint (`--config.init.hf_path` once, `sft:finetune`) ->
+    RM on HH-style and on UltraFeedback-style files -> PPO-ptx -> DPO -> GRPO, each later stage on its `finetune`
+    preset with only data paths and `--config.init.from_workdir` / `--config.ppo.rm_workdir` (the model, tokenizer
+    and template come from the previous export), steps overridden; the exports load in transformers: the policy
+    as AutoModelForCausalLM, the RM as AutoModelForSequenceClassification whose logits + reward_bias are our
+    rewards."""
     r = runs("qwen2.5")
     root = r["root"]
-    common = {"init.hf_path": r["ckpt"], "init.from_workdir": r["sft"], "train.progress": False,
-              "train.eval_every": 0, "train.eval_batches": 1, "train.checkpoint_every": 100}
-    rm_keys = dict(common, **{"train.num_steps": 2, "train.batch_size": 4, "data.seq_len": 64,
-                              "data.max_prompt_len": 32, "rm.bias_examples": 8, "train.log_every": 1})
+    common = {"init.from_workdir": r["sft"], "train.progress": False, "train.eval_every": 0,
+              "train.eval_batches": 1, "train.checkpoint_every": 100, "train.log_every": 1, "model.dtype": "float32"}
+    pref_keys = dict(common, **{"train.num_steps": 2, "train.batch_size": 4})
+    rm_keys = dict(pref_keys, **{"rm.bias_examples": 8})
     rms = {}
     for name in ("hh", "uf"):
         rms[name] = str(root / f"rm_{name}")
-        run_cli("instructgpt_jax.main", "--config=configs/rm.py:tiny", f"--workdir={rms[name]}",
+        run_cli("instructgpt_jax.main", "--config=rm:finetune", f"--workdir={rms[name]}",
                 *flags(dict(rm_keys, **{"data.train": data[name]})))
         assert np.isfinite([m for m in train_lib.read_metrics(rms[name]) if "loss" in m][-1]["loss"])
     for name, path in rms.items():  # both files were read (HH transcripts -> pairs, UltraFeedback -> ranked sets)
-        stats = checkpoints.read_export_meta(path)["data_stats"]
+        meta = checkpoints.read_export_meta(path)
+        stats = meta["data_stats"]
         assert stats["examples"] > 0 and stats["skipped_no_untied_pair"] < stats["examples"], (name, stats)
+        assert meta["model"]["d_model"] == SMALL["hidden_size"] and meta["model"]["preset"] == "checkpoint"
+        saved = json.load(open(os.path.join(path, "config.json")))  # lengths measured on the data
+        assert saved["data"]["seq_len"] % 64 == 0 and 0 < saved["data"]["seq_len"] <= SMALL["max_position_embeddings"]
 
+    rl = {"ppo.rm_workdir": rms["hh"], "data.train": data["prompts"], "train.num_steps": 2, "train.batch_size": 4,
+          "ppo.minibatch_size": 2, "ppo.max_new_tokens": 8}
     ppo = str(root / "ppo")
-    run_cli("instructgpt_jax.main", "--config=configs/ppo.py:tiny", f"--workdir={ppo}", *flags(dict(
-        common, **{"ppo.rm_workdir": rms["hh"], "data.train": data["prompts"], "train.num_steps": 2,
-                   "train.batch_size": 4, "ppo.minibatch_size": 2, "ppo.max_new_tokens": 8,
-                   "data.max_prompt_len": 24, "train.log_every": 1})))
-    assert [m["step"] for m in train_lib.read_metrics(ppo) if "score" in m][-1] == 2
+    run_cli("instructgpt_jax.main", "--config=ppo:finetune", f"--workdir={ppo}", *flags(dict(
+        common, **rl, **{"ppo.ptx_coef": 1.0, "data.ptx": data["text"], "ppo.ptx_batch_size": 2})))
+    ppo_metrics = train_lib.read_metrics(ppo)
+    assert [m["step"] for m in ppo_metrics if "score" in m][-1] == 2 and "ptx_loss" in ppo_metrics[-1]
+    dpo = str(root / "dpo")
+    run_cli("instructgpt_jax.main", "--config=dpo:finetune", f"--workdir={dpo}",
+            *flags(dict(pref_keys, **{"data.train": data["uf"]})))
+    grpo = str(root / "grpo")
+    run_cli("instructgpt_jax.main", "--config=grpo:finetune", f"--workdir={grpo}",
+            *flags(dict(common, **rl, **{"ppo.group_size": 2})))
+    for run in (dpo, grpo):
+        assert checkpoints.read_export_meta(run)["model"]["d_model"] == SMALL["hidden_size"]
 
     for export in ("export", "export_ema"):
         out = str(root / f"hf_ppo_{export}")

@@ -118,8 +118,13 @@ def test_chat_rm_score_and_readme_snippet_agree_and_differ_from_naive(qwen_rm, t
     before = [r["messages"][:-1] if "messages" in r else None for r in CHAT_ROWS]
     replies = [_messages(r)[-1]["content"] for r in CHAT_ROWS]
     want = rm.score_texts(ours, [r.get("prompt", "") for r in CHAT_ROWS], replies, messages=before, seq_len=128,
-                          max_prompt_len=64, chat_template=template)
+                          max_prompt_len=127, chat_template=template)
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # a row longer than max_len (128) is cropped as training crops: the prompt to 64 tokens, then the reply
+    long = {"prompt": " ".join(_w[:20]), "response": " ".join(_w[20:40])}
+    want = rm.score_texts(ours, [long["prompt"]], [long["response"]], seq_len=128, max_prompt_len=64,
+                          chat_template=template)
+    np.testing.assert_allclose(hf.score_conversations(out, [long]), want, atol=1e-5)
 
     reward = _snippet(out, monkeypatch)
     seq = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()

@@ -68,7 +68,7 @@ def results(worker):
 
 SFT_ARGS = ["--config=configs/sft.py:tiny", "--config.train.batch_size=4", "--config.train.log_every=1",
             "--config.train.eval_batches=1", "--config.train.checkpoint_every=2", "--config.train.progress=False",
-            "--config.data.builtin_size=200", "--config.data.seq_len=32",
+            "--config.data.builtin_size=200", "--config.data.seq_len=32", "--config.data.train=builtin",
             # constant lr: a run resumed with more steps follows the same schedule as one run straight through
             "--config.optim.end_lr_frac=1.0", "--config.optim.warmup_steps=0"]
 

@@ -198,7 +198,7 @@ def measure(kind: str, source, tokenizer, template) -> dict:
 def fit_to_data(config, kind: str, source, tokenizer, template) -> dict:
     """Lengths and schedule left 0 by a config (the finetune presets) derived from the training data, in place:
     data.seq_len = the longest example rounded up to 64, at most the model's context; data.max_prompt_len = the
-    whole row when every example fits, else half of it; PPO's max_prompt_len = the longest prompt (up to
+    longest prompt when every example fits, else half the row; PPO's max_prompt_len = the longest prompt (up to
     context - max_new_tokens); train.num_steps = train.num_epochs passes over the data (packed rows: tokens /
     (seq_len x batch)). Returns what was measured and derived (for the startup summary), {} when nothing was."""
     d, t = config.data, config.train
@@ -214,7 +214,8 @@ def fit_to_data(config, kind: str, source, tokenizer, template) -> dict:
     if kind == "prompts" and d.max_prompt_len == 0:
         derived["data.max_prompt_len"] = max(1, min(_round_up(m["longest_prompt"], 8), ctx - config.ppo.max_new_tokens))
     elif kind in ("demonstrations", "comparisons") and d.max_prompt_len == 0:
-        derived["data.max_prompt_len"] = seq_len if m["longest"] <= seq_len + 1 else seq_len // 2
+        fits = m["longest"] <= seq_len + (kind == "demonstrations")
+        derived["data.max_prompt_len"] = max(1, min(m["longest_prompt"], seq_len - 1)) if fits else seq_len // 2
     if kind == "demonstrations" and d.get("max_response_len", 1) == 0:
         derived["data.max_response_len"] = seq_len
     if t.get("num_epochs", 0) > 0:
