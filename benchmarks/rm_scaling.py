@@ -7,7 +7,7 @@ mesh, donated state, AdamW with clipping; params from `checkpoints.init_with_tru
 the model once ([prompts * K, seq] rows) and all C(K, 2) pairs are formed from the K scalars. So the
 step should grow linearly in K (the forward/backward work is prompts*K rows; the pair loss is
 O(K^2) but on scalars), not quadratically as it would if every pair ran both completions
-through the model: K = 9 / K = 2 should be close to 9/2 = 4.5 (target <= 5; the pairwise
+through the model: K = 9 / K = 2 should be close to 9/2 = 4.5 (goal <= 5; the pairwise
 alternative would be C(9,2)/C(2,2) = 36).
 
 Every K is compiled and warmed up first; then the K values run alternately, one step each in turn.
@@ -76,7 +76,7 @@ def main():
                    f"{common.median(t) * 1e3 / (args.prompts * k):.2f}", f"{common.median(t) / base:.2f}",
                    f"{k / ks[0]:.2f}"])
     ratio = common.median(times[ks[-1]]) / base
-    print(f"\nK={ks[-1]} / K={ks[0]}: {ratio:.2f} (linear: {ks[-1] / ks[0]:.2f}, target <= 5)")
+    print(f"\nK={ks[-1]} / K={ks[0]}: {ratio:.2f} (linear: {ks[-1] / ks[0]:.2f}, goal <= 5)")
     print(f"ratio: {ratio:.2f}")
 
 

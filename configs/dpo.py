@@ -21,6 +21,8 @@ def get_config(preset: str = "tiny"):
     config.dpo = ml_collections.ConfigDict(dict(
         beta=0.1,              # strength of the implicit KL constraint (Rafailov et al.: 0.1)
         loss_type="sigmoid",   # 'sigmoid' (DPO), 'ipo' or 'plackett_luce' (listwise; ties: Breslow)
+        ipo_token_mean=False,  # ipo: False = the IPO paper's summed log-ratios; True = per-token means (TRL's)
+        pl_normalize=True,     # plackett_luce: True = mean over a prompt's K-1 stages; False = their sum (the paper)
     ))
     if preset == config_lib.FINETUNE:
         # DPO on 7B chat models (Zephyr, Tunstall et al. 2023; Tulu 2 DPO): lr 5e-7, 10 % warmup, beta 0.1,

@@ -32,9 +32,9 @@ def get_config(preset: str = "tiny"):
     config.value_optim.end_lr_frac = 1.0
     ctx = config.model.max_len
     config.data = ml_collections.ConfigDict(dict(
-        train="",            # JSONL / Parquet of {prompt} or {messages} for rollouts ('' = built-in prompts)
+        train="",            # JSONL / Parquet of {prompt} or {messages} for rollouts ('builtin' = built-in prompts)
         eval="",             # held-out prompts JSONL ('' = the last 5 % of the training split)
-        ptx="",              # pretraining text JSONL {text} for PPO-ptx ('' = built-in synthetic corpus)
+        ptx="",              # pretraining text JSONL {text} for PPO-ptx ('builtin' = built-in synthetic corpus)
         dir="",              # where TFDS writes ArrayRecord files ('' = WORKDIR/tfds)
         tokenizer="",        # .model, tokenizer.json or a checkpoint directory ('' = the SFT stage's)
         chat_template="",    # '' = the SFT stage's / the tokenizer's, 'none', a built-in name or a .jinja file
@@ -42,7 +42,7 @@ def get_config(preset: str = "tiny"):
         max_bad_rows=0,      # malformed rows skipped (counted in data_stats) before one is an error
         max_prompt_len=ctx // 2,        # prompts are cropped from the left to this many tokens
         ptx_seq_len=ctx,     # tokens per pretraining row
-        builtin_size=4000,   # built-in prompts / pretraining documents when the paths are ''
+        builtin_size=4000,   # built-in prompts / pretraining documents when the paths are 'builtin'
     ))
     config.ppo = ml_collections.ConfigDict(dict(
         rm_workdir="",           # reward-model stage workdir (or its export): frozen RM, value init
@@ -58,6 +58,7 @@ def get_config(preset: str = "tiny"):
         rollout_chunk=0,         # rows per sampler call and per rollout forward pass (0 = minibatch_size)
         ppo_epochs=1 if not cpu else 2,   # passes over each rollout batch
         clip_eps=0.2,            # policy ratio clip
+        loss_agg="",             # policy / KL loss weighting (losses.AGGREGATIONS); '' = as in the estimator's paper
         value_clip_eps=0.2,      # value clip around the rollout values
         gamma=1.0,               # discount (paper: 1)
         gae_lambda=0.95,         # GAE lambda

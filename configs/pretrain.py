@@ -1,7 +1,8 @@
 """Pretraining a base LM from scratch on raw text {text}: `--config=configs/pretrain.py:<preset>`.
 
 The same loss as SFT with no prompt mask (every token counts). CPU presets train a small base
-model on the built-in synthetic corpus; full-size presets use GPT-3's schedule shape.
+model (e.g. on the built-in synthetic corpus: `--config.data.train=builtin`); full-size presets use
+GPT-3's schedule shape.
 """
 from instructgpt_jax import config_lib
 

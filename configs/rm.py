@@ -25,7 +25,7 @@ def get_config(preset: str = "tiny"):
         config_lib.finetune_schedule(config, lr=9e-6, epochs=1, batch_size=64, warmup_frac=0.03, end_lr_frac=0.1)
     config.data.max_k = 9                  # most completions per prompt (paper: K = 4..9)
     config.data.demonstrations = ""        # {prompt, response} / {messages} file for the bias ('' = the SFT stage's data)
-    config.data.builtin_size = 2000        # built-in comparison prompts when data.train is ''
+    config.data.builtin_size = 2000        # built-in comparison prompts when data.train is 'builtin'
     config.rm = ml_collections.ConfigDict(dict(
         bias_examples=2000,  # demonstrations scored to fix the bias (mean reward 0 on them)
     ))

@@ -18,16 +18,31 @@ from instructgpt_jax.errors import UserError
 from instructgpt_jax.models import ModelConfig, Transformer
 
 
-def loss_fn(params, batch, rng, reference, *, model, beta, loss_type):
-    """dpo_loss on Δ = log π(y|x) − log π_ref(y|x); metrics: pair accuracy, implicit rewards βΔ of the
-    preferred / dispreferred completions and their margin, and KL(π‖π_ref) summed over each
-    completion's tokens (exact over the vocabulary, at the data's prefixes)."""
+def check_config(config) -> None:
+    """Options that cannot work together, refused before anything runs (one line each)."""
+    cfg = config.dpo
+    if cfg.loss_type not in losses.DPO_LOSS_TYPES:
+        raise UserError(f"config.dpo.loss_type={cfg.loss_type!r}; valid: {', '.join(losses.DPO_LOSS_TYPES)}")
+    if cfg.ipo_token_mean and cfg.loss_type != "ipo":
+        raise UserError(f"config.dpo.ipo_token_mean=True applies to loss_type='ipo' only (got {cfg.loss_type!r})")
+    if not cfg.pl_normalize and cfg.loss_type != "plackett_luce":
+        raise UserError(f"config.dpo.pl_normalize=False applies to loss_type='plackett_luce' only "
+                        f"(got {cfg.loss_type!r})")
+
+
+def loss_fn(params, batch, rng, reference, *, model, beta, loss_type, ipo_token_mean=False, pl_normalize=True):
+    """dpo_loss on Δ = log π(y|x) − log π_ref(y|x) (ipo_token_mean: divided by each completion's token
+    count); metrics: pair accuracy, implicit rewards βΔ of the preferred / dispreferred completions and
+    their margin, and KL(π‖π_ref) summed over each completion's tokens (exact over the vocabulary, at the
+    data's prefixes)."""
     logits, targets, mask = scoring.completion_logits(params, model, batch, rng=rng)
     ref_logits = jax.lax.stop_gradient(scoring.completion_logits(reference, model, batch)[0])
     b, k = batch["ranks"].shape
     per_seq = lambda x: jnp.where(mask, x, 0.0).sum(-1).reshape(b, k)  # noqa: E731
     logp, ref_logp = per_seq(losses.token_logprobs(logits, targets)), per_seq(losses.token_logprobs(ref_logits, targets))
-    loss, aux = losses.dpo_loss(logp, ref_logp, batch["ranks"], batch["valid"], beta, loss_type)
+    lengths = jnp.sum(mask, axis=-1).reshape(b, k)  # response tokens per completion: what logp sums over
+    loss, aux = losses.dpo_loss(logp, ref_logp, batch["ranks"], batch["valid"], beta, loss_type, lengths=lengths,
+                                ipo_token_mean=ipo_token_mean, pl_normalize=pl_normalize)
     lp = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(jnp.float32))
     kl = per_seq(jnp.sum(jnp.exp(lp) * (lp - jax.nn.log_softmax(ref_logits.astype(jnp.float32))), -1))
     return loss, {"weight": aux["num_prompts"], "accuracy": aux["accuracy"], "accuracy_weight": aux["num_pairs"],
@@ -37,6 +52,7 @@ def loss_fn(params, batch, rng, reference, *, model, beta, loss_type):
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
     """Train the policy with the DPO family from the SFT export; exports it like SFT. Resumes."""
+    check_config(config)
     if not config.init.from_workdir:
         raise UserError("config.init.from_workdir must name the SFT stage's workdir (policy and frozen reference)")
     # --- mesh (and the config resolved: the SFT export's model, data paths checked)
@@ -57,9 +73,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     # --- step + loop: the generic train step on this stage's loss, the shared loop
     state, last = train_lib.run_supervised(
         config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
-        loss_fn=functools.partial(loss_fn, model=model, beta=config.dpo.beta, loss_type=config.dpo.loss_type),
+        loss_fn=functools.partial(loss_fn, model=model, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
+                                  ipo_token_mean=config.dpo.ipo_token_mean, pl_normalize=config.dpo.pl_normalize),
         units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len, frozen=reference)
 
     # --- save: the policy, loadable wherever an SFT export is
-    run.export(state["params"], data, step=int(state["step"]), beta=config.dpo.beta, loss_type=config.dpo.loss_type)
+    run.export(state["params"], data, step=int(state["step"]), beta=config.dpo.beta, loss_type=config.dpo.loss_type,
+               ipo_token_mean=config.dpo.ipo_token_mean, pl_normalize=config.dpo.pl_normalize)
     return last

@@ -32,7 +32,7 @@ _DATA = {"text": "{text} rows", "demonstrations": "{prompt, response} or {messag
          "prompts": "{prompt} or {messages} rows"}
 FITTED_DATA_KEYS = ("seq_len", "max_prompt_len", "max_response_len", "ptx_seq_len")  # 0 = measured on the data
 STAGE_DATA = {"pretrain": "text", "sft": "demonstrations", "rm": "comparisons", "dpo": "comparisons",
-              "ppo": "prompts"}
+              "simpo": "comparisons", "ppo": "prompts"}
 
 
 def say(message: str) -> None:

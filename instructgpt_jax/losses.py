@@ -1,4 +1,4 @@
-"""Pure loss functions for SFT, the reward model, PPO-ptx, DPO (K-wise) and a KL loss term.
+"""Pure loss functions for SFT, the reward model, PPO-ptx, DPO and SimPO (K-wise) and a KL loss term.
 
 Every function here is pure, accepts numpy or jax arrays of any float dtype, and
 computes in float32 (log-softmax included), so a bfloat16 model still gets float32
@@ -9,10 +9,10 @@ Shapes: B = batch, T = sequence length, V = vocab, K = completions per prompt.
 Masks are 0/1 (bool, int or float); positions where mask == 0 never contribute to a
 loss, a gradient or a metric, whatever (padding, even inf) they hold.
 
-Public API (see DESIGN.md §4):
+Public API:
     masked_mean, token_logprobs, entropy,
-    sft_loss, ptx_loss, rm_loss, ppo_policy_loss, value_loss,
-    dpo_loss (DPO_LOSS_TYPES), kl_loss (KL_ESTIMATORS)
+    sft_loss, ptx_loss, rm_loss, ppo_policy_loss, value_loss, aggregate (AGGREGATIONS),
+    dpo_loss (DPO_LOSS_TYPES), simpo_loss, kl_loss (KL_ESTIMATORS)
 """
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ import jax.numpy as jnp
 
 __all__ = [
     "masked_mean", "token_logprobs", "entropy", "sft_loss", "ptx_loss",
-    "rm_loss", "ppo_policy_loss", "value_loss", "dpo_loss", "kl_loss",
-    "DPO_LOSS_TYPES", "KL_ESTIMATORS",
+    "rm_loss", "ppo_policy_loss", "value_loss", "dpo_loss", "simpo_loss", "kl_loss", "aggregate",
+    "DPO_LOSS_TYPES", "KL_ESTIMATORS", "AGGREGATIONS",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "plackett_luce")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# How per-token terms of a batch of responses become one loss (see `aggregate`).
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
@@ -159,11 +161,50 @@ def _prompt_then_batch_mean(terms, weights, axis):
     return masked_mean(per_prompt, has_terms), has_terms
 
 
-@jax.jit
-def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps):
+@functools.partial(jax.jit, static_argnames=("agg",))
+def aggregate(per_token, mask, agg="token_mean", max_tokens=None):
+    """One loss from per-token terms of a batch of responses, as each method's paper defines it.
+
+      'token_mean'              Σ_valid s / (number of valid tokens): every token of the batch weighs the
+                                same (PPO as usually implemented, DAPO).
+      'seq_mean_token_mean'     mean over responses of each response's token mean: every response weighs
+                                the same, its tokens 1/|o_i| each (GRPO, Shao et al. 2024 eq. 3).
+      'seq_mean_token_sum'      mean over responses of each response's token sum: the sequence-level
+                                REINFORCE loss −1/G Σ_i A_i log π(o_i) (RLOO, Ahmadian et al. 2024).
+      'seq_mean_token_sum_norm' Σ_valid s / (rows · max_tokens), a constant normaliser: no length bias
+                                (Dr. GRPO, Liu et al. 2025); max_tokens is the response length limit.
+
+    A response with no valid token (a padded row) is left out of the response count of 'seq_mean_*'
+    (it would only shrink the loss of the others); 'seq_mean_token_sum_norm' counts every row, since its
+    normaliser is meant to be the same constant for every batch. All give 0, never NaN, for an all-zero mask.
+
+    Args:
+      per_token: [..., T] per-token terms; mask: the same shape, 0/1 (or nonnegative weights).
+      agg: one of AGGREGATIONS (static).
+      max_tokens: T_max > 0 (int or traced scalar), required for 'seq_mean_token_sum_norm' only.
+    Returns:
+      float32 scalar.
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}; got {agg!r}")
+    x = jnp.asarray(per_token, jnp.float32)
+    mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), x.shape)
+    if agg == "token_mean":
+        return masked_mean(x, mask)
+    row_sum = jnp.sum(jnp.where(mask > 0, x * mask, 0.0), axis=-1)  # `where`: inf in padding must not leak
+    if agg == "seq_mean_token_sum_norm":
+        if max_tokens is None:
+            raise ValueError("agg='seq_mean_token_sum_norm' needs max_tokens (the response length limit)")
+        return jnp.sum(row_sum) / (row_sum.size * jnp.asarray(max_tokens, jnp.float32))
+    per_seq = row_sum if agg == "seq_mean_token_sum" else masked_mean(x, mask, axis=-1)
+    return masked_mean(per_seq, jnp.sum(mask, axis=-1) > 0)
+
+
+@functools.partial(jax.jit, static_argnames=("agg",))
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps, agg="token_mean", max_tokens=None):
     """PPO clipped surrogate loss (to minimise).
 
-        loss = −mean_mask min(ρ·A, clip(ρ, 1−ε, 1+ε)·A),  ρ = exp(logp − old_logp)
+        s_t = −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A),  ρ = exp(logp − old_logp),  loss = aggregate(s, mask, agg)
 
     Args:
       logp: [B, T] log-probs of the sampled tokens under the current policy (differentiated).
@@ -171,12 +212,17 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps):
       advantages: [B, T] (treated as constant; whiten them before, if wanted).
       mask: [B, T] 0/1 valid response tokens.
       clip_eps: ε (float or scalar array).
+      agg: how tokens and responses are weighed, one of AGGREGATIONS (static; see `aggregate`):
+        'token_mean' (PPO), 'seq_mean_token_mean' (GRPO), 'seq_mean_token_sum' (RLOO / REINFORCE),
+        'seq_mean_token_sum_norm' (Dr. GRPO, with max_tokens).
+      max_tokens: the response length limit, for 'seq_mean_token_sum_norm'.
     Returns:
-      (loss scalar, aux) with
-        'clipfrac': fraction of masked tokens with |ρ − 1| > ε;
-        'approx_kl': masked mean of ½(logp − old_logp)², the second-order ("k2") estimate
-          of KL(π_old ‖ π) from samples of π_old; it is ≥ 0 and unbiased to second order,
-          unlike the raw mean of old_logp − logp, which is noisy and can go negative.
+      (loss scalar, aux) with token means over all valid tokens of the batch (whatever `agg`):
+        'clipfrac': fraction of tokens where the clip binds, i.e. the clipped term is the one selected
+          and differs (ρ > 1+ε with A > 0, or ρ < 1−ε with A < 0): the tokens whose gradient it cuts;
+        'approx_kl': ½(logp − old_logp)², the second-order ("k2") estimate of KL(π_old ‖ π) from
+          samples of π_old; it is ≥ 0 and unbiased to second order, unlike the raw mean of
+          old_logp − logp, which is noisy and can go negative.
     """
     mask = jnp.asarray(mask, jnp.float32)
     old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
@@ -186,9 +232,10 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps):
     log_ratio = jnp.where(mask > 0, jnp.asarray(logp, jnp.float32) - old_logp, 0.0)
     ratio = jnp.exp(log_ratio)
     surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
-    loss = -masked_mean(surrogate, mask)
+    loss = aggregate(-surrogate, mask, agg, max_tokens)
+    binds = ((ratio > 1.0 + clip_eps) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))
     aux = {
-        "clipfrac": masked_mean(jnp.abs(ratio - 1.0) > clip_eps, mask),
+        "clipfrac": masked_mean(binds, mask),
         "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask),
     }
     return loss, aux
@@ -219,8 +266,9 @@ def value_loss(values, old_values, returns, mask, clip_eps):
     return loss, {"vf_clipfrac": masked_mean(clipped > unclipped, mask)}
 
 
-@functools.partial(jax.jit, static_argnames=("loss_type",))
-def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid"):
+@functools.partial(jax.jit, static_argnames=("loss_type", "ipo_token_mean", "pl_normalize"))
+def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid", *, lengths=None, ipo_token_mean=False,
+             pl_normalize=True):
     """Direct preference optimisation over K ranked completions per prompt (offline, no reward model).
 
     Δ_i = logp_i − ref_logp_i is the policy's log-likelihood ratio against the frozen reference
@@ -232,11 +280,15 @@ def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid"):
       'sigmoid' (Rafailov et al. 2023): per pair −log σ(β(Δ_w − Δ_l)). With all C(K,2) pairs this
           is exactly `rm_loss(β·Δ, ranks, valid)`: the Bradley–Terry loss on the implicit rewards.
       'ipo' (Azar et al. 2023): per pair ((Δ_w − Δ_l) − 1/(2β))², a squared loss that regresses
-          the margin to 1/(2β) instead of pushing it to infinity.
+          the margin to 1/(2β) instead of pushing it to infinity. Δ is the paper's summed log-ratio;
+          ipo_token_mean=True uses Δ_i / lengths_i, its mean over the completion's tokens (TRL's IPO), for
+          the loss and every aux metric alike.
       'plackett_luce' (listwise, Rafailov et al. 2023 App. A.3): for each valid i not in the
-          worst-ranked group of its prompt, −βΔ_i + log Σ_{valid j: rank_j ≥ rank_i} exp(βΔ_j)
-          (a tied group shares one risk set: Breslow), averaged over those i per prompt. For K = 2
-          without a tie it equals 'sigmoid'.
+          worst-ranked group of its prompt, the stage term −βΔ_i + log Σ_{valid j: rank_j ≥ rank_i} exp(βΔ_j)
+          (a tied group shares one risk set: Breslow). pl_normalize=True: a prompt's loss is the mean of
+          its stage terms (each prompt weighs the same whatever its K, like the pairwise losses and the
+          RM's 1/C(K,2)); False: their sum, the paper's negative log-likelihood of the whole ranking.
+          For K = 2 without a tie both equal 'sigmoid'.
 
     Args:
       logp: [B, K] summed response log-probs of each completion under the policy (differentiated).
@@ -246,6 +298,11 @@ def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid"):
         anything, inf included: they never reach the loss, its gradient or a metric).
       beta: β > 0 (float or traced scalar).
       loss_type: one of DPO_LOSS_TYPES (static).
+      lengths: [B, K] response token counts of the completions (the tokens summed in logp), for
+        ipo_token_mean; a valid completion with 0 tokens has Δ = 0.
+      ipo_token_mean: (static, 'ipo' only) per-token mean log-ratios instead of sums.
+      pl_normalize: (static, 'plackett_luce' only; False elsewhere is an error) mean (True) or sum (False)
+        over a prompt's stages.
     Returns:
       (loss scalar float32, aux) with aux
         'accuracy': fraction of all valid untied pairs of the batch with Δ_w > Δ_l (strictly);
@@ -256,12 +313,19 @@ def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid"):
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo_loss: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if ipo_token_mean and (loss_type != "ipo" or lengths is None):
+        raise ValueError(f"dpo_loss: ipo_token_mean=True needs loss_type='ipo' and lengths; got "
+                         f"loss_type={loss_type!r}, lengths {'given' if lengths is not None else 'None'}")
+    if not pl_normalize and loss_type != "plackett_luce":
+        raise ValueError(f"dpo_loss: pl_normalize=False applies to loss_type='plackett_luce' only, got {loss_type!r}")
     valid = jnp.asarray(valid).astype(bool)
     ranks = jnp.asarray(ranks)
     beta = jnp.asarray(beta, jnp.float32)
     # `where`, not a product: inf − inf = NaN in a padded slot must not leak (its cotangent is 0).
     ref_logp = jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32))
     delta = jnp.where(valid, jnp.asarray(logp, jnp.float32) - ref_logp, 0.0)
+    if ipo_token_mean:
+        delta = delta / jnp.maximum(jnp.where(valid, jnp.asarray(lengths, jnp.float32), 1.0), 1.0)
     implicit = beta * delta
     pair = _pair_mask(ranks, valid)
     diff = delta[:, :, None] - delta[:, None, :]
@@ -276,9 +340,59 @@ def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid"):
         lse = jax.nn.logsumexp(jnp.where(risk, implicit[:, None, :], -jnp.inf), axis=-1)
         # i is preferred over someone <=> valid and not in its prompt's worst-ranked group.
         stage = jnp.any(pair, axis=2)
-        loss, has_pairs = _prompt_then_batch_mean(lse - implicit, stage, axis=1)
+        if pl_normalize:
+            loss, has_pairs = _prompt_then_batch_mean(lse - implicit, stage, axis=1)
+        else:
+            has_pairs = jnp.any(stage, axis=1)
+            loss = masked_mean(jnp.sum(jnp.where(stage, lse - implicit, 0.0), axis=1), has_pairs)
     chosen = masked_mean(jnp.broadcast_to(implicit[:, :, None], pair.shape), pair)
     rejected = masked_mean(jnp.broadcast_to(implicit[:, None, :], pair.shape), pair)
+    aux = {
+        "accuracy": masked_mean(diff > 0, pair),
+        "num_pairs": jnp.sum(pair),
+        "num_prompts": jnp.sum(has_pairs),
+        "chosen_reward": chosen,
+        "rejected_reward": rejected,
+        "margin": chosen - rejected,
+    }
+    return loss, aux
+
+
+@jax.jit
+def simpo_loss(logp, lengths, ranks, valid, beta, gamma):
+    """SimPO (Meng, Xia, Chen 2024): reference-free preference optimisation over K ranked completions per prompt.
+
+    The reward of completion i is its length-normalised log-likelihood r_i = β · logp_i / lengths_i (the
+    average log-prob of its tokens, times β; no reference model). Each pair (w, l) of valid completions with
+    rank_w < rank_l (w preferred; ties dropped) contributes −log σ(r_w − r_l − γ): a Bradley–Terry loss that
+    asks for a target margin γ. Pairs, ties, ragged K and the averaging are exactly as in `rm_loss` /
+    `dpo_loss`: a prompt's loss is the mean over its pairs, the batch loss the mean over prompts with ≥ 1 pair.
+
+    Args:
+      logp: [B, K] summed completion log-probs of each completion under the policy (differentiated).
+      lengths: [B, K] completion token counts (the tokens summed in `logp`; ≥ 1 where valid).
+      ranks: [B, K] ints; 0 = best, lower is preferred, equal = tie.
+      valid: [B, K] 0/1, real completions (ragged K padded with valid = 0; padded slots may hold
+        anything, inf or a zero length included: they never reach the loss, its gradient or a metric).
+      beta: β > 0, the reward scale; gamma: γ ≥ 0, the target margin (floats or traced scalars).
+    Returns:
+      (loss scalar float32, aux) with aux
+        'accuracy': fraction of all valid untied pairs of the batch with r_w > r_l (strictly);
+        'num_pairs', 'num_prompts' (prompts with ≥ 1 pair, the ones that enter the mean);
+        'chosen_reward', 'rejected_reward': mean over those pairs of r_w and r_l;
+        'margin': chosen_reward − rejected_reward (mean r_w − r_l over pairs; compare with γ).
+      All zeros, never NaN, when there are no pairs.
+    """
+    valid = jnp.asarray(valid).astype(bool)
+    length = jnp.where(valid, jnp.asarray(lengths, jnp.float32), 1.0)
+    # `where`, not a product: garbage in a padded slot (inf, 0 / 0) must not leak (its cotangent is 0).
+    reward = jnp.where(valid, jnp.asarray(beta, jnp.float32) * jnp.asarray(logp, jnp.float32) / length, 0.0)
+    pair = _pair_mask(ranks, valid)
+    diff = reward[:, :, None] - reward[:, None, :]
+    terms = -jax.nn.log_sigmoid(diff - jnp.asarray(gamma, jnp.float32))
+    loss, has_pairs = _prompt_then_batch_mean(terms, pair, axis=(1, 2))
+    chosen = masked_mean(jnp.broadcast_to(reward[:, :, None], pair.shape), pair)
+    rejected = masked_mean(jnp.broadcast_to(reward[:, None, :], pair.shape), pair)
     aux = {
         "accuracy": masked_mean(diff > 0, pair),
         "num_pairs": jnp.sum(pair),
@@ -303,9 +417,9 @@ def _kl_terms(logp, ref_logp, estimator):
     return jnp.expm1(log_r) - log_r  # expm1: exact near r = 1, where the policy starts
 
 
-@functools.partial(jax.jit, static_argnames=("estimator",))
-def kl_loss(logp, ref_logp, mask, estimator="k3"):
-    """KL penalty as a loss term (GRPO style): masked token mean of a per-token KL estimator.
+@functools.partial(jax.jit, static_argnames=("estimator", "agg"))
+def kl_loss(logp, ref_logp, mask, estimator="k3", agg="token_mean", max_tokens=None):
+    """KL penalty as a loss term (GRPO style): a per-token KL estimator aggregated like the policy loss.
 
     Gradients flow through `logp` (the current policy's log-probs of the sampled tokens);
     `ref_logp` is a constant. Its *value* estimates KL(π ‖ π_ref) without bias for k1 and k3
@@ -328,9 +442,11 @@ def kl_loss(logp, ref_logp, mask, estimator="k3"):
       ref_logp: [B, T] log-probs of the same tokens under the frozen reference (stop_gradient).
       mask: [B, T] 0/1 valid response tokens; masked slots may hold anything (inf included).
       estimator: one of KL_ESTIMATORS (static); default 'k3'.
+      agg, max_tokens: as in `ppo_policy_loss` (see `aggregate`); use the policy loss's, so that the
+        KL term weighs tokens as the objective it is part of (GRPO's eq. 3 has it inside the token mean).
     Returns:
       (loss scalar float32 — multiply by β yourself —, aux) with aux 'num_tokens' and 'k1'
-      (masked mean of log π − log π_ref, the plain unbiased KL estimate, for logging).
+      (token mean of log π − log π_ref over valid tokens, the plain unbiased KL estimate, for logging).
       0 for an all-zero mask.
     """
     mask = jnp.asarray(mask, jnp.float32)
@@ -338,5 +454,5 @@ def kl_loss(logp, ref_logp, mask, estimator="k3"):
     # Zero the log-ratio on padding before the estimator: exp(garbage) there would give NaN gradients.
     logp = jnp.where(mask > 0, jnp.asarray(logp, jnp.float32), 0.0)
     ref_logp = jnp.where(mask > 0, ref_logp, 0.0)
-    loss = masked_mean(_kl_terms(logp, ref_logp, estimator), mask)
+    loss = aggregate(_kl_terms(logp, ref_logp, estimator), mask, agg, max_tokens)
     return loss, {"num_tokens": jnp.sum(mask), "k1": masked_mean(logp - ref_logp, mask)}

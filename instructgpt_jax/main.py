@@ -38,7 +38,8 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error (
                            f"instead of one line; also {errors.DEBUG_ENV}=1.")
 flags.mark_flags_as_required(["config"])
 
-STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "pipeline": "miniature.pipeline"}
+STAGES = {"pretrain": "sft", "sft": "sft", "rm": "rm", "dpo": "dpo", "simpo": "simpo", "ppo": "ppo",
+          "pipeline": "miniature.pipeline"}
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
 HELP = """usage: python -m instructgpt_jax.main --config=STAGE:PRESET --workdir=DIR [--config.KEY=VALUE ...]
                                        [--print_config] [--debug] [multi-host flags]
@@ -48,6 +49,7 @@ Stages (--config=STAGE:PRESET; a config file path.py:PRESET works too):
   sft       supervised fine-tuning on demonstrations {{prompt, response}} or {{messages}}
   rm        K-wise Bradley-Terry reward model on comparisons (K-wise ranks, chosen/rejected, HH, UltraFeedback)
   dpo       DPO / IPO / listwise Plackett-Luce on the same comparisons (config.dpo.loss_type)
+  simpo     SimPO (reference-free, length-normalised reward; config.simpo.beta, gamma) on the same comparisons
   ppo       PPO / PPO-ptx against the reward model, on prompts {{prompt}} or {{messages}}
   grpo      critic-free RL (GRPO, Dr. GRPO, RLOO) against the reward model or a verifier
   pipeline  the whole method in miniature on the built-in synthetic world (no data needed)

@@ -138,15 +138,16 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
 
     batch: global batch (prompts for RM and PPO); default config.train.batch_size.
     micro_rows: rows per device per microbatch (default: the batch split over data x fsdp and
-      config.train.grad_accum). sample_batch: rows sampled at once (default config.ppo.rollout_chunk, else the
-      minibatch). Critic-free RL (advantage_estimator != 'gae') holds no value model; a verifier reward no RM.
+      config.train.grad_accum; the RL stage does not accumulate, so 'ppo' ignores it). sample_batch: rows
+      sampled at once (default config.ppo.rollout_chunk, else the minibatch). Critic-free RL
+      (advantage_estimator != 'gae') holds no value model; a verifier reward no RM.
     """
     stage = stage or config.stage
     stage = "sft" if stage == "pretrain" else stage
     mesh = abstract_mesh(mesh_shape)
     policy = _model(config.model)
     batch = batch or config.train.batch_size
-    accum = config.train.get("grad_accum", 1)
+    accum = 1 if stage == "ppo" else config.train.get("grad_accum", 1)  # ppo.check_config refuses grad_accum > 1
     resident, phases, notes = {}, {}, []
 
     def trainable(name, cfg, head):

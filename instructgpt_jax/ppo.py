@@ -30,6 +30,11 @@ from instructgpt_jax.models import ModelConfig, Transformer
 ADVANTAGE_ESTIMATORS = ("gae",) + rl.GROUP_ADVANTAGE_KINDS
 REWARDS = ("rm", "verifier")
 KL_PENALTIES = ("reward", "loss")
+# config.ppo.loss_agg '' = each estimator's paper (losses.aggregate): PPO's token mean; GRPO's mean over
+# responses of token means (Shao et al. 2024 eq. 3); Dr. GRPO's token sum over a constant (Liu et al. 2025);
+# RLOO's sequence-level REINFORCE, a mean over responses of token sums (Ahmadian et al. 2024).
+PAPER_LOSS_AGG = {"gae": "token_mean", "grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm",
+                  "rloo": "seq_mean_token_sum"}
 
 
 def check_config(config) -> None:
@@ -45,6 +50,12 @@ def check_config(config) -> None:
     if cfg.kl_penalty == "loss" and cfg.kl_estimator not in ("k2", "k3"):
         raise UserError(f"config.ppo.kl_estimator={cfg.kl_estimator!r} with kl_penalty='loss': valid k2, k3 (k1 as a "
                         f"loss term has zero expected gradient)")
+    if cfg.loss_agg not in ("",) + losses.AGGREGATIONS:
+        raise UserError(f"config.ppo.loss_agg={cfg.loss_agg!r}; valid: '' (the advantage estimator's paper), "
+                        f"{', '.join(losses.AGGREGATIONS)}")
+    if config.train.grad_accum > 1:  # the update is one jitted minibatch step; minibatch_size is the memory knob
+        raise UserError(f"config.train.grad_accum={config.train.grad_accum}: the RL stage does not accumulate "
+                        f"gradients; lower config.ppo.minibatch_size (and rollout_chunk) to use less memory")
     critic_free = cfg.advantage_estimator != "gae"
     if critic_free and cfg.group_size < 2:
         raise UserError(f"config.ppo.group_size={cfg.group_size}: advantage_estimator={cfg.advantage_estimator!r} "
@@ -73,6 +84,14 @@ def load_verifier(spec: str):
 
 
 # ----------------------------------------------------------------------------- pure pieces
+
+def loss_aggregation(cfg) -> tuple[str, int | None]:
+    """config.ppo -> (agg, max_tokens) for losses.ppo_policy_loss and losses.kl_loss: config.ppo.loss_agg, or
+    when it is '' the advantage estimator's paper (PAPER_LOSS_AGG); max_tokens = max_new_tokens for Dr. GRPO's
+    constant normaliser, else None."""
+    agg = cfg.loss_agg or PAPER_LOSS_AGG[cfg.advantage_estimator]
+    return agg, (cfg.max_new_tokens if agg == "seq_mean_token_sum_norm" else None)
+
 
 def rollout_forward(params, sample, *, policy, value_model, rm_model, eos_id, temperature, rm_bias):
     """Old and reference log-probs, values and RM scores of one chunk of samples. Pure; jitted on chunks
@@ -124,14 +143,17 @@ def update_step(state, rollout, idx, ptx, *, policy, value_model, policy_tx, val
     mb = jax.tree.map(lambda x: x[idx], rollout)
     p = prompt_len
     rows = (mb["tokens"], mb["positions"], mb["segments"])
+    agg, max_tokens = loss_aggregation(cfg)
 
     def policy_loss(params):
         logp, logits = scoring.response_logprobs(params, policy, *rows, p, cfg.temperature)
-        loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps)
+        loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps,
+                                           agg=agg, max_tokens=max_tokens)
         aux = dict(aux, pg_loss=loss, entropy=losses.masked_mean(losses.entropy(jax.lax.stop_gradient(logits)),
                                                                  mb["mask"]))
         if cfg.kl_penalty == "loss":  # β·KL(π‖π_ref) as a loss term, with its own (correct) gradient
-            kl, _ = losses.kl_loss(logp, mb["ref_logp"], mb["mask"], estimator=cfg.kl_estimator)
+            kl, _ = losses.kl_loss(logp, mb["ref_logp"], mb["mask"], estimator=cfg.kl_estimator, agg=agg,
+                                   max_tokens=max_tokens)
             loss = loss + state["kl_beta"] * kl
             aux["kl_loss"] = kl
         if cfg.ptx_coef > 0:  # PPO-ptx: γ · pretraining NLL on every minibatch
@@ -176,9 +198,12 @@ def init_state(reference, policy_tx, kl_coef: float, value_params=None, value_tx
 
 
 def ema_params(state, decay: float):
-    """The bias-corrected EMA of the policy: ema / (1 − decay^updates) (the SFT weights weigh nothing)."""
-    n = jnp.maximum(state["updates"], 1).astype(jnp.float32)
-    return jax.tree.map(lambda e: e / (1.0 - decay ** n), state["ema"])
+    """The bias-corrected EMA of the policy: ema / (1 − decay^updates) (the SFT weights weigh nothing).
+    Before the first update there is nothing to average (the accumulator is all zeros): the policy itself."""
+    updates = state["updates"]
+    n = jnp.maximum(updates, 1).astype(jnp.float32)
+    return jax.tree.map(lambda e, x: jnp.where(updates > 0, e / (1.0 - decay ** n), x), state["ema"],
+                        state["policy"]["params"])
 
 
 # ----------------------------------------------------------------------------- stage
@@ -336,7 +361,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
 
     # --- save: the policy and its bias-corrected EMA, for the next stage / evaluation
     meta = {"step": int(state["step"]), "ptx_coef": cfg.ptx_coef, "kl_beta": float(state["kl_beta"]), "advantage_estimator": cfg.advantage_estimator,
-            "reward": cfg.reward}
+            "reward": cfg.reward, "loss_agg": loss_aggregation(cfg)[0]}
     run.export(state["policy"]["params"], data, **meta)
     run.export(jax.jit(functools.partial(ema_params, decay=cfg.ema_decay))(state), data, name="export_ema",
                **meta, ema_decay=cfg.ema_decay, ema_updates=int(state["updates"]))

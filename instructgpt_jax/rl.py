@@ -7,7 +7,7 @@ Per-token arrays are [B, T] over the sampled response; `mask` [B, T] is 1 on val
 response tokens (a contiguous run, normally a prefix: the response up to and including
 EOS) and 0 on padding. kl_penalized_rewards, gae and whiten return 0 on padding.
 
-Public API (see DESIGN.md §4):
+Public API:
     per_token_kl (KL_ESTIMATORS), kl_penalized_rewards, gae, whiten, explained_variance,
     kl_controller_init, fixed_kl_update, adaptive_kl_update, kl_update,
     group_advantages (GROUP_ADVANTAGE_KINDS)

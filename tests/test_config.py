@@ -8,7 +8,13 @@ from ml_collections import config_flags
 from instructgpt_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE_CONFIGS = [f for f in ("pretrain", "sft", "rm", "ppo") if os.path.exists(os.path.join(ROOT, "configs", f"{f}.py"))]
+# The configs the package ships (DESIGN: configs/STAGE.py), plus whatever else is there: a missing one fails.
+SHIPPED = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "pipeline")
+STAGE_CONFIGS = sorted(set(SHIPPED) | set(config_lib.stage_names()))
+# Presets of every stage config: CPU, GPT-3 sizes, a Hugging Face family, and 'finetune' (from a checkpoint).
+PRESETS = ("tiny", "1.3b", "175b", "llama3-8b", config_lib.FINETUNE)
+PIPELINE_ARGS = ("default", "methods", "smoke", "sweep")
+STAGE_OF = {"grpo": "ppo"}  # configs that are another stage's options
 
 
 def _parse(*args):
@@ -19,13 +25,29 @@ def _parse(*args):
     return fv.config
 
 
+def test_every_shipped_config_exists():
+    assert set(SHIPPED) <= set(config_lib.stage_names()), sorted(set(SHIPPED) - set(config_lib.stage_names()))
+
+
 @pytest.mark.parametrize("stage", STAGE_CONFIGS)
 def test_every_stage_config_loads_for_every_preset(stage):
-    for preset in ("tiny", "1.3b", "175b"):
+    """Through the command-line flag (a missing file is an error there too), and through each stage's own
+    config check where it has one (PPO / GRPO / DPO: the defaults of every preset are valid together)."""
+    from instructgpt_jax import dpo, ppo
+    if stage == "pipeline":
+        for arg in PIPELINE_ARGS:
+            config = _parse(f"--config={ROOT}/configs/{stage}.py:{arg}")
+            assert config.stage == "pipeline" and config.methods == (arg == "methods")
+        return
+    for preset in PRESETS:
         config = _parse(f"--config={ROOT}/configs/{stage}.py:{preset}")
-        assert config.stage in (stage, "pretrain")
-        assert config.model.preset == preset
+        assert config.stage == STAGE_OF.get(stage, stage), (stage, preset)
+        assert config.model.preset == (config_lib.FROM_CHECKPOINT if preset == config_lib.FINETUNE else preset)
         assert set(config.mesh) == {"data", "fsdp", "tensor"}
+        if config.stage == "ppo":
+            ppo.check_config(config_lib.replace(config, **{"ppo.rm_workdir": "rm"}))
+        elif config.stage == "dpo":
+            dpo.check_config(config)
 
 
 def test_override_from_command_line():

@@ -131,3 +131,11 @@ def test_plain_progress_lines_without_a_terminal(straight, resumed):
         assert [int(m.group(1)) for m in plain] == list(steps)
         assert all(m.group(2) for m in plain[1:])  # speed and ETA once the first step is done
     assert "\r" not in first and PLAIN.fullmatch(first.splitlines()[-2])
+    # the startup block says what the stage starts from, on what, for how long
+    for stderr, weights in ((whole, "scratch (random init)"), (rest, f"resuming ")):
+        block = stderr[:stderr.index("sft: compiling")]
+        assert f"  weights   {weights}" in block, block
+        for fragment in ("  model     gpt2, ", "M params", "  tokenizer SentencePieceTokenizer", "EOS ids",
+                         "  data      train builtin (", "  data      eval ", "  mesh      ",
+                         f"  schedule  {STEPS} steps of batch", "  writes    checkpoints/"):
+            assert fragment in block, (fragment, block)

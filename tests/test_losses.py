@@ -193,9 +193,10 @@ def test_ppo_policy_loss_clipping_both_sides():
     loss, aux = losses.ppo_policy_loss(logp, old, adv, mask, 0.2)
     # ρ=1.5,A=+1: min(1.5, 1.2) = 1.2 (clipped)   ρ=1.5,A=-1: min(-1.5, -1.2) = -1.5
     # ρ=0.5,A=+1: min(0.5, 0.8) = 0.5             ρ=0.5,A=-1: min(-0.5, -0.8) = -0.8 (clipped)
-    # ρ=1.1,A=2: 2.2 (inside the trust region)   ρ=1.3,A=0: 0 (outside, counts for clipfrac only)
+    # ρ=1.1,A=2: 2.2 (inside the trust region)   ρ=1.3,A=0: 0 (outside, but A = 0: nothing to clip)
     np.testing.assert_allclose(loss, -(1.2 - 1.5 + 0.5 - 0.8 + 2.2 + 0.0) / 6, rtol=1e-5)
-    np.testing.assert_allclose(aux["clipfrac"], 5 / 6, rtol=1e-6)
+    # The clip binds (the clipped term is selected and differs) on tokens 0 and 3 only: 2 of 6.
+    np.testing.assert_allclose(aux["clipfrac"], 2 / 6, rtol=1e-6)
     lr = np.log([1.5, 1.5, 0.5, 0.5, 1.1, 1.3])
     np.testing.assert_allclose(aux["approx_kl"], np.mean(0.5 * lr**2), rtol=1e-5)
     # d loss / d logp = -A·ρ/N where unclipped, 0 where the clip is active or masked.
@@ -211,6 +212,109 @@ def test_ppo_policy_loss_on_policy_and_empty():
     assert float(aux["clipfrac"]) == 0.0 and float(aux["approx_kl"]) == 0.0
     loss, aux = losses.ppo_policy_loss(logp, logp, adv, np.zeros((1, 3)), 0.2)
     assert float(loss) == 0.0 and not np.isnan(float(aux["clipfrac"]))
+
+
+AGGS = losses.AGGREGATIONS
+
+
+def _aggregate_reference(s, mask, agg, max_tokens=None):
+    """Plain-Python loops over rows and tokens (float64): the definitions in each method's paper."""
+    rows = [[x for x, m in zip(row, mrow) if m] for row, mrow in zip(s.tolist(), mask.tolist())]
+    if agg == "token_mean":
+        tokens = [x for r in rows for x in r]
+        return sum(tokens) / len(tokens) if tokens else 0.0
+    if agg == "seq_mean_token_sum_norm":  # every row counts, non-empty or not: a constant normaliser
+        return sum(sum(r) for r in rows) / (len(rows) * max_tokens)
+    per_seq = [(sum(r) / len(r) if agg == "seq_mean_token_mean" else sum(r)) for r in rows if r]
+    return sum(per_seq) / len(per_seq) if per_seq else 0.0
+
+
+def _ragged_case(seed, B=6, T=7):
+    """Random per-token values with garbage in the padding, ragged masks (prefixes and a gap), an empty row."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[2] = 0  # a response with no valid token
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+    mask[4, 0] = 0.0  # not only prefixes: a hole at the start of a row
+    garbage = rng.choice([np.inf, -np.inf, np.nan, 1e30], size=(B, T))
+    return rng, mask, garbage
+
+
+def test_aggregate_hand():
+    s = np.array([[1.0, 3.0, np.inf], [5.0, np.nan, 0.0], [np.inf, 2.0, 2.0]], np.float32)
+    mask = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]])  # lengths 2, 1, 0
+    want = {"token_mean": 9 / 3,                    # (1 + 3 + 5) / 3 tokens
+            "seq_mean_token_mean": (2.0 + 5.0) / 2,  # token means 2 and 5; the empty row is not a response
+            "seq_mean_token_sum": (4.0 + 5.0) / 2,   # token sums 4 and 5
+            "seq_mean_token_sum_norm": 9 / (3 * 4)}  # Σ / (3 rows × max_tokens 4)
+    for agg, value in want.items():
+        np.testing.assert_allclose(losses.aggregate(s, mask, agg, 4), value, rtol=1e-6, err_msg=agg)
+        assert float(losses.aggregate(s, np.zeros_like(mask), agg, 4)) == 0.0  # empty batch: 0, not NaN
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("seed", range(3))
+def test_aggregate_brute_force(agg, seed):
+    rng, mask, garbage = _ragged_case(seed)
+    s = rng.normal(size=mask.shape).astype(np.float32)
+    got = losses.aggregate(np.where(mask > 0, s, garbage), mask, agg, 9)
+    np.testing.assert_allclose(got, _aggregate_reference(s, mask, agg, 9), rtol=1e-5, atol=1e-7)
+
+
+def test_aggregate_errors_list_the_choices():
+    with pytest.raises(ValueError, match="token_mean, seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm"):
+        losses.aggregate(np.zeros((1, 2)), np.ones((1, 2)), "seq_sum")
+    with pytest.raises(ValueError, match="max_tokens"):
+        losses.aggregate(np.zeros((1, 2)), np.ones((1, 2)), "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="seq_mean_token_mean"):
+        losses.ppo_policy_loss(np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), np.ones((1, 2)), 0.2, agg="mean")
+    with pytest.raises(ValueError, match="seq_mean_token_mean"):
+        losses.kl_loss(np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), agg="mean")
+
+
+def _ppo_reference(logp, old, adv, mask, eps, agg, max_tokens):
+    """Per token with math.exp, min and explicit clipping; clipfrac from the definition: the clipped
+    term is selected and differs from the unclipped one."""
+    s, binds, n = np.zeros(logp.shape), 0, 0
+    for b, t in itertools.product(range(logp.shape[0]), range(logp.shape[1])):
+        if not mask[b, t]:
+            continue
+        rho, a = math.exp(float(logp[b, t]) - float(old[b, t])), float(adv[b, t])
+        unclipped, clipped = rho * a, min(max(rho, 1 - eps), 1 + eps) * a
+        s[b, t] = -min(unclipped, clipped)
+        binds += clipped < unclipped
+        n += 1
+    return _aggregate_reference(s, mask, agg, max_tokens), (binds / n if n else 0.0)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("seed", range(3))
+def test_ppo_policy_loss_every_agg_brute_force(agg, seed):
+    rng, mask, garbage = _ragged_case(seed)
+    old = rng.normal(size=mask.shape).astype(np.float32) - 2
+    logp = (old + rng.normal(size=mask.shape) * 0.4).astype(np.float32)  # ρ from about 0.3 to 3: both clips bind
+    adv = rng.normal(size=mask.shape).astype(np.float32)
+    logp_in = np.where(mask > 0, logp, garbage).astype(np.float32)
+    loss, aux = losses.ppo_policy_loss(logp_in, old, adv, mask, 0.2, agg=agg, max_tokens=9)
+    want, clipfrac = _ppo_reference(logp, old, adv, mask, 0.2, agg, 9)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(aux["clipfrac"], clipfrac, rtol=1e-6)
+    assert 0 < clipfrac < 1
+    g = jax.grad(lambda lp: losses.ppo_policy_loss(lp, old, adv, mask, 0.2, agg=agg, max_tokens=9)[0])(
+        jnp.asarray(logp_in))
+    assert np.isfinite(np.asarray(g)).all() and (np.asarray(g)[mask == 0] == 0).all()
+
+
+def test_ppo_policy_loss_agg_hand():
+    """Two responses, on-policy (ρ = 1, s = −A): lengths 3 and 1, advantages 1 and 4 on every token."""
+    adv = np.array([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
+    mask = np.array([[1, 1, 1], [1, 0, 0]])
+    logp = np.zeros((2, 3))
+    want = {"token_mean": -(3 + 4) / 4, "seq_mean_token_mean": -(1 + 4) / 2, "seq_mean_token_sum": -(3 + 4) / 2,
+            "seq_mean_token_sum_norm": -(3 + 4) / (2 * 5)}
+    for agg, value in want.items():
+        loss, _ = losses.ppo_policy_loss(logp, logp, adv, mask, 0.2, agg=agg, max_tokens=5)
+        np.testing.assert_allclose(loss, value, rtol=1e-6, err_msg=agg)
 
 
 # --- value_loss ----------------------------------------------------------------------------
@@ -405,6 +509,22 @@ def test_kl_loss_default_empty_and_bad_estimator():
     assert float(loss) == 0.0 and float(aux["k1"]) == 0.0
     with pytest.raises(ValueError, match="k2"):
         losses.kl_loss(KL_LOGP, KL_REF, KL_MASK, "k4")
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_kl_loss_every_agg_brute_force(agg, estimator):
+    rng, mask, garbage = _ragged_case(7)
+    logp = rng.normal(size=mask.shape).astype(np.float32) - 2
+    ref = (logp + rng.normal(size=mask.shape) * 0.5).astype(np.float32)
+    per_token = np.zeros(mask.shape)
+    for b, t in zip(*np.nonzero(mask)):  # log r = ref − logp; k2 = ½ log² r, k3 = r − 1 − log r
+        log_r = float(ref[b, t]) - float(logp[b, t])
+        per_token[b, t] = 0.5 * log_r ** 2 if estimator == "k2" else math.exp(log_r) - 1 - log_r
+    loss, aux = losses.kl_loss(np.where(mask > 0, logp, garbage), np.where(mask > 0, ref, garbage[::-1]), mask,
+                               estimator, agg=agg, max_tokens=9)
+    np.testing.assert_allclose(loss, _aggregate_reference(per_token, mask, agg, 9), rtol=1e-5, atol=1e-7)
+    assert float(aux["num_tokens"]) == mask.sum()
 
 
 # Exact on-policy expectations on one categorical distribution over V tokens (no sampling):

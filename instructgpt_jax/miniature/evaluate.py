@@ -376,7 +376,8 @@ def _ordered(models: dict) -> list[str]:
 
 
 def acceptance(results: dict) -> dict:
-    """Issue 13's targets as booleans (absent when the models they need are absent)."""
+    """The paper's findings checked at fixed thresholds, as booleans (the `## Checks` of results.md;
+    absent when the models they need are absent)."""
     m, out = results["models"], {}
     for name in ("ppo", "ppo_ptx"):
         if name in m:

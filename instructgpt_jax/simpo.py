@@ -1,0 +1,60 @@
+"""SimPO (reference-free, length-normalised preference optimisation) offline from the RM's K-wise comparisons.
+
+Reads top to bottom: mesh -> data -> init -> step -> loop -> save. The DPO stage's data, train step and loop;
+the objective is `losses.simpo_loss` on the policy's summed completion log-probs and completion lengths.
+No reference model: only the policy is loaded (from the SFT export) and trained.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from instructgpt_jax import harness, losses, scoring, train_lib
+from instructgpt_jax.data import prepare
+from instructgpt_jax.errors import UserError
+from instructgpt_jax.models import ModelConfig, Transformer
+
+
+def loss_fn(params, batch, rng, frozen, *, model, beta, gamma):
+    """simpo_loss on r = β · (average completion log-prob); metrics: pair accuracy, the rewards of the
+    preferred / dispreferred completions and their margin."""
+    del frozen  # reference-free
+    logits, targets, mask = scoring.completion_logits(params, model, batch, rng=rng)
+    b, k = batch["ranks"].shape
+    logp = jnp.where(mask, losses.token_logprobs(logits, targets), 0.0).sum(-1).reshape(b, k)
+    loss, aux = losses.simpo_loss(logp, mask.sum(-1).reshape(b, k), batch["ranks"], batch["valid"], beta, gamma)
+    return loss, {"weight": aux["num_prompts"], "accuracy": aux["accuracy"], "accuracy_weight": aux["num_pairs"],
+                  "chosen_reward": aux["chosen_reward"], "rejected_reward": aux["rejected_reward"],
+                  "margin": aux["margin"]}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None) -> dict:
+    """Train the policy with SimPO from the SFT export; exports it like SFT. Resumes."""
+    if not config.init.from_workdir:
+        raise UserError("config.init.from_workdir must name the SFT stage's workdir (the policy starts from it)")
+    # --- mesh (and the config resolved: the SFT export's model, data paths checked)
+    run = harness.Stage(config, workdir)
+    config, mesh = run.config, run.mesh
+
+    # --- data: the reward model's comparisons (no demonstrations: SimPO has no bias to fit)
+    data = prepare.prepare_comparisons(config, workdir, builtin_data, demonstrations=False)
+
+    # --- init: policy = SFT (no reference copy); resume overwrites it
+    model = Transformer(ModelConfig.from_config(config.model))
+    manager = run.start(data, model)
+    params = run.source.params(model, mesh)
+    tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
+    rng = jax.random.PRNGKey(config.seed)
+
+    # --- step + loop: the generic train step on this stage's loss, the shared loop
+    state, last = train_lib.run_supervised(
+        config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
+        loss_fn=functools.partial(loss_fn, model=model, beta=config.simpo.beta, gamma=config.simpo.gamma),
+        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len)
+
+    # --- save: the policy, loadable wherever an SFT export is
+    run.export(state["params"], data, step=int(state["step"]), beta=config.simpo.beta, gamma=config.simpo.gamma)
+    return last
