@@ -1,4 +1,4 @@
-"""Real checkpoints end to end (issue 12): Hugging Face directories shaped like Llama-2, GPT-2, Llama-3,
+"""Real checkpoints end to end: Hugging Face directories shaped like Llama-2, GPT-2, Llama-3,
 Qwen2.5, Qwen3, Gemma and Pythia checkpoints (random tiny `transformers` weights, each family's kind of
 tokenizer with its special ids and chat template, built here: no downloads) train through SFT on chat
 data, export with `python -m instructgpt_jax.hf --export` to directories that `AutoModelForCausalLM` /
@@ -367,7 +367,7 @@ def test_export_errors_are_one_line(tmp_path, runs):
 
 
 def test_ppo_with_a_reward_model_of_another_tokenizer(runs, data, tmp_path):
-    """Issue 12 §6: policy Qwen-shaped (byte-level BPE, ChatML), reward model Llama-2-shaped (SentencePiece,
+    """A policy Qwen-shaped (byte-level BPE, ChatML), reward model Llama-2-shaped (SentencePiece,
     Llama-2 template). PPO decodes each response and re-encodes prompt + response with the RM's tokenizer and
     template; the value model starts from the policy (fresh scalar head)."""
     from instructgpt_jax import ppo, rm as rm_stage, scoring

@@ -142,7 +142,7 @@ def test_rm_loss_brute_force(seed):
 
 
 def test_rm_loss_paper_normalisation_without_ties():
-    # No ties, full K: per-prompt mean == 1/C(K,2) Σ over pairs (DESIGN §1 formula).
+    # No ties, full K: per-prompt mean == 1/C(K,2) Σ over pairs (the paper's formula).
     rewards = np.array([[0.3, -1.2, 2.0, 0.7]])
     ranks = np.array([[2, 0, 3, 1]])
     total = sum(softplus(-(rewards[0, i] - rewards[0, j]))
@@ -372,12 +372,14 @@ def test_dpo_loss_hand():
         np.testing.assert_allclose(aux["margin"], chosen - rejected, rtol=1e-6)
 
 
-def _dpo_reference(logp, ref, ranks, valid, beta, loss_type):
-    """Plain-Python loops over prompts and pairs / Plackett–Luce stages (float64)."""
+def _dpo_reference(logp, ref, ranks, valid, beta, loss_type, lengths=None, pl_normalize=True):
+    """Plain-Python loops over prompts and pairs / Plackett–Luce stages (float64). lengths: IPO on per-token
+    mean log-ratios (TRL's); pl_normalize=False: a prompt's stages summed (the DPO paper's listwise loss)."""
     per_prompt, correct, n_pairs, chosen, rejected = [], 0, 0, 0.0, 0.0
-    for lp, rf, rk, v in zip(logp.tolist(), ref.tolist(), ranks.tolist(), valid.tolist()):
+    lengths = np.ones_like(logp) if lengths is None else lengths
+    for lp, rf, rk, v, n in zip(logp.tolist(), ref.tolist(), ranks.tolist(), valid.tolist(), lengths.tolist()):
         idx = [i for i in range(len(lp)) if v[i]]
-        delta = {i: lp[i] - rf[i] for i in idx}
+        delta = {i: (lp[i] - rf[i]) / max(n[i], 1) for i in idx}
         pairs = [(i, j) for i in idx for j in idx if rk[i] < rk[j]]
         for i, j in pairs:
             correct += delta[i] > delta[j]
@@ -397,7 +399,7 @@ def _dpo_reference(logp, ref, ranks, valid, beta, loss_type):
                 risk = [beta * delta[j] for j in idx if rk[j] >= rk[i]]
                 terms.append(-beta * delta[i] + math.log(sum(math.exp(s) for s in risk)))
         if terms:
-            per_prompt.append(sum(terms) / len(terms))
+            per_prompt.append(sum(terms) / (len(terms) if pl_normalize else 1))
     loss = sum(per_prompt) / len(per_prompt) if per_prompt else 0.0
     metrics = (correct / n_pairs, chosen / n_pairs, rejected / n_pairs) if n_pairs else (0.0, 0.0, 0.0)
     return loss, n_pairs, len(per_prompt), metrics
@@ -465,6 +467,66 @@ def test_dpo_loss_grad_finite_with_inf_padding_under_jit(loss_type):
     # Prompts without a pair (all tied, empty, a single completion) get no gradient at all.
     np.testing.assert_array_equal(np.asarray(g)[:3], 0.0)
     assert np.abs(np.asarray(g)[3:][valid[3:] > 0]).sum() > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dpo_ipo_token_mean_brute_force(seed):
+    """ipo_token_mean=True: Δ_i / lengths_i (per-token mean log-ratios) in the loss and every metric."""
+    logp, ref, ranks, valid = _dpo_random_case(seed)
+    lengths = np.random.default_rng(100 + seed).integers(1, 40, size=logp.shape)
+    lengths = np.where(valid > 0, lengths, 0)
+    empty = np.flatnonzero(valid[3])[0]
+    lengths[3, empty], ref[3, empty] = 0, logp[3, empty]  # a valid completion of no tokens: Δ = 0 / max(0, 1)
+    loss, aux = losses.dpo_loss(logp, ref, ranks, valid, 0.3, "ipo", lengths=lengths, ipo_token_mean=True)
+    ref_loss, _, _, (acc, chosen, rejected) = _dpo_reference(logp, ref, ranks, valid, 0.3, "ipo", lengths=lengths)
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+    np.testing.assert_allclose(aux["accuracy"], acc, rtol=1e-6)
+    np.testing.assert_allclose(aux["chosen_reward"], chosen, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux["rejected_reward"], rejected, rtol=1e-5, atol=1e-6)
+    summed, _ = losses.dpo_loss(logp, ref, ranks, valid, 0.3, "ipo", lengths=lengths)  # default: the IPO paper's
+    np.testing.assert_allclose(summed, _dpo_reference(logp, ref, ranks, valid, 0.3, "ipo")[0], rtol=2e-5)
+    assert abs(float(summed) - float(loss)) > 1e-3
+
+
+def test_dpo_ipo_token_mean_hand():
+    # One pair: Δ_w = 3 over 3 tokens, Δ_l = −2 over 4 tokens. β = 0.5: target margin 1/(2β) = 1.
+    logp, ref = np.array([[-3.0, -6.0]]), np.array([[-6.0, -4.0]])
+    ranks, valid, lengths = np.array([[0, 1]]), np.ones((1, 2)), np.array([[3, 4]])
+    summed, _ = losses.dpo_loss(logp, ref, ranks, valid, 0.5, "ipo")
+    mean, aux = losses.dpo_loss(logp, ref, ranks, valid, 0.5, "ipo", lengths=lengths, ipo_token_mean=True)
+    np.testing.assert_allclose(summed, (5.0 - 1.0) ** 2, rtol=1e-6)   # (3 − (−2) − 1)²
+    np.testing.assert_allclose(mean, (1.5 - 1.0) ** 2, rtol=1e-6)     # (1 − (−0.5) − 1)²
+    np.testing.assert_allclose(aux["margin"], 0.5 * 1.5, rtol=1e-6)   # β(Δ_w/3 − Δ_l/4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dpo_plackett_luce_sum_over_stages_brute_force(seed):
+    logp, ref, ranks, valid = _dpo_random_case(seed)
+    loss, aux = losses.dpo_loss(logp, ref, ranks, valid, 0.3, "plackett_luce", pl_normalize=False)
+    ref_loss, _, ref_prompts, _ = _dpo_reference(logp, ref, ranks, valid, 0.3, "plackett_luce", pl_normalize=False)
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+    assert int(aux["num_prompts"]) == ref_prompts
+    mean, _ = losses.dpo_loss(logp, ref, ranks, valid, 0.3, "plackett_luce")  # default: per-prompt mean
+    assert float(mean) < float(loss)
+
+
+def test_dpo_plackett_luce_sum_hand():
+    # The hand case above: each prompt has 2 stages; summed instead of averaged per prompt.
+    lse = lambda *x: math.log(sum(math.exp(v) for v in x))  # noqa: E731
+    pl0 = (-0.25 + lse(0.25, -0.25, -0.5)) + (0.25 + lse(-0.25, -0.5))
+    pl1 = (-0.5 + lse(0.5, 0.0, -0.5)) + (0.0 + lse(0.5, 0.0, -0.5))
+    loss, _ = losses.dpo_loss(DPO_LOGP, DPO_REF, DPO_RANKS, DPO_VALID, DPO_BETA, "plackett_luce", pl_normalize=False)
+    np.testing.assert_allclose(loss, (pl0 + pl1) / 2, rtol=1e-6)
+
+
+def test_dpo_options_that_do_not_apply_are_errors():
+    args = (np.zeros((1, 2)), np.zeros((1, 2)), np.array([[0, 1]]), np.ones((1, 2)), 0.1)
+    with pytest.raises(ValueError, match="ipo_token_mean"):
+        losses.dpo_loss(*args, "sigmoid", lengths=np.ones((1, 2)), ipo_token_mean=True)
+    with pytest.raises(ValueError, match="lengths"):
+        losses.dpo_loss(*args, "ipo", ipo_token_mean=True)
+    with pytest.raises(ValueError, match="pl_normalize"):
+        losses.dpo_loss(*args, "ipo", pl_normalize=False)
 
 
 def test_dpo_loss_no_pairs_and_bad_type():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import BUILTIN, stage_config
 
-from instructgpt_jax import checkpoints, config_lib, ppo, sampling, scoring, sharding, train_lib
+from instructgpt_jax import checkpoints, config_lib, losses, ppo, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import iterators as pipeline
 from instructgpt_jax.data.tokenizer import load_tokenizer
 from instructgpt_jax.models import ModelConfig, Transformer
@@ -204,18 +204,98 @@ def test_lr_schedule_counts_updates_and_warmup_counts_iterations():
     assert float(sched(120)) == pytest.approx(1e-4, rel=1e-3)  # decayed to 10 % at the last iteration
 
 
-def test_ema_is_bias_corrected():
-    """From zero with Adam-style correction: a constant policy's EMA is that policy (no SFT weight left),
-    and two updates weigh (1-d)*d and (1-d) before normalising."""
-    d = 0.9
-    state = {"ema": {"w": jnp.zeros(2)}, "updates": jnp.int32(0)}
-    for x in (jnp.array([1.0, 2.0]), jnp.array([3.0, 6.0])):
-        state = {"ema": {"w": d * state["ema"]["w"] + (1 - d) * x}, "updates": state["updates"] + 1}
-    got = ppo.ema_params(state, d)["w"]
-    np.testing.assert_allclose(got, (d * (1 - d) * np.array([1.0, 2.0]) + (1 - d) * np.array([3.0, 6.0]))
-                               / (1 - d ** 2), rtol=1e-6)
-    const = {"ema": {"w": (1 - d ** 5) * jnp.ones(3)}, "updates": jnp.int32(5)}
-    np.testing.assert_allclose(ppo.ema_params(const, d)["w"], 1.0, rtol=1e-6)
+# ----------------------------------------------------------------------------- update_step on a random tiny policy
+# No trained stage needed: the update's losses, their aggregation and the EMA only need some policy and some
+# ragged rollout.
+
+B, P, N = 4, 6, 5  # rows, prompt tokens, response tokens
+LENGTHS = np.array([5, 1, 3, 2])  # ragged responses: every aggregation gives a different loss
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = stage_config("grpo", **{"ppo.reward": "verifier", "ppo.verifier": "instructgpt_jax.miniature.world:verify",
+                                     "ppo.max_new_tokens": N, "ppo.ema_decay": 0.9})
+    policy = Transformer(ModelConfig.from_config(config.model))
+    init = lambda r: policy.init(r, jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
+    _, shardings = sharding.param_shardings(init, sharding.make_mesh(config.mesh))  # as the stage places them
+    params = jax.device_put(init(jax.random.PRNGKey(0)), shardings)
+    rng = np.random.default_rng(0)
+    prompt_mask = np.ones((B, P), np.int32)
+    prompt_mask[::2, :2] = 0  # left padding
+    mask = (np.arange(N)[None] < LENGTHS[:, None]).astype(np.float32)
+    tokens = (rng.integers(4, 500, (B, P + N)) * np.concatenate([prompt_mask, mask], 1)).astype(np.int32)
+    rows = scoring.sequence_inputs(jnp.asarray(tokens), jnp.asarray(prompt_mask), jnp.asarray(mask))
+    logp = np.asarray(scoring.response_logprobs(params, policy, *rows, P)[0])
+    batch = dict(zip(("tokens", "positions", "segments"), rows), mask=mask,
+                 old_logp=((logp + rng.normal(size=logp.shape) * 0.3) * mask).astype(np.float32),  # ρ ≠ 1: clips bind
+                 ref_logp=((logp + rng.normal(size=logp.shape) * 0.5) * mask).astype(np.float32),
+                 advantages=(rng.normal(size=(B, 1)) * mask).astype(np.float32))
+    return dict(config=config, policy=policy, params=params, batch=batch, logp=logp)
+
+
+def _tiny_update(t, **ppo_overrides):
+    """ppo.update_step, jitted as the stage jits it (critic-free: no value model), and its initial state."""
+    cfg = config_lib.replace(t["config"], **{f"ppo.{k}": v for k, v in ppo_overrides.items()}).ppo
+    tx = train_lib.make_optimizer(config_lib.optim_config(1e-2), 10)  # large steps: the policies differ clearly
+    state = ppo.init_state(t["params"], tx, cfg.kl_coef)
+    step = jax.jit(functools.partial(ppo.update_step, policy=t["policy"], value_model=None, policy_tx=tx,
+                                     value_tx=None, cfg=cfg, prompt_len=P))
+    return cfg, state, lambda s: step(s, t["batch"], jnp.arange(B), {"tokens": jnp.zeros((1, 1), jnp.int32)})
+
+
+def test_each_estimator_defaults_to_its_papers_loss_aggregation():
+    cfg = config_lib.load("grpo", "tiny").ppo
+    papers = {"gae": "token_mean",                                # PPO: every token of the batch weighs the same
+              "grpo": "seq_mean_token_mean",                      # Shao et al. 2024 eq. 3: 1/G Σ_i 1/|o_i| Σ_t
+              "dr_grpo": "seq_mean_token_sum_norm",               # Liu et al. 2025: Σ_i Σ_t / (G · max tokens)
+              "rloo": "seq_mean_token_sum"}                       # Ahmadian et al. 2024: REINFORCE on log π(y)
+    assert set(papers) == set(ppo.ADVANTAGE_ESTIMATORS)
+    for estimator, agg in papers.items():
+        cfg.advantage_estimator, cfg.loss_agg = estimator, ""
+        assert ppo.loss_aggregation(cfg) == (agg, cfg.max_new_tokens if estimator == "dr_grpo" else None)
+        cfg.loss_agg = "token_mean"  # an explicit choice wins
+        assert ppo.loss_aggregation(cfg) == ("token_mean", None)
+    assert config_lib.load("ppo", "tiny").ppo.loss_agg == "" and cfg.loss_agg in losses.AGGREGATIONS
+
+
+@pytest.mark.parametrize("estimator, agg, max_tokens", [
+    ("gae", "token_mean", None), ("grpo", "seq_mean_token_mean", None),
+    ("dr_grpo", "seq_mean_token_sum_norm", N), ("rloo", "seq_mean_token_sum", None)])
+def test_update_step_aggregates_policy_and_kl_losses_as_the_paper(tiny, estimator, agg, max_tokens):
+    """The update's policy loss and KL loss term are those of the estimator's aggregation (at the params
+    before the step), and differ from token_mean wherever the paper's differs."""
+    b = tiny["batch"]
+    _, state, update = _tiny_update(tiny, advantage_estimator=estimator)
+    _, met = update(state)
+    pg, aux = losses.ppo_policy_loss(tiny["logp"], b["old_logp"], b["advantages"], b["mask"], 0.2, agg=agg,
+                                     max_tokens=max_tokens)
+    kl, _ = losses.kl_loss(tiny["logp"], b["ref_logp"], b["mask"], "k3", agg=agg, max_tokens=max_tokens)
+    np.testing.assert_allclose(met["pg_loss"], pg, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(met["kl_loss"], kl, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(met["clipfrac"], aux["clipfrac"], atol=1e-6)
+    if agg != "token_mean":
+        pg_tok, _ = losses.ppo_policy_loss(tiny["logp"], b["old_logp"], b["advantages"], b["mask"], 0.2)
+        assert abs(float(pg_tok) - float(pg)) > 1e-3
+
+
+def test_ema_is_bias_corrected_through_update_step(tiny):
+    """The stage's own update and `ema_params`: before any update the EMA export is the policy itself (not
+    zeros); after two it is (d·p1 + p2) / (1 + d), the bias-corrected average of the updated policies, with
+    no weight left on the starting (SFT) policy."""
+    cfg, state, update = _tiny_update(tiny)
+    d = cfg.ema_decay
+    leaves = lambda t: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(t)])  # noqa: E731
+    p0 = leaves(state["policy"]["params"])
+    np.testing.assert_array_equal(leaves(ppo.ema_params(state, d)), p0)
+    np.testing.assert_array_equal(leaves(jax.jit(functools.partial(ppo.ema_params, decay=d))(state)), p0)
+    state1, _ = update(state)
+    np.testing.assert_allclose(leaves(ppo.ema_params(state1, d)), leaves(state1["policy"]["params"]), rtol=1e-5,
+                               atol=1e-7)
+    state2, _ = update(state1)
+    p1, p2 = leaves(state1["policy"]["params"]), leaves(state2["policy"]["params"])
+    assert int(state2["updates"]) == 2 and np.abs(p2 - p1).max() > 1e-3 and np.abs(p1 - p0).max() > 1e-3
+    np.testing.assert_allclose(leaves(ppo.ema_params(state2, d)), (d * p1 + p2) / (1 + d), rtol=1e-5, atol=1e-6)
 
 
 def test_sampling_in_chunks_with_row_ids_equals_one_call(models):
@@ -249,7 +329,9 @@ def test_bad_rl_options_are_refused():
                              ({"ppo.kl_penalty": "loss", "ppo.kl_estimator": "k1"}, "valid k2, k3"),
                              ({"ppo.advantage_estimator": "grpo"}, "group_size >= 2"),
                              ({"ppo.advantage_estimator": "grpo", "ppo.group_size": 3}, "not a multiple of 3"),
-                             ({"ppo.reward": "verifier"}, "config.ppo.verifier")):
+                             ({"ppo.reward": "verifier"}, "config.ppo.verifier"),
+                             ({"ppo.loss_agg": "seq_mean"}, "valid: '' .*token_mean, seq_mean_token_mean"),
+                             ({"train.grad_accum": 2}, "does not accumulate")):
         with pytest.raises(ValueError, match=match):
             ppo.check_config(config_lib.replace(base, **overrides))
 
