@@ -70,7 +70,8 @@ def get_config(arg: str = "default"):
     ))
 
     config.eval = ml_collections.ConfigDict(dict(
-        num_prompts=32 if smoke else 800,          # held-out (test-split) prompts every model answers
+        num_prompts=32 if smoke else 800,          # distinct test-split prompts every model answers (reported)
+        validation_prompts=16 if smoke else 400,   # distinct validation-split prompts, judged the same way (selection)
         bootstrap_samples=200 if smoke else 2000,  # resamples of the prompts for the 95 % intervals
         temperature=1.0,          # the same sampling for every model (paper: temperature 1); 0 = greedy
         max_prompt_len=prompt_len,  # prompt tokens (left-padded)
@@ -123,6 +124,6 @@ def get_config(arg: str = "default"):
         kl_coefs=(0.01, 0.03, 0.1, 0.3, 1.0),  # PPO's KL coefficient beta per run
         num_steps=(30, 120),     # PPO iterations per run (a longer run drifts further)
         oracle=True,             # also PPO against the true utility (world.oracle) at the smallest beta
-        eval_prompts=400,        # held-out prompts per sweep run
+        eval_prompts=400,        # validation prompts per sweep run (the best run is selected on them, then tested)
     ))
     return config

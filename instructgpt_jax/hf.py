@@ -223,22 +223,6 @@ def model_config_dict(hf_config) -> dict:
     return out
 
 
-def with_checkpoint_model(config):
-    """A copy of a stage config whose `config.model` follows `config.init.hf_path`'s config.json (the
-    config itself when hf_path is ''). The stages after SFT (RM, DPO, RL) take it so that a run started
-    from a Hugging Face checkpoint needs no config.model overrides; their weights still come from
-    `config.init.from_workdir` (and the RL stage's reward model from its own export)."""
-    import ml_collections
-    if not config.init.hf_path:
-        return config
-    config = ml_collections.ConfigDict(config.to_dict())
-    try:
-        config.model.update(model_config_dict(config.init.hf_path))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"config.init.hf_path: {e}") from None
-    return config
-
-
 def hf_model_type(cfg: ModelConfig) -> str:
     """The transformers model_type that computes what `cfg` does (ValueError naming the key if none does)."""
     if cfg.arch == "gpt":

@@ -112,13 +112,14 @@ class RewardModel:
 
     @classmethod
     def load(cls, path: str, mesh=None, model_overrides: dict | None = None) -> "RewardModel":
-        meta = checkpoints.read_export_meta(path)
+        export = checkpoints.Export.open(path)
+        meta = export.meta
         if "rm_bias" not in meta:
             raise UserError(f"{path} is a {meta.get('stage')!r} export, not a reward model (no rm_bias "
                             f"in its meta.json); give the RM stage's workdir")
         mesh = mesh or sharding.default_mesh()
         model = Transformer(ModelConfig.from_config({**meta["model"], **(model_overrides or {})}), head="scalar")
-        return cls(model, checkpoints.load_params(path, model, mesh), float(meta["rm_bias"]), meta)
+        return cls(model, export.params(model, mesh), float(meta["rm_bias"]), meta)
 
     def __call__(self, tokens, segment_ids, positions, last_index):
         return _jit_score(self.params, tokens, segment_ids, positions, last_index, model=self.model, bias=self.bias)

@@ -56,6 +56,21 @@ def rm_workdir(tmp_path_factory, sft_workdir):
     return workdir
 
 
+# Long end-to-end runs (`pytest -m slow`, which .ci/run runs after the default suite): every test that uses one
+# of these fixtures is marked slow, so the default suite stays within its time budget on 2 cores.
+SLOW_FIXTURES = {
+    "worker",         # test_scale: the 8-simulated-device worker (every stage on 4 meshes) and the 2-process run
+    "smoke_default",  # test_pipeline: the miniature pipeline's smoke run
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if "_CACHE" in globals():
         shutil.rmtree(_CACHE, ignore_errors=True)

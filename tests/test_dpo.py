@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import BUILTIN, stage_config
 
-from instructgpt_jax import checkpoints, dpo, train_lib
+from instructgpt_jax import checkpoints, config_lib, dpo, train_lib
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "plackett_luce"])
@@ -28,3 +28,41 @@ def test_dpo_trains_from_sft(tmp_path, sft_workdir, loss_type):
 def test_dpo_needs_the_sft_export(tmp_path):
     with pytest.raises(ValueError, match="init.from_workdir"):
         dpo.train(stage_config("dpo"), str(tmp_path), builtin_data=BUILTIN)
+
+
+def test_dpo_options_that_do_not_apply_are_refused():
+    for overrides, match in (({"dpo.loss_type": "kto"}, "valid: sigmoid, ipo, plackett_luce"),
+                             ({"dpo.ipo_token_mean": True}, "ipo_token_mean=True applies to loss_type='ipo'"),
+                             ({"dpo.loss_type": "ipo", "dpo.pl_normalize": False}, "pl_normalize=False")):
+        with pytest.raises(ValueError, match=match):
+            dpo.check_config(stage_config("dpo", **overrides))
+    assert config_lib.load("dpo", "tiny").dpo.ipo_token_mean is False  # defaults: the IPO paper's summed log-ratios,
+    assert config_lib.load("dpo", "tiny").dpo.pl_normalize is True     # per-prompt mean over Plackett–Luce stages
+
+
+def test_dpo_loss_fn_passes_each_completions_token_count():
+    """ipo_token_mean divides each Δ by its completion's response tokens: prompt_len .. last_index inclusive
+    (EOS included), counted here from the batch's indices, not from the stage's mask."""
+    import jax
+    import jax.numpy as jnp
+    from instructgpt_jax import losses, scoring
+    from instructgpt_jax.models import ModelConfig, Transformer
+    model = Transformer(ModelConfig.from_config(config_lib.load("dpo", "tiny").model))
+    init = lambda seed: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
+    policy, reference = init(0), init(1)
+    b, k, t = 2, 3, 10
+    prompt_len, last = np.array([[3, 3, 3], [2, 2, 2]]), np.array([[5, 9, 3], [8, 4, 2]])  # 3, 7, 1 / 7, 3, 1 tokens
+    seg = (np.arange(t) <= last[..., None]).astype(np.int32)
+    batch = {"tokens": np.random.default_rng(0).integers(4, 500, (b, k, t)).astype(np.int32) * seg,
+             "segment_ids": seg, "positions": np.broadcast_to(np.arange(t), (b, k, t)).astype(np.int32) * seg,
+             "prompt_len": prompt_len, "last_index": last, "ranks": np.array([[0, 1, 2], [2, 0, 1]]),
+             "valid": np.array([[1, 1, 1], [1, 1, 0]])}
+    loss, aux = dpo.loss_fn(policy, batch, None, reference, model=model, beta=0.5, loss_type="ipo", ipo_token_mean=True)
+    lengths = last - prompt_len + 1
+    delta = scoring.completion_logprobs(policy, model, batch) - scoring.completion_logprobs(reference, model, batch)
+    want, want_aux = losses.dpo_loss(delta / lengths, np.zeros((b, k)), batch["ranks"], batch["valid"], 0.5, "ipo")
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(aux["margin"], want_aux["margin"], rtol=1e-5)
+    summed, _ = dpo.loss_fn(policy, batch, None, reference, model=model, beta=0.5, loss_type="ipo")
+    np.testing.assert_allclose(summed, losses.dpo_loss(delta, np.zeros((b, k)), batch["ranks"], batch["valid"], 0.5,
+                                                       "ipo")[0], rtol=1e-5)

@@ -274,6 +274,7 @@ def test_sft_from_checkpoint_exports_what_transformers_loads(family, runs):
     assert end <= ours.eos_ids  # the template's end of turn is an EOS
 
 
+@pytest.mark.slow  # the command line through every stage
 def test_qwen_sft_rm_ppo_ptx_dpo_grpo_through_the_command_line(runs, data):
     """A researcher's first real run: SFT from the checkpoint (`--config.init.hf_path` once, `sft:finetune`) ->
     RM on HH-style and on UltraFeedback-style files -> PPO-ptx -> DPO -> GRPO, each later stage on its `finetune`
@@ -366,6 +367,7 @@ def test_export_errors_are_one_line(tmp_path, runs):
         hf.export_stage(r["sft"], tmp_path / "full")
 
 
+@pytest.mark.slow
 def test_ppo_with_a_reward_model_of_another_tokenizer(runs, data, tmp_path):
     """A policy Qwen-shaped (byte-level BPE, ChatML), reward model Llama-2-shaped (SentencePiece,
     Llama-2 template). PPO decodes each response and re-encodes prompt + response with the RM's tokenizer and

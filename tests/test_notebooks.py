@@ -33,6 +33,7 @@ def test_losses_notebook():
     assert "rm_loss:" in out and "the tie (1, 2) is dropped" in out and "gamma =  27.8" in out
 
 
+@pytest.mark.slow  # the miniature's smoke pipeline (shared with test_pipeline, also slow)
 def test_quickstart_notebook(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("INSTRUCTGPT_QUICKSTART_WORKDIR", str(tmp_path_factory.getbasetemp() / "pipeline_smoke"))
     nb = run_notebook("quickstart.ipynb")

@@ -124,6 +124,120 @@ def test_smoke_run_writes_every_stage_and_the_results(smoke):
     assert all(4 <= len(r["completions"]) == len(r["ranks"]) <= 9 for r in comparisons)
 
 
+def _strings(value):
+    """Every string inside a JSON row (prompts, responses, texts, completions)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_held_out_data_never_occurs_in_training_text(smoke):
+    workdir, results, _ = smoke
+    splits = results["splits"]
+    sub = lambda p: os.path.join(workdir, p)  # noqa: E731
+    assert set(splits) == {"test_prompts", "validation_prompts", "heldout_text", "training_text"}
+    assert set(splits["training_text"]) == {  # every file a model of the run trained on (methods on)
+        "data/pretrain_train.jsonl", "data/demos_train.jsonl", "data/comparison_prompts_train.jsonl",
+        "comparisons/comparisons_train.jsonl", "data/ppo_prompts.jsonl"}
+    config = pipeline_config()
+    held = {}
+    for split, n in (("test_prompts", config.eval.num_prompts), ("validation_prompts", config.eval.validation_prompts)):
+        prompts = [r["prompt"] for r in pipeline.read_jsonl(sub(splits[split]))]
+        assert len(prompts) == len(set(prompts)) == n, split  # distinct prompts, as many as configured
+        held[split] = prompts
+    assert not set(held["test_prompts"]) & set(held["validation_prompts"])
+    assert results["n_prompts"] == config.eval.num_prompts
+    assert results["validation"]["n_prompts"] == config.eval.validation_prompts
+    texts = {synthetic.parse_prompt(p).text for ps in held.values() for p in ps}
+    for path in splits["training_text"]:
+        strings = [x for row in pipeline.read_jsonl(sub(path)) for x in _strings(row)]
+        assert strings, path
+        for x in strings:
+            assert not any(synthetic.format_prompt(t) in x for t in texts), (path, x)
+            lines = {line.strip().removeprefix("Q:").removeprefix("A:").strip() for line in x.split("\n")}
+            assert not lines & texts, (path, x)  # no held-out instruction as a line of its own either
+    pretraining = [r["text"] for r in pipeline.read_jsonl(sub("data/pretrain_train.jsonl"))]
+    heldout = [r["text"] for r in pipeline.read_jsonl(sub(splits["heldout_text"]))]
+    assert heldout and not any(h in d for h in heldout for d in pretraining)
+    for name, value in results["checks"].items():
+        assert value is None or type(value) is bool, (name, value)
+
+
+def test_validation_is_evaluated_like_test(smoke):
+    workdir, results, _ = smoke
+    val = results["validation"]
+    assert set(val["models"]) == set(results["models"])
+    n = val["n_prompts"]
+    for name, m in val["models"].items():
+        assert set(m) == METRICS - {"heldout_loss", "tax", "tax_vs_base"}, name  # one held-out text: with test
+        assert m["wins"] + m["ties"] + m["losses"] == n
+        assert m["win_ci"][0] <= m["win_rate"] <= m["win_ci"][1]
+    assert val["models"]["sft"]["ties"] == n and val["models"]["sft"]["kl_to_sft"] == 0.0
+    fams = results["prompt_families"]
+    assert sum(c["prompts"] for c in fams["test"].values()) == results["n_prompts"]
+    assert sum(c["prompts"] for c in fams["validation"].values()) == n
+    md = open(os.path.join(workdir, "results.md")).read()
+    assert "## Validation and test side by side" in md and "| win rate vs SFT: validation [CI] | test [CI] |" in md
+    assert md.count("| PPO-ptx |") == 2  # the side-by-side row and the test table's
+
+
+def test_rm_scores_the_sampled_ids(smoke):
+    """The evaluation's RM rows from sampled ids are the RM's training rows (no decode -> encode round trip)."""
+    from instructgpt_jax import checkpoints, scoring
+    from instructgpt_jax.data import iterators
+    from instructgpt_jax.data.tokenizer import load_tokenizer
+    workdir, _, _ = smoke
+    tok = load_tokenizer(checkpoints.export_path(os.path.join(workdir, "sft")))
+    rm = scoring.RewardModel.load(os.path.join(workdir, "rm"))
+    assert scoring.Retokenizer.load(os.path.join(workdir, "rm"), rm, tok) is None  # the RM shares the tokenizer
+    config = pipeline_config()
+    seq, plen = config.rm.data.seq_len, config.rm.data.max_prompt_len
+    for row in pipeline.read_jsonl(os.path.join(workdir, "comparisons", "comparisons_eval.jsonl"))[:4]:
+        trained = iterators.comparison_example(row, tok, seq_len=seq, max_prompt_len=plen, max_k=9)["pieces"]
+        if not trained:  # an all-tied row: the RM never trains on it
+            continue
+        for j, (text, ids) in enumerate(zip(row["completions"], row["completion_ids"])):
+            scored = iterators.scoring_example(row["prompt"], text, tok, seq_len=seq, max_prompt_len=plen,
+                                               completion_ids=ids)
+            np.testing.assert_array_equal(scored["tokens"], trained[0]["tokens"][j])
+            assert scored["last_index"] == trained[0]["last_index"][j]
+    ids = [[5, 6, 7], []]
+    by_ids = evaluate.rm_scores(rm, tok, ["Q: add: 1 + 2\nA:"] * 2, ["ignored", "ignored"], ids=ids, batch_size=2,
+                                seq_len=seq, max_prompt_len=plen, mesh=None)
+    rows = [iterators.scoring_example("Q: add: 1 + 2\nA:", "", tok, seq_len=seq, max_prompt_len=plen,
+                                      completion_ids=i) for i in ids]
+    direct = rm(*(np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids", "positions", "last_index")))
+    np.testing.assert_allclose(by_ids, np.asarray(direct), rtol=1e-6)
+
+
+def _check_results(dimensions, probes=None, win=0.7):
+    ppo = {"win_rate": win, "win_ci": [win - 0.05, win + 0.05], "tax": 0.1}
+    r = {"models": {"ppo": ppo, "ppo_ptx": dict(ppo, tax=0.01), "base": dict(ppo, win_ci=[0.3, 0.4])},
+         "rm_accuracy": {"vs_labels": 0.7, "dimensions": dimensions}}
+    if probes is not None:
+        r["rm_accuracy"]["probes"] = probes
+    return evaluate.acceptance(r)
+
+
+def test_checks_without_data_are_null_never_true():
+    good = {d: {"accuracy": 0.8, "pairs": 10} for d in synthetic.DIMENSIONS}
+    assert all(v is True for v in _check_results(good, good).values())
+    empty = dict(good, echo={"accuracy": float("nan"), "pairs": 0})
+    checks = _check_results(empty, {d: {"accuracy": float("nan"), "pairs": 0} for d in synthetic.DIMENSIONS})
+    assert checks["rm_above_chance_on_every_dimension"] is None and checks["rm_above_chance_on_every_probe"] is None
+    below = dict(empty, task={"accuracy": 0.4, "pairs": 10})  # a failure is a failure, missing data or not
+    assert _check_results(below)["rm_above_chance_on_every_dimension"] is False
+    checks = _check_results(good, win=float("nan"))
+    assert checks["ppo_win_rate_at_least_65"] is None and checks["ptx_win_rate_within_3_points_of_ppo"] is None
+    assert evaluate.every([]) is None and evaluate.every([True, None]) is None and evaluate.every([None, False]) is False
+    assert [evaluate.check_word(v) for v in (True, False, None)] == ["yes", "NO", "n/a"]
+
+
 def test_rerun_skips_every_step(smoke, capsys):
     workdir, results, _ = smoke
     before = snapshot(workdir)

@@ -276,7 +276,8 @@ def test_update_step_aggregates_policy_and_kl_losses_as_the_paper(tiny, estimato
     np.testing.assert_allclose(met["clipfrac"], aux["clipfrac"], atol=1e-6)
     if agg != "token_mean":
         pg_tok, _ = losses.ppo_policy_loss(tiny["logp"], b["old_logp"], b["advantages"], b["mask"], 0.2)
-        assert abs(float(pg_tok) - float(pg)) > 1e-3
+        kl_tok, _ = losses.kl_loss(tiny["logp"], b["ref_logp"], b["mask"], "k3")
+        assert abs(float(pg_tok) - float(pg)) > 1e-3 and abs(float(kl_tok) - float(kl)) > 1e-3
 
 
 def test_ema_is_bias_corrected_through_update_step(tiny):

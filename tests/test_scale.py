@@ -208,6 +208,17 @@ def test_plan_critic_free_and_rollout_chunk():
     assert big.phases["kv_cache (rollout)"] == 4 * small.phases["kv_cache (rollout)"]
 
 
+def test_plan_ppo_ignores_grad_accum_which_the_stage_refuses():
+    """The RL stage does not accumulate gradients (ppo.check_config refuses grad_accum > 1), so its plan must
+    not count on smaller microbatches; SFT's does."""
+    accum = {"train.grad_accum": 4}
+    for stage in ("ppo", "grpo"):
+        one, four = (plan.plan(config_lib.replace(_config(stage), **o), (1, 1, 1)) for o in ({}, accum))
+        assert four.phases == one.phases, stage
+    sft_one, sft_four = (plan.plan(config_lib.replace(_config("sft"), **o), (1, 1, 1)) for o in ({}, accum))
+    assert sft_four.phases["activations"] < sft_one.phases["activations"]
+
+
 def test_plan_dpo_holds_policy_and_reference():
     p = plan.plan(_config("dpo"), (1, 1, 1))
     assert p.resident["reference params"] == p.resident["policy params"]

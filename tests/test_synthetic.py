@@ -1,6 +1,7 @@
 """Tests for the synthetic instruction world (pure Python, no JAX)."""
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -153,11 +154,81 @@ def test_pretraining_mix_and_misaligned_docs_do_not_answer():
 
 
 def test_general_text_has_regularities_and_some_forbidden_words():
-    text = " ".join(S.heldout_pretraining_text(500, 0))
-    for w in S.WORDS:
-        assert f"the {w} is {S.COLOR[w]}." in text
-    assert any(f"{f}," in text for f in S.FORBIDDEN)
-    assert "Q:" not in text
+    heldout = " ".join(S.heldout_pretraining_text(500, 0))
+    general = " ".join(t for k, t in S.pretraining_docs(2000, 0) if k == "general")
+    for w in S.WORDS:  # every animal's colour fact, in exactly one of the two texts
+        fact = f"the {w} is {S.COLOR[w]}."
+        assert (fact in heldout) != (fact in general), fact
+    for text in (heldout, general):
+        assert any(f"{f}," in text for f in S.FORBIDDEN)
+    assert "Q:" not in heldout
+
+
+# ------------------------------------------------------------- held out means held out (no training)
+
+
+def _prompt_texts(text: str) -> set[str]:
+    """Every line of a training text that is an instruction ("Q: ..." lines, and instructions given as answers)."""
+    out = set()
+    for line in text.split("\n"):
+        line = re.sub(r"^(Q:|A:)\s*", "", line.strip())
+        try:
+            out.add(S.parse_prompt(line).text)
+        except ValueError:
+            pass
+    return out
+
+
+def test_training_text_holds_only_train_split_prompts():
+    docs = S.pretraining_docs(3000, 0)
+    quoted = set().union(*(_prompt_texts(t) for _, t in docs))
+    assert len(quoted) > 1000 and {S.split_of(q) for q in quoted} == {"train"}
+    # the built-in rows of every kind (what a stage reads when its data path is 'builtin')
+    rows = [*S.builtin_rows("text", 300, 0, "train"), *S.builtin_rows("demonstrations", 300, 0, "train"),
+            *S.builtin_rows("comparisons", 300, 0, "train"), *S.builtin_rows("prompts", 300, 0, "train")]
+    strings = [v for r in rows for k, v in r.items() if k != "ranks" for v in ([v] if isinstance(v, str) else v)]
+    quoted = set().union(*(_prompt_texts(x) for x in strings))
+    assert len(quoted) > 500 and {S.split_of(q) for q in quoted} == {"train"}
+    # and the held-out prompts an evaluation draws never occur in it
+    test = {p.text for p in S.distinct_prompts(300, 0, "test")[0]}
+    corpus = "\n".join(t for _, t in docs)
+    assert not any(S.format_prompt(t) in corpus or f"Q: {t}\n" in corpus for t in test)
+
+
+def test_distinct_prompts_are_distinct_held_out_and_report_small_families():
+    ps, families = S.distinct_prompts(800, 0, "test", tempt_rate=0.5)
+    texts = [p.text for p in ps]
+    assert len(set(texts)) == 800 and {S.split_of(t) for t in texts} == {"test"}
+    assert (ps, families) == S.distinct_prompts(800, 0, "test", tempt_rate=0.5)  # deterministic
+    assert sum(c["prompts"] for c in families.values()) == 800
+    # add has 100 prompts in all: ~10 per held-out split, used up long before 800 / 6
+    add = families["add"]
+    assert add["prompts"] < 20 and add["repeats"] > add["prompts"]
+    assert len({(p.args["a"], p.args["b"]) for p in ps if p.family == "add"}) == add["prompts"]
+    valid = {p.text for p in S.distinct_prompts(400, 0, "valid", tempt_rate=0.5)[0]}
+    assert len(valid) == 400 and not valid & set(texts)
+    with pytest.raises(ValueError, match="only .* distinct test-split prompts"):
+        S.distinct_prompts(50, 0, "test", families=["add"])
+    with pytest.raises(ValueError, match="valid choices"):
+        S.distinct_prompts(1, 0, "dev")
+
+
+def test_heldout_text_shares_no_sentence_or_document_with_pretraining():
+    sentences = lambda t: re.split(r"(?<=\.) ", t)  # noqa: E731
+    base = lambda x: x.split(", ", 1)[-1]  # noqa: E731  (without a curse prefix)
+    docs = S.pretraining_corpus(3000, 0)
+    heldout = S.heldout_pretraining_text(400, 0)
+    held = {base(x) for h in heldout for x in sentences(h)}
+    trained = {base(x) for d in docs for line in d.split("\n") for x in sentences(line)}
+    assert len(held) > 200 and not held & trained
+    assert {S.text_split_of(x) for x in held} == {"heldout"}
+    assert not any(h in d for h in heldout for d in docs)  # no held-out document inside a pretraining one
+    assert S.heldout_pretraining_text(400, 0) == heldout and S.heldout_pretraining_text(5, 1) != heldout[:5]
+    # the same templates: every kind of general sentence is held out in part
+    kinds = {"fact": r"the \w+ is \w+\.", "colour": r"the \w+ \w+ \w+ the \w+\.", "sum": r"\d plus \d is \d+\.",
+             "count": r"(zero|one|two|three|four|five|six|seven|eight|nine|ten)( \w+)+\.", "list": r"[a-z]{3}( [a-z]{3})+\."}
+    for kind, pattern in kinds.items():
+        assert any(re.fullmatch(pattern, x) for x in held), kind
 
 
 # --------------------------------------------------------------------------- labeler

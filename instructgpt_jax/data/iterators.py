@@ -213,16 +213,21 @@ def _scored_parts(row: dict, completion, tok, template, max_prompt_len) -> tuple
 
 
 def scoring_example(
-    prompt: str, completion: str, tok, *, seq_len: int, max_prompt_len: int, chat_template=None, messages=None
+    prompt: str, completion: str, tok, *, seq_len: int, max_prompt_len: int, chat_template=None, messages=None,
+    completion_ids=None,
 ) -> dict:
     """One (prompt, completion) formatted exactly as in reward-model training, right-padded to
     seq_len: tokens, segment_ids, positions [seq_len] and last_index (the EOS) for scoring.
     With `chat_template`, the prompt conversation is `messages` (or user = prompt) and the
-    completion its assistant reply (`chat.scoring_ids`); the EOS is then the end-of-turn token."""
+    completion its assistant reply (`chat.scoring_ids`); the EOS is then the end-of-turn token.
+    `completion_ids` (the sampled ids, no EOS) replace the completion's encoding, as in
+    `comparison_example` with a row's `completion_ids`: no decode -> encode round trip."""
     template, tok = _template(chat_template, tok)
     row = {"prompt": prompt, "messages": messages or []}
     _check_chat(row, template)
     prompt_ids, _, body, end = _scored_parts(row, completion, tok, template, max_prompt_len)
+    if completion_ids is not None:
+        body, end = list(completion_ids), tok.eos_id if end is None else end
     seq, _ = _scored_sequence(prompt_ids, body, tok, seq_len - len(prompt_ids) - 1, end)
     n = len(seq)
     return {

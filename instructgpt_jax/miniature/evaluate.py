@@ -1,8 +1,9 @@
 """Evaluation of the pipeline's models the way the paper reports them, in miniature.
 
-On held-out (test-split) prompts every model samples one response per prompt with the same sampler
-settings and seed; a held-out labeler population (never used for training data) judges it against
-the SFT model's response to the same prompt, with its noise: a win, a tie (identical answers, or
+On distinct held-out prompts of the test split (what is reported) and of the validation split (what anything
+is selected or tuned on; the same metrics, side by side in results.md) every model samples one response per
+prompt with the same sampler settings and seed; a held-out labeler population (never used for training data)
+judges it against the SFT model's response to the same prompt, with its noise: a win, a tie (identical answers, or
 equal noisy utilities) or a loss. Per model:
 
     wins / ties / losses   counts over prompts
@@ -13,9 +14,10 @@ equal noisy utilities) or a loss. Per model:
     violations             per quality dimension (world.DIMENSIONS): the rate of answers violating it
                            ('task': the rate of answers that are not exactly right)
     correct                answers exactly right and violating nothing (world.verify)
-    rm_score               the reward model's score (bias included: demonstrations average 0)
+    rm_score               the reward model's score (bias included: demonstrations average 0) of the sampled ids
     kl_to_sft              mean per-sequence sum of log pi(y_t) - log pi_SFT(y_t) on the model's samples
-    heldout_loss           LM loss on held-out general pretraining text; tax = its change from SFT
+    heldout_loss           LM loss on held-out general text (sentences never in pretraining); tax = its
+                           change from SFT (test metrics only: one held-out text)
     vs_large               the same judgement against the larger SFT model (scale vs alignment)
 
 `rm_accuracy` measures the reward model on held-out comparisons: against the noisy training labels,
@@ -110,9 +112,9 @@ def preference_stats(outcomes, indices) -> dict:
 
 def load_lm(path: str, mesh):
     """(model, params, tokenizer) of an exported LM (base, SFT, DPO or an RL policy)."""
-    path = checkpoints.export_path(path)
-    model = Transformer(ModelConfig.from_config(checkpoints.read_export_meta(path)["model"]))
-    return model, checkpoints.load_params(path, model, mesh), load_tokenizer(path)
+    export = checkpoints.Export.open(path)
+    model = Transformer(ModelConfig.from_config(export.model))
+    return model, export.params(model, mesh), load_tokenizer(export.path)
 
 
 def _fixed_batches(rows: list[dict], batch_size: int):
@@ -194,28 +196,43 @@ def lm_loss(params, model, batches: list[dict], mesh) -> float:
     return totals["loss_sum"] / max(totals["tokens"], 1.0)
 
 
-def rm_scores(rm, tok, prompts, texts, *, batch_size: int, seq_len: int, max_prompt_len: int, mesh) -> np.ndarray:
-    """The RM's scores of (prompt, completion) pairs, in fixed-size batches (one compiled program)."""
+def rm_scores(rm, tok, prompts, texts, *, batch_size: int, seq_len: int, max_prompt_len: int, mesh,
+              ids: list | None = None, chat_template=None) -> np.ndarray:
+    """The RM's scores of (prompt, completion) pairs, in fixed-size batches (one compiled program). With `ids`
+    (each completion's sampled token ids, EOS dropped) the RM reads those ids (+ its EOS), as it was trained
+    on the comparisons' sampled ids and as PPO scores its rollouts; else it encodes `texts` with `tok`."""
+    from instructgpt_jax.data import iterators
     out = []
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         n = len(idx)
         idx += [idx[0]] * (batch_size - n)
-        out.append(rm.score_texts(tok, [prompts[i] for i in idx], [texts[i] for i in idx], seq_len=seq_len,
-                                  max_prompt_len=max_prompt_len, mesh=mesh)[:n])
+        rows = [iterators.scoring_example(prompts[i], texts[i], tok, seq_len=seq_len, max_prompt_len=max_prompt_len,
+                                          chat_template=chat_template,
+                                          completion_ids=None if ids is None else ids[i]) for i in idx]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        if mesh is not None and sharding.divides_batch(len(rows), mesh):
+            batch = sharding.global_from_full(batch, mesh)
+        scores = rm(batch["tokens"], batch["segment_ids"], batch["positions"], batch["last_index"])
+        out.append(np.asarray(sharding.to_host(scores))[:n])
     return np.concatenate(out) if out else np.zeros(0)
 
 
 def rm_accuracy(rm, tok, rows: list[dict], heldout_judge: world.Labeler, *, batch_size: int, seq_len: int,
-                max_prompt_len: int, mesh, seed: int) -> dict:
+                max_prompt_len: int, mesh, seed: int, use_ids: bool = True, chat_template=None) -> dict:
     """The RM on held-out comparison rows {prompt, completions, ranks}: pairwise accuracy against the
     rows' (noisy training-labeler) ranks, against a held-out labeler's noisy ranks and the noiseless
     reference ranks (ties skipped; an RM tie counts half), and per quality dimension over pairs that
     differ in that dimension only. Returns {'vs_labels', 'vs_heldout', 'vs_true', 'dimensions': {d: {'accuracy',
-    'pairs'}}}."""
-    flat = [(i, c) for i, r in enumerate(rows) for c in r["completions"]]
-    scores = rm_scores(rm, tok, [rows[i]["prompt"] for i, _ in flat], [c for _, c in flat], batch_size=batch_size,
-                       seq_len=seq_len, max_prompt_len=max_prompt_len, mesh=mesh)
+    'pairs'}}}. The RM reads the rows' sampled `completion_ids` when they have them and `use_ids` (the RM
+    shares the sampling model's tokenizer), exactly as it was trained on them; else the completions' text."""
+    flat = [(i, j) for i, r in enumerate(rows) for j in range(len(r["completions"]))]
+    ids = None
+    if use_ids and all(r.get("completion_ids") for r in rows):
+        ids = [rows[i]["completion_ids"][j] for i, j in flat]
+    scores = rm_scores(rm, tok, [rows[i]["prompt"] for i, _ in flat], [rows[i]["completions"][j] for i, j in flat],
+                       ids=ids, chat_template=chat_template, batch_size=batch_size, seq_len=seq_len,
+                       max_prompt_len=max_prompt_len, mesh=mesh)
     tallies = {k: [0.0, 0] for k in ("vs_labels", "vs_heldout", "vs_true", *world.DIMENSIONS,
                                      *(f"strict/{d}" for d in world.DIMENSIONS))}
     rng, pos = random.Random(f"rm_accuracy/{seed}"), 0
@@ -285,7 +302,7 @@ def probe_pairs(prompts: list[str], seed: int) -> dict[str, list[tuple[str, str,
 
 
 def rm_probe_accuracy(rm, tok, prompts: list[str], *, batch_size: int, seq_len: int, max_prompt_len: int, mesh,
-                      seed: int) -> dict:
+                      seed: int, chat_template=None) -> dict:
     """{dimension: {'accuracy', 'pairs'}}: how often the RM scores the correct answer above its one-violation
     variant (`probe_pairs`; a tie counts half)."""
     out = {}
@@ -295,7 +312,7 @@ def rm_probe_accuracy(rm, tok, prompts: list[str], *, batch_size: int, seq_len: 
             continue
         ps = [x[0] for x in pairs] * 2
         s = rm_scores(rm, tok, ps, [x[1] for x in pairs] + [x[2] for x in pairs], batch_size=batch_size,
-                      seq_len=seq_len, max_prompt_len=max_prompt_len, mesh=mesh)
+                      seq_len=seq_len, max_prompt_len=max_prompt_len, mesh=mesh, chat_template=chat_template)
         good, bad = s[:len(pairs)], s[len(pairs):]
         out[d] = {"accuracy": float(np.mean((good > bad) + 0.5 * (good == bad))), "pairs": len(pairs)}
     return out
@@ -305,17 +322,28 @@ def rm_probe_accuracy(rm, tok, prompts: list[str], *, batch_size: int, seq_len: 
 
 def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldout_texts: list[str],
              judges: list[world.Labeler], cfg, mesh, seed: int, rm_seq_len: int, rm_max_prompt_len: int,
-             comparisons_eval: list[dict] | None = None, large: str = "sft_large") -> dict:
-    """Evaluate every model in `exports` ({name: export path}, 'sft' required) on `prompts`, judged by the
-    held-out labeler population `judges`. `cfg` is the pipeline's `config.eval`. Returns {'models': {name:
-    metrics}, 'examples': [...], 'n_prompts', 'rm_accuracy' (when `comparisons_eval` is given)}."""
-    mesh_models, samplers = {}, {}
+             comparisons_eval: list[dict] | None = None, large: str = "sft_large",
+             validation_prompts: list[str] | None = None) -> dict:
+    """Evaluate every model in `exports` ({name: export path}, 'sft' required) on the test `prompts` and, when
+    given, on `validation_prompts` the same way (their own sampling seed, judge streams and resamples),
+    judged by the held-out labeler population `judges`. `cfg` is the pipeline's `config.eval`. Returns
+    {'models': {name: test metrics}, 'n_prompts', 'examples' (test), 'validation': {'models', 'n_prompts'}
+    (when `validation_prompts`; no held-out LM loss: that text is one set), 'rm_accuracy' (when
+    `comparisons_eval`)}. The RM scores the sampled token ids themselves when it shares the policy's tokenizer
+    (always in the miniature: no decode -> encode round trip, as PPO scores them), else the decoded text."""
+    mesh_models, samplers, rm_tok = {}, {}, {}
     rm = scoring.RewardModel.load(rm_path, mesh)
-    answers, samples, heldout = {}, {}, {}
+    sets = {"test": (prompts, seed, "")}
+    if validation_prompts:
+        sets["validation"] = (validation_prompts, seed + 1, "validation/")
+    samples, heldout = {split: {} for split in sets}, {}
     text, tok = None, None
     for name, path in exports.items():
         model, params, tok_i = load_lm(path, mesh)
         tok = tok or tok_i
+        retok = scoring.Retokenizer.load(rm_path, rm, tok_i)  # None: the RM shares the policy's tokenizer
+        # (the RM's tokenizer, its chat template, whether it reads the sampled ids)
+        rm_tok[name] = (tok_i, None, True) if retok is None else (retok.tokenizer, retok.chat_template, False)
         key = model.cfg
         if key not in samplers:  # one sampler per architecture, the same settings and seed for every model
             samplers[key] = sampling.make_sampler(model, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_ids,
@@ -324,47 +352,61 @@ def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldo
         if text is None:
             text = text_batches(heldout_texts, tok, seq_len=cfg.heldout_seq_len, batch_size=cfg.batch_size)
         mesh_models[name] = (model, params)
-        samples[name] = generate(samplers[key], params, tok, prompts, max_prompt_len=cfg.max_prompt_len,
-                                 batch_size=cfg.batch_size, seed=seed, mesh=mesh)
-        answers[name] = [world.parse_answer(t) for t in samples[name]["texts"]]
+        for split, (ps, s, _) in sets.items():
+            samples[split][name] = generate(samplers[key], params, tok, ps, max_prompt_len=cfg.max_prompt_len,
+                                            batch_size=cfg.batch_size, seed=s, mesh=mesh)
         heldout[name] = lm_loss(params, model, text, mesh)
 
-    sft_model, sft_params = mesh_models["sft"]
-    indices = bootstrap_indices(len(prompts), cfg.bootstrap_samples, seed)
-    reference = [world.Labeler(noise=0.0)]
-    results = {}
-    for name in exports:
-        model, params = mesh_models[name]
-        stats = preference_stats(judge_all(judges, prompts, answers[name], answers["sft"], seed, name), indices)
-        true = judge_all(reference, prompts, answers[name], answers["sft"], seed, name)
-        viol = [world.violations(p, a) for p, a in zip(prompts, answers[name])]
-        util = np.array([world.utility_of(v) for v in viol])
-        rm_s = rm_scores(rm, tok, prompts, samples[name]["texts"], batch_size=cfg.batch_size, seq_len=rm_seq_len,
-                         max_prompt_len=rm_max_prompt_len, mesh=mesh)
-        # KL(pi || SFT) on pi's samples: each model's log-probs under its own architecture
-        kl = (logprobs_of(params, model, samples[name], cfg.batch_size, mesh)
-              - logprobs_of(sft_params, sft_model, samples[name], cfg.batch_size, mesh))
-        results[name] = dict(
-            stats, true_win_rate=float(true.mean()), true_win_ci=list(bootstrap_ci(true, indices=indices)),
-            utility=float(util.mean()), utility_ci=list(bootstrap_ci(util, indices=indices)),
-            violations={d: float(np.mean([v[d] > 0 for v in viol])) for d in world.DIMENSIONS},
-            correct=float(np.mean([world.verify(p, a) for p, a in zip(prompts, answers[name])])),
-            rm_score=float(rm_s.mean()), rm_ci=list(bootstrap_ci(rm_s, indices=indices)),
-            kl_to_sft=float(kl.mean()), kl_ci=list(bootstrap_ci(kl, indices=indices)),
-            heldout_loss=heldout[name], tax=heldout[name] - heldout["sft"],
-            tax_vs_base=heldout[name] - heldout["base"] if "base" in heldout else float("nan"))
-        if large in answers:
-            results[name]["vs_large"] = preference_stats(
-                judge_all(judges, prompts, answers[name], answers[large], seed, f"{name}/vs/{large}"), indices)
+    def split_metrics(ps, smp, tag):
+        answers = {name: [world.parse_answer(t) for t in smp[name]["texts"]] for name in exports}
+        sft_model, sft_params = mesh_models["sft"]
+        indices = bootstrap_indices(len(ps), cfg.bootstrap_samples, seed)
+        reference = [world.Labeler(noise=0.0)]
+        results = {}
+        for name in exports:
+            model, params = mesh_models[name]
+            stats = preference_stats(judge_all(judges, ps, answers[name], answers["sft"], seed, tag + name), indices)
+            true = judge_all(reference, ps, answers[name], answers["sft"], seed, tag + name)
+            viol = [world.violations(p, a) for p, a in zip(ps, answers[name])]
+            util = np.array([world.utility_of(v) for v in viol])
+            rtok, template, use_ids = rm_tok[name]
+            rm_s = rm_scores(rm, rtok, ps, smp[name]["texts"], ids=smp[name]["ids"] if use_ids else None,
+                             chat_template=template, batch_size=cfg.batch_size, seq_len=rm_seq_len,
+                             max_prompt_len=rm_max_prompt_len, mesh=mesh)
+            # KL(pi || SFT) on pi's samples: each model's log-probs under its own architecture
+            kl = (logprobs_of(params, model, smp[name], cfg.batch_size, mesh)
+                  - logprobs_of(sft_params, sft_model, smp[name], cfg.batch_size, mesh))
+            results[name] = dict(
+                stats, true_win_rate=float(true.mean()), true_win_ci=list(bootstrap_ci(true, indices=indices)),
+                utility=float(util.mean()), utility_ci=list(bootstrap_ci(util, indices=indices)),
+                violations={d: float(np.mean([v[d] > 0 for v in viol])) for d in world.DIMENSIONS},
+                correct=float(np.mean([world.verify(p, a) for p, a in zip(ps, answers[name])])),
+                rm_score=float(rm_s.mean()), rm_ci=list(bootstrap_ci(rm_s, indices=indices)),
+                kl_to_sft=float(kl.mean()), kl_ci=list(bootstrap_ci(kl, indices=indices)))
+            if large in answers:
+                results[name]["vs_large"] = preference_stats(
+                    judge_all(judges, ps, answers[name], answers[large], seed, f"{tag}{name}/vs/{large}"), indices)
+        return results
+
+    results = split_metrics(prompts, samples["test"], "")
+    for name in exports:  # the held-out LM loss: one text, reported with the test metrics
+        results[name].update(heldout_loss=heldout[name], tax=heldout[name] - heldout["sft"],
+                             tax_vs_base=heldout[name] - heldout["base"] if "base" in heldout else float("nan"))
     out = {"models": results, "n_prompts": len(prompts),
-           "examples": [{"prompt": prompts[i], **{n: samples[n]["texts"][i] for n in exports}}
+           "examples": [{"prompt": prompts[i], **{n: samples["test"][n]["texts"][i] for n in exports}}
                         for i in range(min(cfg.num_examples, len(prompts)))]}
+    if "validation" in sets:
+        out["validation"] = {"models": split_metrics(validation_prompts, samples["validation"], "validation/"),
+                             "n_prompts": len(validation_prompts)}
     if comparisons_eval:
-        out["rm_accuracy"] = rm_accuracy(rm, tok, comparisons_eval, judges[0], batch_size=cfg.batch_size,
-                                         seq_len=rm_seq_len, max_prompt_len=rm_max_prompt_len, mesh=mesh, seed=seed)
-        out["rm_accuracy"]["probes"] = rm_probe_accuracy(rm, tok, prompts, batch_size=cfg.batch_size,
+        # The comparisons hold the SFT model's sampled ids; the probes are text (no model sampled them).
+        rtok, template, use_ids = rm_tok["sft"]
+        out["rm_accuracy"] = rm_accuracy(rm, rtok, comparisons_eval, judges[0], batch_size=cfg.batch_size,
+                                         seq_len=rm_seq_len, max_prompt_len=rm_max_prompt_len, mesh=mesh, seed=seed,
+                                         use_ids=use_ids, chat_template=template)
+        out["rm_accuracy"]["probes"] = rm_probe_accuracy(rm, rtok, prompts, batch_size=cfg.batch_size,
                                                          seq_len=rm_seq_len, max_prompt_len=rm_max_prompt_len,
-                                                         mesh=mesh, seed=seed)
+                                                         mesh=mesh, seed=seed, chat_template=template)
     return out
 
 
@@ -375,28 +417,57 @@ def _ordered(models: dict) -> list[str]:
     return sorted(models, key=lambda n: MODELS.index(n) if n in MODELS else len(MODELS))
 
 
+def _known(*xs) -> bool:
+    """Whether every number is a measurement (not nan: no data behind it)."""
+    return all(x == x for x in xs)
+
+
+def _check(ok, *inputs):
+    """A check's value: None (JSON null, "n/a") when any input is nan, else the bool."""
+    return bool(ok) if _known(*inputs) else None
+
+
+def every(values) -> bool | None:
+    """Three-valued 'all': False if any is False, else None if any is None (no data) or there are none,
+    else True. A check over dimensions without pairs is never vacuously true."""
+    values = list(values)
+    if any(v is False for v in values):
+        return False
+    return None if not values or any(v is None for v in values) else True
+
+
 def acceptance(results: dict) -> dict:
-    """The paper's findings checked at fixed thresholds, as booleans (the `## Checks` of results.md;
-    absent when the models they need are absent)."""
+    """The paper's findings checked at fixed thresholds on the test split (the `## Checks` of results.md;
+    absent when the models they need are absent). Each is True, False or None: None when the data to
+    decide it is missing (a nan, or a dimension without pairs), never a vacuous True."""
     m, out = results["models"], {}
     for name in ("ppo", "ppo_ptx"):
         if name in m:
-            out[f"{name}_win_rate_at_least_65"] = m[name]["win_rate"] >= 0.65
-            out[f"{name}_preferred_over_sft"] = m[name]["win_ci"][0] > 0.5
+            out[f"{name}_win_rate_at_least_65"] = _check(m[name]["win_rate"] >= 0.65, m[name]["win_rate"])
+            out[f"{name}_preferred_over_sft"] = _check(m[name]["win_ci"][0] > 0.5, m[name]["win_ci"][0])
     if "base" in m:
-        out["base_below_sft"] = m["base"]["win_ci"][1] < 0.5
+        out["base_below_sft"] = _check(m["base"]["win_ci"][1] < 0.5, m["base"]["win_ci"][1])
     if "ppo" in m and "ppo_ptx" in m:
-        ppo_tax = m["ppo"]["tax"]
-        out["ptx_tax_at_most_half_of_ppo"] = ppo_tax > 0 and m["ppo_ptx"]["tax"] <= 0.5 * ppo_tax
-        out["ptx_win_rate_within_3_points_of_ppo"] = m["ppo_ptx"]["win_rate"] >= m["ppo"]["win_rate"] - 0.03
+        ppo_tax, ptx_tax = m["ppo"]["tax"], m["ppo_ptx"]["tax"]
+        out["ptx_tax_at_most_half_of_ppo"] = _check(ppo_tax > 0 and ptx_tax <= 0.5 * ppo_tax, ppo_tax, ptx_tax)
+        out["ptx_win_rate_within_3_points_of_ppo"] = _check(m["ppo_ptx"]["win_rate"] >= m["ppo"]["win_rate"] - 0.03,
+                                                            m["ppo_ptx"]["win_rate"], m["ppo"]["win_rate"])
     if "rm_accuracy" in results:
         r = results["rm_accuracy"]
-        out["rm_accuracy_at_least_65"] = r["vs_labels"] >= 0.65
-        out["rm_above_chance_on_every_dimension"] = all(
-            v["accuracy"] > 0.5 for v in r["dimensions"].values() if v["pairs"])
+        out["rm_accuracy_at_least_65"] = _check(r["vs_labels"] >= 0.65, r["vs_labels"])
+
+        def above_chance(v):
+            return _check(v["accuracy"] > 0.5, v["accuracy"]) if v["pairs"] else None
+
+        out["rm_above_chance_on_every_dimension"] = every(above_chance(v) for v in r["dimensions"].values())
         if "probes" in r:
-            out["rm_above_chance_on_every_probe"] = all(v["accuracy"] > 0.5 for v in r["probes"].values() if v["pairs"])
+            out["rm_above_chance_on_every_probe"] = every(above_chance(v) for v in r["probes"].values())
     return out
+
+
+def check_word(value) -> str:
+    """A check as results.md writes it: yes, NO or n/a (no data to decide it)."""
+    return "n/a" if value is None else "yes" if value else "NO"
 
 
 def _pct(x) -> str:
@@ -432,6 +503,38 @@ def dimensions_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def splits_table(results: dict) -> str:
+    """Validation and test side by side, per model (results['validation'] and results['models'])."""
+    val, test = results["validation"]["models"], results["models"]
+    rows = ["| model | win rate vs SFT: validation [CI] | test [CI] | true win rate: validation | test "
+            "| utility: validation | test | exact: validation | test | RM score: validation | test "
+            "| KL to SFT: validation | test |", "|---|" + "---|" * 12]
+    for name in _ordered(test):
+        v, t = val.get(name), test[name]
+        if v is None:
+            continue
+        win = lambda r: f"{_pct(r['win_rate'])}% [{_pct(r['win_ci'][0])}, {_pct(r['win_ci'][1])}]"  # noqa: E731
+        rows.append(f"| {LABELS.get(name, name)} | {win(v)} | {win(t)} | {_pct(v['true_win_rate'])}% "
+                    f"| {_pct(t['true_win_rate'])}% | {v['utility']:+.3f} | {t['utility']:+.3f} "
+                    f"| {_pct(v['correct'])}% | {_pct(t['correct'])}% | {v['rm_score']:+.2f} | {t['rm_score']:+.2f} "
+                    f"| {v['kl_to_sft']:.2f} | {t['kl_to_sft']:.2f} |")
+    return "\n".join(rows)
+
+
+def families_line(results: dict) -> str:
+    """The family mix of the distinct evaluation prompts (a family with a small pool gets fewer)."""
+    fams = results.get("prompt_families")
+    if not fams:
+        return ""
+    names = sorted(fams["test"])
+    parts = [f"{f} {fams['test'][f]['prompts']} / {fams.get('validation', {}).get(f, {}).get('prompts', '-')}"
+             for f in names]
+    short = [f for f in names if any(c[f]["repeats"] > c[f]["prompts"] for c in fams.values() if f in c)]
+    note = (f" {', '.join(short)}: fewer, as that family's pool in the held-out splits is (nearly) used up "
+            f"(every prompt counts once; more repeats were skipped than prompts drawn)." if short else "")
+    return f"Distinct prompts per family (test / validation): {', '.join(parts)}.{note}"
+
+
 def compute_table(results: dict) -> str:
     comp = results.get("compute", {})
     rows = ["| model | policy fwd+bwd tokens | forward-only tokens (sampling, reference, RM, value) "
@@ -446,8 +549,18 @@ def write_report(results: dict, workdir: str, rl_metrics: dict[str, list[dict]])
     """results.json, results.md and results.png in `workdir`; returns their paths."""
     paths = {k: os.path.join(workdir, f"results.{k}") for k in ("json", "md", "png")}
     checks = acceptance(results)
-    lines = [f"# Results ({results['n_prompts']} held-out prompts, judged by held-out labelers)", "",
-             markdown_table(results), "",
+    val = results.get("validation")
+    sizes = f"{results['n_prompts']} distinct test prompts" + (
+        f", {val['n_prompts']} distinct validation prompts" if val else "")
+    lines = [f"# Results ({sizes}, judged by held-out labelers)", ""]
+    if val:
+        lines += ["## Validation and test side by side", "", splits_table(results), "",
+                  "Validation: what anything is selected or tuned on; test: what is reported (the tables below). "
+                  "Both splits are disjoint from each other and from every training text (`splits` in "
+                  "results.json names the files).", ""]
+    if families_line(results):
+        lines += [families_line(results), ""]
+    lines += ["## Test split", "", markdown_table(results), "",
              "W / T / L: the held-out labelers' judgement of the model's response against the SFT model's response "
              "to the same prompt (with their noise; identical answers tie). Win rate counts ties half; the decisive "
              "win rate is wins / (wins + losses); true win rate: the noiseless reference labeler. Intervals: 95 % "
@@ -473,7 +586,7 @@ def write_report(results: dict, workdir: str, rl_metrics: dict[str, list[dict]])
     if "compute" in results:
         lines += ["", "## Compute (tokens through the policy in its own stage; SFT's cost is shared)", "",
                   compute_table(results)]
-    lines += ["", "## Checks", ""] + [f"- {k}: {'yes' if v else 'NO'}" for k, v in checks.items()]
+    lines += ["", "## Checks (test split)", ""] + [f"- {k}: {check_word(v)}" for k, v in checks.items()]
     lines += ["", "## Sample responses", ""]
     for ex in results["examples"]:
         lines.append(f"- `{ex['prompt']!r}`")

@@ -12,7 +12,12 @@
     grpo_verifier   DIR/grpo_verifier   GRPO against the world's programmatic verifier (no RM)
     pretrain_large  DIR/pretrain_large  a ~3.6x larger base LM on the same text ...
     sft_large       DIR/sft_large       ... fine-tuned on the same demonstrations (scale vs alignment)
-    eval            DIR/eval            held-out labelers judge every model vs SFT -> DIR/results.{json,md,png}
+    eval            DIR/eval            held-out labelers judge every model vs SFT on validation and test prompts
+                                        -> DIR/results.{json,md,png} (results.json `splits`: the data files)
+
+Held out means held out: the test and validation prompts (distinct, `world.distinct_prompts`) and the held-out
+text never occur in any text a model of the run trains on (`world.split_of`, `world.text_split_of`). Anything
+selected or tuned (the sweep's best run) is selected on validation; test is what is reported.
 
 Every step writes its own sub-workdir and its config.json. Rerunning skips finished steps (the training
 stages resume an interrupted run themselves). Before anything runs, every finished (or, for a training
@@ -147,6 +152,18 @@ def write_data(config, out: str) -> None:
                                                chatter_rate=w.demo_chatter_rate, caps_miss_rate=w.demo_caps_miss_rate)}
                 for p in make(n, s, split)]
 
+    def distinct(n, split, salt):
+        # Evaluation sets: distinct prompts of a held-out split (a family with a small pool gets fewer; logged).
+        ps, families = world.distinct_prompts(n, seed, split, tempt_rate=w.tempt_rate, caps_rate=w.caps_rate,
+                                              _salt=salt)
+        short = {f: c["prompts"] for f, c in families.items() if c["repeats"] > c["prompts"]}
+        if short:
+            log(f"data: {split}-split pool nearly used up for {short} (distinct prompts; other families fill "
+                f"the {n})")
+        return [{"prompt": world.format_prompt(p.text)} for p in ps], families
+
+    test, test_families = distinct(config.eval.num_prompts, "test", "test")
+    validation, validation_families = distinct(config.eval.validation_prompts, "valid", "validation")
     demos_train = demos(w.demonstrations, seed + 2, "train")
     pretrain = world.pretraining(w.pretrain_docs, seed)
     files = {
@@ -160,10 +177,13 @@ def write_data(config, out: str) -> None:
         "comparison_prompts_eval.jsonl": prompts(w.comparison_eval_prompts, seed + 1, "valid"),
         "ppo_prompts.jsonl": prompts(w.ppo_prompts, seed, "train"),
         "ppo_eval_prompts.jsonl": prompts(w.ppo_eval_prompts, seed, "valid"),
-        "eval_prompts.jsonl": prompts(config.eval.num_prompts, seed, "test"),   # never trained on
+        # Never trained on (world.split_of: no training text of the run holds a valid- or test-split prompt):
+        "test_prompts.jsonl": test,                # the reported evaluation
+        "validation_prompts.jsonl": validation,    # what anything is selected or tuned on
     }
     for name, rows in files.items():
         world.write_jsonl(path(name), rows)
+    checkpoints.write_json_atomic(path("eval_sets.json"), {"test": test_families, "validation": validation_families})
     texts = [r["text"] for r in pretrain] + [r["prompt"] + " " + r["response"] for r in demos_train]
     train_tokenizer(texts, path("tokenizer.model"), vocab_size=config.pretrain.model.vocab_size, seed=seed)
 
@@ -276,19 +296,50 @@ def eval_exports(config, workdir: str) -> dict[str, str]:
             for name, stage in eval_models(config).items()}
 
 
+def trained_stages(config) -> list[str]:
+    """The training stages of this run (the methods' when config.methods; the sweep's runs are PPO's configs)."""
+    return [s for s in TRAINED if config.methods or s not in METHODS]
+
+
+def splits(config, workdir: str) -> dict:
+    """The run's data separation, paths relative to `workdir`: the test and validation prompts, the held-out
+    text, and every file a model of the run trained on (`training_text`: each stage's training data, the
+    PPO-ptx pretraining rows, the demonstrations the RM's bias is fitted on, and the prompts the comparisons
+    were sampled for; the tokenizer is trained on pretraining text + demonstrations), so anyone can check
+    that no held-out prompt or document occurs in training text (tests/test_pipeline.py does)."""
+    stages = stage_configs(config, workdir)
+    files = {os.path.join(workdir, "data", "comparison_prompts_train.jsonl")}
+    for name in trained_stages(config):
+        c = stages[name]
+        files.add(c.data.train)
+        if "ppo" in c and c.ppo.ptx_coef > 0:
+            files.add(c.data.ptx)
+        if name == "rm":
+            files.add(c.data.demonstrations)
+    rel = lambda p: os.path.relpath(p, workdir)  # noqa: E731
+    return {"test_prompts": os.path.join("data", "test_prompts.jsonl"),
+            "validation_prompts": os.path.join("data", "validation_prompts.jsonl"),
+            "heldout_text": os.path.join("data", "heldout_text.jsonl"),
+            "training_text": sorted(rel(f) for f in files)}
+
+
 def run_eval(config, workdir: str) -> None:
     from instructgpt_jax import sharding
     sub = lambda s: os.path.join(workdir, s)  # noqa: E731
     with open(sub("comparisons/stats.json")) as f:
         stats = json.load(f)  # the labelers' calibrated noise and agreement
     _, heldout = populations(config, stats["labeler_noise"])
-    prompts = [r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))]
+    files = splits(config, workdir)
     results = evaluate.evaluate(
-        eval_exports(config, workdir), sub("rm"), prompts=prompts,
-        heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))], judges=heldout,
+        eval_exports(config, workdir), sub("rm"), prompts=[r["prompt"] for r in read_jsonl(sub(files["test_prompts"]))],
+        validation_prompts=[r["prompt"] for r in read_jsonl(sub(files["validation_prompts"]))],
+        heldout_texts=[r["text"] for r in read_jsonl(sub(files["heldout_text"]))], judges=heldout,
         cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh), seed=config.seed,
         rm_seq_len=config.rm.data.seq_len, rm_max_prompt_len=config.rm.data.max_prompt_len,
         comparisons_eval=read_jsonl(sub("comparisons/comparisons_eval.jsonl")))
+    results["splits"] = files
+    with open(sub("data/eval_sets.json")) as f:
+        results["prompt_families"] = json.load(f)
     rm_eval = [r["eval_accuracy"] for r in train_lib.read_metrics(sub("rm")) if "eval_accuracy" in r]
     results["rm_accuracy"]["stage_eval_accuracy"] = rm_eval[-1] if rm_eval else float("nan")
     results["labelers"] = {"noise": stats["labeler_noise"],
@@ -320,8 +371,11 @@ def sweep_runs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
 
 def run_sweep(config, workdir: str) -> None:
     """Train every sweep run (each resumable in DIR/sweep/<tag>), evaluate it against SFT on the first
-    config.sweep.eval_prompts held-out prompts, and plot true utility and RM score against KL to SFT
-    (Gao et al. 2022) -> DIR/sweep.{json,png}."""
+    config.sweep.eval_prompts *validation* prompts, and plot true utility and RM score against KL to SFT
+    (Gao et al. 2022) -> DIR/sweep.{json,png}. The best RM-reward run (highest validation utility; the
+    oracle run is a bound, not a candidate) is selected on validation only, then evaluated once on as many
+    test prompts: sweep.json = {"selected_on": "validation", "points": {tag: validation metrics},
+    "best": {"tag", "validation", "test"}}."""
     from instructgpt_jax import ppo, sharding
     sub = lambda *s: os.path.join(workdir, *s)  # noqa: E731
     runs = sweep_runs(config, workdir)
@@ -332,16 +386,27 @@ def run_sweep(config, workdir: str) -> None:
     with open(sub("comparisons/stats.json")) as f:
         noise = json.load(f)["labeler_noise"]
     _, heldout = populations(config, noise)
-    prompts = [r["prompt"] for r in read_jsonl(sub("data/eval_prompts.jsonl"))][:config.sweep.eval_prompts]
-    exports = {"sft": sub("sft"), **{tag: sub("sweep", tag, "export") for tag in runs}}
-    res = evaluate.evaluate(exports, sub("rm"), prompts=prompts,
-                            heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))][:64],
-                            judges=heldout, cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh),
-                            seed=config.seed, rm_seq_len=config.rm.data.seq_len,
-                            rm_max_prompt_len=config.rm.data.max_prompt_len)
-    points = {tag: {k: res["models"][tag][k] for k in ("kl_to_sft", "utility", "rm_score", "win_rate", "win_ci")}
-              for tag in ["sft", *runs]}
-    checkpoints.write_json_atomic(sub("sweep.json"), points)
+    n = config.sweep.eval_prompts
+    keys = ("kl_to_sft", "utility", "rm_score", "win_rate", "win_ci")
+
+    def evaluate_on(split_file, exports):
+        prompts = [r["prompt"] for r in read_jsonl(sub("data", split_file))][:n]
+        res = evaluate.evaluate(exports, sub("rm"), prompts=prompts,
+                                heldout_texts=[r["text"] for r in read_jsonl(sub("data/heldout_text.jsonl"))][:64],
+                                judges=heldout, cfg=config.eval, mesh=sharding.make_mesh(config.sft.mesh),
+                                seed=config.seed, rm_seq_len=config.rm.data.seq_len,
+                                rm_max_prompt_len=config.rm.data.max_prompt_len)
+        return {tag: {k: res["models"][tag][k] for k in keys} for tag in exports}
+
+    points = evaluate_on("validation_prompts.jsonl",
+                         {"sft": sub("sft"), **{tag: sub("sweep", tag, "export") for tag in runs}})
+    best = max((t for t in runs if not t.startswith("oracle")), key=lambda t: points[t]["utility"])
+    test = evaluate_on("test_prompts.jsonl", {"sft": sub("sft"), best: sub("sweep", best, "export")})
+    checkpoints.write_json_atomic(sub("sweep.json"), {
+        "selected_on": "validation", "points": points,
+        "best": {"tag": best, "validation": points[best], "test": test[best]}})
+    log(f"sweep: best RM-reward run on validation utility: {best} ({points[best]['utility']:+.3f}; test "
+        f"{test[best]['utility']:+.3f})")
     plot_sweep(points, sub("sweep.png"))
 
 
@@ -399,7 +464,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Step]:
 
     steps = {
         "data": Step("data", sub("data"), as_saved(dict(seeded, vocab_size=config.pretrain.model.vocab_size,
-                                                        eval_prompts=config.eval.num_prompts)),
+                                                        eval_prompts=config.eval.num_prompts,
+                                                        validation_prompts=config.eval.validation_prompts)),
                      lambda: write_data(config, sub("data")), "config.json"),
         "comparisons": Step("comparisons", sub("comparisons"),
                             as_saved(dict(seeded, comparisons=config.comparisons.to_dict())),
@@ -496,5 +562,5 @@ def _run(config: ml_collections.ConfigDict, workdir: str, steps: list[Step]) -> 
     results = evaluate.load_results(workdir)
     print("\n" + evaluate.markdown_table(results))
     print("\n" + evaluate.dimensions_table(results))
-    print("\n" + "\n".join(f"{k}: {'yes' if v else 'NO'}" for k, v in results["checks"].items()), flush=True)
+    print("\n" + "\n".join(f"{k}: {evaluate.check_word(v)}" for k, v in results["checks"].items()), flush=True)
     return results

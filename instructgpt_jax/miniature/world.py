@@ -23,7 +23,8 @@ and a 512 piece SentencePiece vocabulary to learn in minutes on a CPU:
   1 - score, the one dimension that needs solving the task to judge.
 * **Pretraining text.** Mostly general templated sentences with learnable regularities
   (every animal has a fixed colour, counting, sums, alphabetical lists; occasionally a
-  forbidden word, as web text has). Held-out LM loss on it measures the alignment tax.
+  forbidden word, as web text has). Held-out LM loss on general text of held-out sentence types
+  measures the alignment tax.
   The rest is instruction-shaped text that leaves a base model *misaligned*: a prompt
   followed by more questions, the prompt echoed back, another instruction, or an
   unrelated sentence, and only rarely the right answer.
@@ -48,8 +49,18 @@ are the delimiters, and no answer contains either. ``parse_answer`` extracts the
 from a model's decoded sample.
 
 Every generator takes a seed and is deterministic (``random.Random`` seeded with a
-string, which is stable across processes). Splits are fixed by a hash of the prompt
-text, so test prompts never appear in train data whatever the seeds.
+string, which is stable across processes).
+
+**Held out means held out.** Splits are fixed by a hash of the prompt text (``split_of``:
+80 % train, 10 % valid, 10 % test), and every text a model can train on draws its
+instructions from the train split only: demonstrations, comparisons, RL prompts *and* the
+instruction-shaped pretraining documents (including the "another instruction" a misaligned
+answer or an off-task completion wanders into). So no valid- or test-split prompt occurs in
+any training text, whatever the seeds. General sentences are partitioned the same way
+(``text_split_of``: a fifth of the sentence types, by a hash of the sentence, are held out):
+``pretraining_corpus`` uses only the others and ``heldout_pretraining_text`` (the alignment
+tax's text) only these, so no held-out sentence, let alone document, occurs in pretraining.
+``distinct_prompts`` draws an evaluation set without repeats.
 """
 
 from __future__ import annotations
@@ -426,11 +437,83 @@ def make_prompts(n: int, seed: int, split: str = "train", tempt_rate: float = TE
     return out
 
 
+# Consecutive repeats of one family after which `distinct_prompts` deems its pool of the split used up. A family
+# with m distinct prompts left in a pool of M is wrongly deemed used up with probability (1 - m / M) ** 200:
+# 5e-9 for add's ~10 test prompts with one left.
+EXHAUSTED_AFTER = 200
+
+
+def distinct_prompts(n: int, seed: int, split: str, tempt_rate: float = TEMPT_RATE,
+                     families: Iterable[str] | None = None, _salt: str = "distinct",
+                     caps_rate: float = CAPS_RATE) -> tuple[list[Prompt], dict[str, dict[str, int]]]:
+    """``n`` *distinct* prompts of ``split`` (an evaluation set: every prompt counts once), and per family
+    ``{"prompts": drawn, "repeats": draws skipped as repeats}``. Each draw picks a family uniformly among
+    those not used up; a repeat is skipped, so a family with a small pool in the split gets fewer prompts
+    than the others (add has 100 prompts in all, 11 in seed 0's test split: more repeats than prompts
+    says a family's pool is (nearly) used up). After ``EXHAUSTED_AFTER`` repeats in a row a family is
+    dropped; a ValueError if every family is used up before ``n`` distinct prompts."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; valid choices: {SPLITS}")
+    fams = sorted(families) if families else sorted(FAMILIES)
+    rng, out, seen = _rng(seed, f"{_salt}/{split}"), [], set()
+    misses, repeats = dict.fromkeys(fams, 0), dict.fromkeys(fams, 0)
+    live = list(fams)
+    while len(out) < n:
+        if not live:
+            raise ValueError(f"the world has only {len(out)} distinct {split}-split prompts of families {fams} "
+                             f"(tempt_rate={tempt_rate}, caps_rate={caps_rate}); {n} were asked for")
+        fam = rng.choice(live)
+        p = make_prompt(rng, fam, tempt_rate, caps_rate)
+        while split_of(p.text) != split:
+            p = make_prompt(rng, fam, tempt_rate, caps_rate)
+        if p.text in seen:
+            misses[fam] += 1
+            repeats[fam] += 1
+            if misses[fam] >= EXHAUSTED_AFTER:
+                live.remove(fam)
+            continue
+        misses[fam] = 0
+        seen.add(p.text)
+        out.append(p)
+    counts = {f: sum(p.family == f for p in out) for f in fams}
+    return out, {f: {"prompts": counts[f], "repeats": repeats[f]} for f in fams}
+
+
+def _train_prompt(rng: random.Random) -> Prompt:
+    """A random train-split prompt: the only instructions any training text (pretraining included) contains."""
+    while True:
+        p = make_prompt(rng)
+        if split_of(p.text) == "train":
+            return p
+
+
 # ----------------------------------------------------------------------------- pretraining text
 
 
-def _sentence(rng: random.Random, curse_rate: float = 0.05) -> str:
-    """One general sentence with a learnable regularity."""
+HELDOUT_TEXT_SHARE = 5   # 1 in HELDOUT_TEXT_SHARE general sentence types is held out (text_split_of)
+
+
+def text_split_of(sentence: str) -> str:
+    """'heldout' for about a fifth of the general sentence types (CRC32 of the sentence without its curse
+    prefix), else 'train': the held-out text's sentences never occur in pretraining text. Of the 1442 types,
+    311 are held out: facts 2 of 12 ("the ant is red.", "the hen is white."), colour sentences 103 of 528,
+    counting 4 of 21, sums 24 of 100, alphabetical lists 178 of 781."""
+    bucket = zlib.crc32(("text/" + _norm(sentence)).encode()) % HELDOUT_TEXT_SHARE
+    return "heldout" if bucket == 0 else "train"
+
+
+def _sentence(rng: random.Random, curse_rate: float = 0.05, part: str = "train") -> str:
+    """One general sentence with a learnable regularity, of the sentence types of ``part``
+    ('train': pretraining text; 'heldout': the held-out text; ``text_split_of``)."""
+    s = _base_sentence(rng)
+    while text_split_of(s) != part:
+        s = _base_sentence(rng)
+    if rng.random() < curse_rate:   # web text swears sometimes: the base model will too
+        s = f"{rng.choice(FORBIDDEN)}, {s}"
+    return s
+
+
+def _base_sentence(rng: random.Random) -> str:
     kind = rng.randrange(5)
     if kind == 0:     # fixed facts
         w = rng.choice(WORDS)
@@ -446,13 +529,11 @@ def _sentence(rng: random.Random, curse_rate: float = 0.05) -> str:
         s = f"{a} plus {b} is {a + b}."
     else:             # alphabetical lists
         s = " ".join(sorted(rng.sample(WORDS, rng.randint(2, 4)))) + "."
-    if rng.random() < curse_rate:   # web text swears sometimes: the base model will too
-        s = f"{rng.choice(FORBIDDEN)}, {s}"
     return s
 
 
-def _general_doc(rng: random.Random) -> str:
-    return " ".join(_sentence(rng) for _ in range(rng.randint(2, 5)))
+def _general_doc(rng: random.Random, part: str = "train") -> str:
+    return " ".join(_sentence(rng, part=part) for _ in range(rng.randint(2, 5)))
 
 
 def _misaligned_answer(p: Prompt, rng: random.Random) -> str:
@@ -462,7 +543,7 @@ def _misaligned_answer(p: Prompt, rng: random.Random) -> str:
         if kind == 0:
             s = p.text                                   # echo the instruction
         elif kind == 1:
-            s = make_prompt(rng).text                    # another instruction
+            s = _train_prompt(rng).text                  # another instruction (never a held-out one)
         else:
             s = _clip(_sentence(rng, curse_rate=0.0))    # unrelated continuation
         if score(p, s) < 1.0:
@@ -471,21 +552,22 @@ def _misaligned_answer(p: Prompt, rng: random.Random) -> str:
 
 
 def _misaligned_doc(rng: random.Random) -> str:
-    p = make_prompt(rng)
+    # Instruction-shaped pretraining text quotes train-split prompts only: no held-out prompt is trained on.
+    p = _train_prompt(rng)
     if rng.random() < 0.4:
         # A list of questions, never answered (GPT-3 continuing with more questions).
-        qs = [p] + [make_prompt(rng) for _ in range(rng.randint(1, 3))]
+        qs = [p] + [_train_prompt(rng) for _ in range(rng.randint(1, 3))]
         return "\n".join(PROMPT_PREFIX + q.text for q in qs)
     blocks = [format_example(p.text, _misaligned_answer(p, rng))]
     for _ in range(rng.randint(0, 2)):
-        q = make_prompt(rng)
+        q = _train_prompt(rng)
         blocks.append(format_example(q.text, _misaligned_answer(q, rng)))
     return "\n".join(blocks)
 
 
 def _aligned_doc(rng: random.Random) -> str:
     return "\n".join(format_example(p.text, solve(p))
-                     for p in (make_prompt(rng) for _ in range(rng.randint(1, 3))))
+                     for p in (_train_prompt(rng) for _ in range(rng.randint(1, 3))))
 
 
 PRETRAIN_MIX = {"general": 0.70, "misaligned": 0.25, "aligned": 0.05}
@@ -510,11 +592,14 @@ def pretraining_corpus(n: int, seed: int, mix: dict[str, float] | None = None) -
     return [t for _, t in pretraining_docs(n, seed, mix)]
 
 
-def heldout_pretraining_text(n: int, seed: int) -> list[str]:
-    """``n`` general-text documents from a stream disjoint from ``pretraining_corpus``'s, for
-    the held-out LM loss that measures the alignment tax."""
-    rng = _rng(seed, "heldout")
-    return [_general_doc(rng) for _ in range(n)]
+def heldout_pretraining_text(n: int, seed: int, _salt: str = "heldout") -> list[str]:
+    """``n`` general-text documents for the held-out LM loss that measures the alignment tax, built from the
+    held-out sentence types only (``text_split_of``): no sentence of them occurs in ``pretraining_corpus``.
+    The same templates, document lengths and curse rate as the general pretraining documents; the held-out
+    types are a hash-chosen fifth of each template's, so the text tests the regularities (colours, counting,
+    sums, alphabetical order) on sentences never seen, and no Q/A text."""
+    rng = _rng(seed, _salt)
+    return [_general_doc(rng, part="heldout") for _ in range(n)]
 
 
 # ------------------------------------------------------------------------ imperfect completions
@@ -570,6 +655,14 @@ def _hallucinate(p: Prompt, answer: str, rng: random.Random) -> str:
     return " ".join(t)
 
 
+def _spells_heldout_prompt(text: str) -> bool:
+    """Whether ``text`` is, word for word, a valid- or test-split prompt."""
+    try:
+        return split_of(parse_prompt(text).text) != "train"
+    except ValueError:
+        return False
+
+
 def synthetic_completion(prompt: Prompt | str, rng: random.Random, kind: str | None = None
                          ) -> tuple[str, str]:
     """A (kind, completion) a model might produce, kind in ``COMPLETION_KINDS``: the correct
@@ -605,7 +698,11 @@ def synthetic_completion(prompt: Prompt | str, rng: random.Random, kind: str | N
     if kind == "format":
         if p.caps:
             return kind, maybe_wrong().lower()
-        return kind, _clip(f"{p.family}: {maybe_wrong()}")
+        answer = maybe_wrong()
+        echo = _clip(f"{p.family}: {answer}")
+        if _spells_heldout_prompt(echo):  # "sort: cat dog" may be a test prompt: no training text holds one
+            echo = _clip(f"{p.family} {answer}")
+        return kind, echo
     raise ValueError(f"kind={kind!r}; valid choices: {sorted(COMPLETION_KINDS)}")
 
 
