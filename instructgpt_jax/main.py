@@ -71,8 +71,8 @@ Main keys (--config.KEY=VALUE; unknown keys are errors, --print_config shows the
   data.seq_len, data.max_prompt_len    0 = measured on the data; data.max_bad_rows: malformed rows to skip
   train.num_steps, train.num_epochs, train.batch_size, train.grad_accum, train.log_every, train.checkpoint_every
   optim.lr, optim.warmup_frac, optim.end_lr_frac    model.dtype, model.remat    mesh.data, mesh.fsdp, mesh.tensor
-  ppo.kl_coef, ppo.ptx_coef, ppo.advantage_estimator, ppo.group_size, ppo.max_new_tokens, ppo.reward
-  dpo.beta, dpo.loss_type
+  ppo.kl_coef, ppo.ptx_coef, ppo.advantage_estimator, ppo.group_size, ppo.max_new_tokens, ppo.reward, ppo.loss_agg
+  dpo.beta, dpo.loss_type, dpo.ipo_token_mean, dpo.pl_normalize    simpo.beta, simpo.gamma
 
 Examples:
   python -m instructgpt_jax.main --config=sft:finetune --workdir=runs/sft \

@@ -262,7 +262,7 @@ def test_aggregate_brute_force(agg, seed):
 
 
 def test_aggregate_errors_list_the_choices():
-    with pytest.raises(ValueError, match="token_mean, seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm"):
+    with pytest.raises(ValueError, match=", ".join(losses.AGGREGATIONS)):
         losses.aggregate(np.zeros((1, 2)), np.ones((1, 2)), "seq_sum")
     with pytest.raises(ValueError, match="max_tokens"):
         losses.aggregate(np.zeros((1, 2)), np.ones((1, 2)), "seq_mean_token_sum_norm")

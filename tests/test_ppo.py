@@ -228,7 +228,8 @@ def tiny():
     rows = scoring.sequence_inputs(jnp.asarray(tokens), jnp.asarray(prompt_mask), jnp.asarray(mask))
     logp = np.asarray(scoring.response_logprobs(params, policy, *rows, P)[0])
     batch = dict(zip(("tokens", "positions", "segments"), rows), mask=mask,
-                 old_logp=((logp + rng.normal(size=logp.shape) * 0.3) * mask).astype(np.float32),  # ρ ≠ 1: clips bind
+                 # ρ ≠ 1, so that clips bind
+                 old_logp=((logp + rng.normal(size=logp.shape) * 0.3) * mask).astype(np.float32),
                  ref_logp=((logp + rng.normal(size=logp.shape) * 0.5) * mask).astype(np.float32),
                  advantages=(rng.normal(size=(B, 1)) * mask).astype(np.float32))
     return dict(config=config, policy=policy, params=params, batch=batch, logp=logp)
