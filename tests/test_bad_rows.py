@@ -148,3 +148,10 @@ def test_bad_rows_reach_the_stage_data_stats(tmp_path):
     # The StageData API the stages use, without training.
     data = prepare.prepare(config, str(tmp_path / "run2"), "demonstrations")
     assert data.stats()["bad_rows"] == 2
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes('\ufeff{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n'.encode("utf-8"))
+    rows = list(builders.read_rows(str(path), "demonstrations"))
+    assert [r["prompt"] for _, r in rows] == ["a", "c"]

@@ -412,7 +412,7 @@ def _jsonl_objects(path: str) -> Iterator[tuple[int, str, object]]:
         for n, raw in enumerate(f, start=1):
             where = f"{path}:{n}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark (Windows tools) is not data
             except UnicodeDecodeError as e:
                 yield n, where, UserError(f"{where}: not valid UTF-8 ({e})")
                 continue
