@@ -345,17 +345,15 @@ def dpo_loss(logp, ref_logp, ranks, valid, beta, loss_type="sigmoid", *, lengths
         else:
             has_pairs = jnp.any(stage, axis=1)
             loss = masked_mean(jnp.sum(jnp.where(stage, lse - implicit, 0.0), axis=1), has_pairs)
-    chosen = masked_mean(jnp.broadcast_to(implicit[:, :, None], pair.shape), pair)
-    rejected = masked_mean(jnp.broadcast_to(implicit[:, None, :], pair.shape), pair)
-    aux = {
-        "accuracy": masked_mean(diff > 0, pair),
-        "num_pairs": jnp.sum(pair),
-        "num_prompts": jnp.sum(has_pairs),
-        "chosen_reward": chosen,
-        "rejected_reward": rejected,
-        "margin": chosen - rejected,
-    }
-    return loss, aux
+    return loss, _pair_aux(implicit, diff, pair, has_pairs)
+
+
+def _pair_aux(reward, diff, pair, has_pairs) -> dict:
+    """Metrics of a pairwise preference loss over rewards [B, K] (diff = r_i − r_j, pair = i preferred to j)."""
+    chosen = masked_mean(jnp.broadcast_to(reward[:, :, None], pair.shape), pair)
+    rejected = masked_mean(jnp.broadcast_to(reward[:, None, :], pair.shape), pair)
+    return {"accuracy": masked_mean(diff > 0, pair), "num_pairs": jnp.sum(pair), "num_prompts": jnp.sum(has_pairs),
+            "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected}
 
 
 @jax.jit
@@ -391,17 +389,7 @@ def simpo_loss(logp, lengths, ranks, valid, beta, gamma):
     diff = reward[:, :, None] - reward[:, None, :]
     terms = -jax.nn.log_sigmoid(diff - jnp.asarray(gamma, jnp.float32))
     loss, has_pairs = _prompt_then_batch_mean(terms, pair, axis=(1, 2))
-    chosen = masked_mean(jnp.broadcast_to(reward[:, :, None], pair.shape), pair)
-    rejected = masked_mean(jnp.broadcast_to(reward[:, None, :], pair.shape), pair)
-    aux = {
-        "accuracy": masked_mean(diff > 0, pair),
-        "num_pairs": jnp.sum(pair),
-        "num_prompts": jnp.sum(has_pairs),
-        "chosen_reward": chosen,
-        "rejected_reward": rejected,
-        "margin": chosen - rejected,
-    }
-    return loss, aux
+    return loss, _pair_aux(reward, diff, pair, has_pairs)
 
 
 def _kl_terms(logp, ref_logp, estimator):
