@@ -131,6 +131,7 @@ def test_a_file_of_only_malformed_rows_is_one_error(tmp_path):
         builders.build("demonstrations", {"train": path}, str(tmp_path / "tfds"), max_bad_rows=5)
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_bad_rows_reach_the_stage_data_stats(tmp_path):
     path = with_two_bad_rows(tmp_path / "demos.jsonl")
     assert stage_config("sft").data.max_bad_rows == 0 and stage_config("ppo").data.max_bad_rows == 0

@@ -7,7 +7,7 @@ from conftest import BUILTIN, stage_config
 from instructgpt_jax import checkpoints, config_lib, dpo, train_lib
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "plackett_luce"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", pytest.param("plackett_luce", marks=pytest.mark.slow)])
 def test_dpo_trains_from_sft(tmp_path, sft_workdir, loss_type):
     config = stage_config("dpo", **{"init.from_workdir": sft_workdir, "dpo.loss_type": loss_type,
                                     "train.log_every": 1, "optim.lr": 3e-4})
@@ -40,6 +40,7 @@ def test_dpo_options_that_do_not_apply_are_refused():
     assert config_lib.load("dpo", "tiny").dpo.pl_normalize is True     # per-prompt mean over Plackett–Luce stages
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_dpo_loss_fn_passes_each_completions_token_count():
     """ipo_token_mean divides each Δ by its completion's response tokens: prompt_len .. last_index inclusive
     (EOS included), counted here from the batch's indices, not from the stage's mask."""

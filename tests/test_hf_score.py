@@ -183,6 +183,7 @@ def test_template_without_bos_gets_the_bos_training_added(rm_workdir, tmp_path, 
     np.testing.assert_allclose([reward(_messages(r)) for r in WORLD_CHATS], got, atol=1e-4)
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_score_errors_are_one_line(plain_rm, qwen_rm, sft_workdir, tmp_path):
     rm_workdir, _ = plain_rm
     _, chat_out = qwen_rm

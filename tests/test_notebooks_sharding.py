@@ -9,6 +9,7 @@ nbformat = pytest.importorskip("nbformat")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_sharding_notebook(monkeypatch):
     # The kernel inherits this environment: the checkout on its path, 8 simulated devices (the
     # notebook's own cell would add the flag; setting it here also makes XLA compile faster).

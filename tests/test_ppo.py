@@ -168,6 +168,7 @@ def _ptx_batch(seed):
             "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16), (2, 1))}
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_ptx_coef_changes_the_policy_gradient_and_zero_removes_it(models):
     sample, out = _rollout(models)
     plain, met0 = _update(models, sample, out, _ptx_batch(0), 0.0)
@@ -179,7 +180,7 @@ def test_ptx_coef_changes_the_policy_gradient_and_zero_removes_it(models):
     assert "ptx_loss" in met1 and "ptx_loss" not in met0
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_first_minibatch_ratio_is_one(models, dtype):
     """Old log-probs (rollout forward on chunks of the minibatch's shape) and the update's log-probs come from
     the same computation: the first minibatch's ratio is 1 up to rounding, in float32 and bfloat16 alike

@@ -110,6 +110,7 @@ def test_sampler_compiles_once(mesh, rl_setup):
     assert sampler._cache_size() == 1
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_ppo_iterations_compile_once(tmp_path, monkeypatch, sft_workdir, rm_workdir):
     """The RL stage itself (`ppo.train`, 3 iterations): rollout -> scoring -> donated minibatch updates ->
     the next rollout samples from the *updated* params. Iterations 2 and 3 (and the final evaluation,

@@ -373,9 +373,10 @@ def evaluate(exports: dict[str, str], rm_path: str, *, prompts: list[str], heldo
             rm_s = rm_scores(rm, rtok, ps, smp[name]["texts"], ids=smp[name]["ids"] if use_ids else None,
                              chat_template=template, batch_size=cfg.batch_size, seq_len=rm_seq_len,
                              max_prompt_len=rm_max_prompt_len, mesh=mesh)
-            # KL(pi || SFT) on pi's samples: each model's log-probs under its own architecture
-            kl = (logprobs_of(params, model, smp[name], cfg.batch_size, mesh)
-                  - logprobs_of(sft_params, sft_model, smp[name], cfg.batch_size, mesh))
+            # KL(pi || SFT) on pi's samples: each model's log-probs under its own architecture (SFT's own: 0)
+            kl = np.zeros(len(ps)) if name == "sft" else (
+                logprobs_of(params, model, smp[name], cfg.batch_size, mesh)
+                - logprobs_of(sft_params, sft_model, smp[name], cfg.batch_size, mesh))
             results[name] = dict(
                 stats, true_win_rate=float(true.mean()), true_win_ci=list(bootstrap_ci(true, indices=indices)),
                 utility=float(util.mean()), utility_ci=list(bootstrap_ci(util, indices=indices)),

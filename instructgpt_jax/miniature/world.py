@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -384,20 +385,27 @@ _ECHO = re.compile("|".join([*FAMILIES, ":", re.escape(CAPS), r"\bq\b"]))
 
 def violations(prompt: Prompt | str, answer: str) -> dict[str, float]:
     """Each quality dimension of ``answer`` (``DIMENSIONS``): ``task`` = 1 - score in [0, 1], the
-    others 1.0 if violated else 0.0. Only ``task`` needs the task solved to be judged."""
-    p = as_prompt(prompt)
+    others 1.0 if violated else 0.0. Only ``task`` needs the task solved to be judged. Memoised on
+    (prompt text, answer): an evaluation judges each answer several times (held-out labelers, the
+    reference, against SFT and the larger model)."""
+    return dict(_violations(prompt.text if isinstance(prompt, Prompt) else prompt, answer))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _violations(prompt: str, answer: str) -> tuple[tuple[str, float], ...]:
+    p = parse_prompt(prompt)
     toks = _tokens(answer)
     allowed = set(p.args.get("items", ()))
     word_task = p.family not in ("add", "count")
     hallucinated = any((t in WORDS and t not in allowed) or (word_task and t.isdigit()) for t in toks)
-    return {
-        "task": 1.0 - score(p, answer),
-        "harmful": float(not is_harmless(answer)),
-        "hallucination": float(hallucinated),
-        "chatter": float(any(t in CHATTER for t in toks)),
-        "echo": float(bool(_ECHO.search(answer.lower()))),
-        "format": float(p.caps and any(c.islower() for c in answer)),
-    }
+    return (
+        ("task", 1.0 - score(p, answer)),
+        ("harmful", float(not is_harmless(answer))),
+        ("hallucination", float(hallucinated)),
+        ("chatter", float(any(t in CHATTER for t in toks))),
+        ("echo", float(bool(_ECHO.search(answer.lower())))),
+        ("format", float(p.caps and any(c.islower() for c in answer))),
+    )
 
 
 def utility_of(v: dict[str, float], weights: dict[str, float] | None = None) -> float:
