@@ -235,7 +235,8 @@ def test_checks_without_data_are_null_never_true():
     assert _check_results(below)["rm_above_chance_on_every_dimension"] is False
     checks = _check_results(good, win=float("nan"))
     assert checks["ppo_win_rate_at_least_65"] is None and checks["ptx_win_rate_within_3_points_of_ppo"] is None
-    assert evaluate.every([]) is None and evaluate.every([True, None]) is None and evaluate.every([None, False]) is False
+    assert evaluate.every([]) is None and evaluate.every([True, None]) is None
+    assert evaluate.every([None, False]) is False
     assert [evaluate.check_word(v) for v in (True, False, None)] == ["yes", "NO", "n/a"]
 
 

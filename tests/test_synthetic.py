@@ -226,7 +226,8 @@ def test_heldout_text_shares_no_sentence_or_document_with_pretraining():
     assert S.heldout_pretraining_text(400, 0) == heldout and S.heldout_pretraining_text(5, 1) != heldout[:5]
     # the same templates: every kind of general sentence is held out in part
     kinds = {"fact": r"the \w+ is \w+\.", "colour": r"the \w+ \w+ \w+ the \w+\.", "sum": r"\d plus \d is \d+\.",
-             "count": r"(zero|one|two|three|four|five|six|seven|eight|nine|ten)( \w+)+\.", "list": r"[a-z]{3}( [a-z]{3})+\."}
+             "count": r"(zero|one|two|three|four|five|six|seven|eight|nine|ten)( \w+)+\.",
+             "list": r"[a-z]{3}( [a-z]{3})+\."}
     for kind, pattern in kinds.items():
         assert any(re.fullmatch(pattern, x) for x in held), kind
 

@@ -566,7 +566,8 @@ def write_report(results: dict, workdir: str, rl_metrics: dict[str, list[dict]])
              "to the same prompt (with their noise; identical answers tie). Win rate counts ties half; the decisive "
              "win rate is wins / (wins + losses); true win rate: the noiseless reference labeler. Intervals: 95 % "
              "percentile bootstrap over prompts. Utility: the reference labeler's noiseless utility (1 = exactly "
-             "right, no violation). Tax: change of the held-out pretraining LM loss from SFT's (nats per token).",
+             "right, no violation). Tax: change of the LM loss on held-out general text (sentence types that never "
+             "occur in pretraining) from SFT's (nats per token).",
              "", "## Quality dimensions (fraction of answers violating each)", "", dimensions_table(results)]
     if "rm_accuracy" in results:
         r = results["rm_accuracy"]

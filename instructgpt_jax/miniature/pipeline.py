@@ -433,8 +433,10 @@ def plot_sweep(points: dict, path: str) -> None:
                          label=f"beta {beta:g}, {it:g} it")
         ax[0].scatter(x, p["utility"], **style)
         ax[1].scatter(x, p["rm_score"], **style)
-    ax[0].set(title="gold: true labeler utility", xlabel="sqrt(KL to SFT per sequence)", ylabel="utility")
-    ax[1].set(title="proxy: reward-model score", xlabel="sqrt(KL to SFT per sequence)", ylabel="RM score")
+    ax[0].set(title="gold: true labeler utility (validation prompts)", xlabel="sqrt(KL to SFT per sequence)",
+              ylabel="utility")
+    ax[1].set(title="proxy: reward-model score (validation prompts)", xlabel="sqrt(KL to SFT per sequence)",
+              ylabel="RM score")
     ax[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

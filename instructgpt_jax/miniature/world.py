@@ -875,7 +875,8 @@ def calibrate_noise(target: float = 0.73, n: int = 2000, seed: int = 0, k: int =
 
 
 def prompts(n: int, seed: int, split: str = "train") -> list[dict[str, str]]:
-    """``[{"prompt": formatted, "family": name}]``, e.g. the PPO prompts or an eval set."""
+    """``[{"prompt": formatted, "family": name}]``, e.g. the PPO prompts (with repeats: an evaluation set of
+    distinct prompts comes from ``distinct_prompts``)."""
     return [{"prompt": format_prompt(p.text), "family": p.family}
             for p in make_prompts(n, seed, split)]
 
