@@ -138,6 +138,7 @@ def test_chat_rm_score_and_readme_snippet_agree_and_differ_from_naive(qwen_rm, t
         assert abs(naive - x) > 1e-3, row
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_plain_rm_score_and_readme_snippet_agree(plain_rm, tmp_path, monkeypatch):
     workdir, out = plain_rm
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())

@@ -15,6 +15,7 @@ from instructgpt_jax.miniature import world as synthetic  # noqa: E402
 from instructgpt_jax.data.tokenizer import train_tokenizer  # noqa: E402
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_sft_from_hf_llama_and_back(tmp_path):
     tok = train_tokenizer([r["text"] for r in synthetic.pretraining(500, 0)], str(tmp_path / "sp.model"), 400)
     torch.manual_seed(0)

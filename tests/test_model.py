@@ -161,7 +161,7 @@ def test_dropout_only_in_training():
     assert not np.allclose(a, b)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("kv_heads", [pytest.param(4, marks=pytest.mark.slow), 2])
 def test_attention_matches_dot_product_attention(kv_heads):
     """Our attention (post-normalised, stop-gradient shift) vs jax.nn.dot_product_attention: values and
     gradients, grouped-query too, with a causal + segment mask that leaves one row with no visible key."""
@@ -200,7 +200,7 @@ def test_attention_over_cache_equals_attention_over_concatenation():
     np.testing.assert_allclose(attention(q, k, v, mask_new, (kc, vc, mask_cache)), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("blocks", [2, 4, 3])  # 3 does not divide the length: one block
+@pytest.mark.parametrize("blocks", [pytest.param(2, marks=pytest.mark.slow), 4, 3])  # 3 does not divide the length: one block
 def test_causal_blocks_equal_full_attention(blocks):
     ks = jax.random.split(jax.random.PRNGKey(2), 4)
     b, t, n, d = 2, 8, 4, 8
@@ -213,6 +213,7 @@ def test_causal_blocks_equal_full_attention(blocks):
         np.testing.assert_allclose(g_blocks, g_one, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_speed_keys_change_nothing_but_speed():
     x = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 7
     model = Transformer(ModelConfig(num_layers=3))

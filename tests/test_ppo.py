@@ -311,6 +311,7 @@ def test_sampling_in_chunks_with_row_ids_equals_one_call(models):
     np.testing.assert_array_equal(np.concatenate([x["tokens"] for x in parts]), whole["tokens"])
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_grpo_with_a_verifier_reward_runs_critic_free(tmp_path, sft_workdir):
     """configs/grpo.py with the miniature's verifier and RLOO: no value model, no RM, the KL as a k3 loss."""
     config = stage_config("grpo", **{"init.from_workdir": sft_workdir, "ppo.reward": "verifier",
@@ -343,6 +344,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_ppo_resume_continues_exactly(tmp_path, ppo_run, monkeypatch):
     """Interrupted after iteration 1 (checkpointed), rerun: iteration 2 equals the uninterrupted run's
     (both optimizers, EMA, KL controller, data positions and RNG come back)."""

@@ -97,6 +97,7 @@ def _tiny(**overrides):
         "train.progress": False, "data.builtin_size": 400, **overrides})
 
 
+@pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_simpo_trains_from_sft(tmp_path, sft_workdir):
     simpo.train(_tiny(**{"init.from_workdir": sft_workdir}), str(tmp_path), builtin_data=BUILTIN)
     records = [r for r in train_lib.read_metrics(str(tmp_path)) if "loss" in r]
