@@ -146,3 +146,14 @@ def test_fit_to_data_brute_force(sft_workdir):
     prepare.fit_to_data(config, "comparisons", comparisons, tok, None)
     assert config.train.num_steps == math.ceil(2.0 * 37 / 8)
     assert config.data.seq_len == min(math.ceil(max(totals) / 64) * 64, config.model.max_len)
+
+
+def test_warmup_frac_is_a_fraction_of_the_run():
+    from instructgpt_jax import train_lib
+    optim = config_lib.optim_config(1.0, warmup_steps=50)
+    optim.warmup_frac, optim.end_lr_frac = 0.1, 0.0
+    sched = train_lib.lr_schedule(optim, num_steps=200, updates_per_step=2)  # warmup: 20 steps = 40 updates
+    np.testing.assert_allclose([float(sched(0)), float(sched(20)), float(sched(40))], [0.0, 0.5, 1.0], atol=1e-6)
+    optim.warmup_frac = 0.0  # off: warmup_steps (50 steps = 100 updates) counts again
+    np.testing.assert_allclose(float(sched(40)), 1.0, atol=1e-6)
+    np.testing.assert_allclose(float(train_lib.lr_schedule(optim, 200, 2)(50)), 0.5, atol=1e-6)
