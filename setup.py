@@ -8,6 +8,7 @@ setup(
     # configs/ ships inside the package as instructgpt_jax.configs (one copy: `--config=sft:finetune` anywhere)
     packages=find_packages(include=["instructgpt_jax", "instructgpt_jax.*"]) + ["instructgpt_jax.configs"],
     package_dir={"instructgpt_jax.configs": "configs"},
+    package_data={"instructgpt_jax": ["tasks/*.yaml"]},  # the `instructgpt` lm-eval task group
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
@@ -32,7 +33,9 @@ setup(
     ],
     extras_require={
         # torch (CPU build) and transformers are references for the parity tests only.
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0", "transformers"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0", "transformers",
+                 "lm-eval==0.4.13", "accelerate"],  # the eval parity tests run lm-eval's own `hf` backend
+        "eval": ["lm-eval==0.4.13"],  # python -m instructgpt_jax.eval (its core needs no torch)
         "bench": ["torch==2.13.0", "transformers", "trl<1.13"],  # trl 1.13 dropped PPOTrainer
         "hf": ["torch==2.13.0", "transformers"],
     },

@@ -26,7 +26,7 @@ from instructgpt_jax.errors import UserError
 
 # Keys that may change between an interrupted run and its resumption without changing what
 # the run computes (schedule length, logging, layout of devices).
-RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_tasks",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.",
                   "model.scan_unroll", "model.causal_blocks")
 EXPORT_DIR = "export"

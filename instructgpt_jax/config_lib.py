@@ -189,6 +189,11 @@ def train_config(*, num_steps: int, batch_size: int, cpu: bool) -> ml_collection
         log_every=5 if cpu else 50,            # steps between metric records
         eval_every=25 if cpu else 500,         # steps between eval passes (0 = only at the end)
         eval_batches=4 if cpu else 50,         # eval batches per pass (0 = the whole eval split)
+        eval_tasks="",                         # lm-eval tasks run on the current params (e.g. 'hellaswag,arc_easy',
+                                               # or task YAML files); '' = none. Needs the `eval` extra
+        eval_tasks_every=0,                    # steps between task runs (0 = only at the end)
+        eval_tasks_limit=0,                    # examples per task (0 = all)
+        eval_tasks_include_path="",            # a directory of extra task YAML files
         checkpoint_every=50 if cpu else 1000,  # steps between (async) checkpoints
         keep_checkpoints=2,                    # how many recent checkpoints to keep
         progress=True,                         # tqdm progress bar with ETA

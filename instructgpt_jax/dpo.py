@@ -75,7 +75,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
         loss_fn=functools.partial(loss_fn, model=model, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                                   ipo_token_mean=config.dpo.ipo_token_mean, pl_normalize=config.dpo.pl_normalize),
-        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len, frozen=reference)
+        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len, frozen=reference,
+        tasks_fn=run.tasks(model, data))
 
     # --- save: the policy, loadable wherever an SFT export is
     run.export(state["params"], data, step=int(state["step"]), beta=config.dpo.beta, loss_type=config.dpo.loss_type,

@@ -202,6 +202,15 @@ class Stage:
         ]
         say("\n".join(lines))
 
+    def tasks(self, model, data, params_of=lambda state: state["params"]):
+        """`train.eval_tasks`: lm-eval tasks on the current params (`params_of(train state)`) every
+        `train.eval_tasks_every` steps and at the end, for `train_lib.fit(tasks_fn=...)`; None when none are
+        asked for. Unknown tasks fail now, before any step."""
+        if not self.config.train.get("eval_tasks", ""):
+            return None
+        from instructgpt_jax import eval as eval_lib  # lm-eval only when asked for
+        return eval_lib.tasks_callback(self.config, model, data.tokenizer, data.chat_template, self.mesh, params_of)
+
     def export(self, params, data, name: str = checkpoints.EXPORT_DIR, **meta) -> str:
         """Params + meta.json (stage, model, data statistics, `meta`) + tokenizer and template: what later
         stages adopt."""

@@ -357,7 +357,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     state, last = train_lib.fit(config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
                                 step=iteration, data_state=data_state, evaluate_fn=evaluate,
                                 finite_keys=("pg_loss", "value_loss", "score"), shown=("score", "kl"),
-                                updates_per_step=updates_per_iteration)
+                                updates_per_step=updates_per_iteration,
+                                tasks_fn=run.tasks(policy, data, lambda s: s["policy"]["params"]))
 
     # --- save: the policy and its bias-corrected EMA, for the next stage / evaluation
     meta = {"step": int(state["step"]), "ptx_coef": cfg.ptx_coef, "kl_beta": float(state["kl_beta"]), "advantage_estimator": cfg.advantage_estimator,

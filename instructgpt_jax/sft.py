@@ -53,7 +53,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     state, last = train_lib.run_supervised(
         config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
         loss_fn=functools.partial(loss_fn, model=model),
-        units_per_step=config.train.batch_size * config.data.seq_len)
+        units_per_step=config.train.batch_size * config.data.seq_len, tasks_fn=run.tasks(model, data))
 
     # --- save: params-only export for the next stage
     run.export(state["params"], data, step=int(state["step"]))

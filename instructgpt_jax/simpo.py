@@ -53,7 +53,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     state, last = train_lib.run_supervised(
         config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
         loss_fn=functools.partial(loss_fn, model=model, beta=config.simpo.beta, gamma=config.simpo.gamma),
-        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len)
+        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len,
+        tasks_fn=run.tasks(model, data))
 
     # --- save: the policy, loadable wherever an SFT export is
     run.export(state["params"], data, step=int(state["step"]), beta=config.simpo.beta, gamma=config.simpo.gamma)

@@ -369,13 +369,14 @@ def batches_step(step_fn, train_iter, mesh, rng):
 
 def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callable[[], dict],
         evaluate_fn: Callable | None = None, units_per_step: float = 0, units: str = "tokens",
-        finite_keys=("loss",), shown=("loss",), updates_per_step: int = 1):
+        finite_keys=("loss",), shown=("loss",), updates_per_step: int = 1, tasks_fn: Callable | None = None):
     """The loop every stage shares: step, log, evaluate, checkpoint, progress output, clean shutdown.
 
     `step(state, step_number) -> (state, metrics)` runs one stage step (an optimizer step, or a whole
     PPO iteration of `updates_per_step` optimizer updates); metrics are fetched from the device only on
     log steps, with the lr of the step's last update. `evaluate_fn(state) -> dict` runs every
-    `train.eval_every` steps and at the end. `data_state()` is saved with each checkpoint.
+    `train.eval_every` steps and at the end; `tasks_fn(state) -> dict` (lm-eval tasks, `harness.Stage.tasks`)
+    every `train.eval_tasks_every` steps and at the end. `data_state()` is saved with each checkpoint.
     SIGINT / SIGTERM end the current step, save its checkpoint and raise `Interrupted`.
     Returns (final state, last logged metrics).
     """
@@ -397,7 +398,9 @@ def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callabl
                     progress.log(f"{config.stage}: first step compiled and run in {time.perf_counter() - t0:.1f}s")
                 speed.add(units_per_step)
                 is_last = n == total
-                if n % config.train.log_every == 0 or is_last:
+                every = config.train.get("eval_tasks_every", 0)
+                tasks_due = tasks_fn is not None and (is_last or (every and n % every == 0))
+                if n % config.train.log_every == 0 or is_last or tasks_due:
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     check_finite(n, last, finite_keys)
                     last["lr"] = float(schedule(n * updates_per_step - 1))
@@ -406,6 +409,8 @@ def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callabl
                     if evaluate_fn is not None and (is_last or (config.train.eval_every
                                                                 and n % config.train.eval_every == 0)):
                         last.update(evaluate_fn(state))
+                    if tasks_due:
+                        last.update(tasks_fn(state))
                     writer.write(n, last)
                 progress.update(1, **{k: last[k] for k in shown if k in last})
                 stop = stop_request.agreed()
@@ -423,7 +428,7 @@ def fit(*, config, workdir: str, mesh, manager, state, step, data_state: Callabl
 
 
 def run_supervised(*, config, workdir: str, mesh, manager, params, tx, loss_fn, data, rng, units_per_step: float,
-                   frozen=None):
+                   frozen=None, tasks_fn=None):
     """Step + loop of a stage that trains one params tree on batches (SFT, pretraining, RM, DPO).
 
     The train state starts from `params` (or the workdir's checkpoint, with the data position), the
@@ -436,6 +441,6 @@ def run_supervised(*, config, workdir: str, mesh, manager, params, tx, loss_fn, 
     eval_fn = jit_eval_step(loss_fn, mesh)
     return fit(config=config, workdir=workdir, mesh=mesh, manager=manager, state=state,
                step=batches_step(step_fn, train_iter, mesh, rng), data_state=train_iter.get_state,
-               units_per_step=units_per_step,
+               units_per_step=units_per_step, tasks_fn=tasks_fn,
                evaluate_fn=lambda s: evaluate(eval_fn, s["params"], data.eval_iterator(), mesh,
                                               config.train.eval_batches, frozen))

@@ -365,6 +365,9 @@ class SentencePieceTokenizer(Tokenizer):
         self._split_ids = split
         self._split_re = re.compile("|".join(re.escape(s) for s in sorted(split, key=len, reverse=True)))
         self._legacy = bool(tc.get("legacy", False))
+        # byte-fallback pieces <0xNN>: id -> byte, and byte -> id (for U+FFFD, see _decode_kept)
+        self._byte_of = {i: int(sp.IdToPiece(i)[3:5], 16) for i in range(n) if sp.IsByte(i)}
+        self._byte_id = {b: i for i, b in self._byte_of.items()}
         self._sp_after_special = self._sp
         if not self._legacy:
             from sentencepiece import sentencepiece_model_pb2
@@ -446,7 +449,30 @@ class SentencePieceTokenizer(Tokenizer):
                 out[i] = self.encode_with_offsets(t)[0]
         return out
 
+    def _replace_invalid_bytes(self, ids: list[int]) -> list[int]:
+        """A run of byte-fallback pieces that is not valid UTF-8 decodes to one U+FFFD per byte, as transformers'
+        (`tokenizers`) ByteFallback decoder does; SentencePiece alone would keep the run's valid bytes."""
+        fffd = [self._byte_id.get(b) for b in "\ufffd".encode()]
+        if not self._byte_of or None in fffd:
+            return ids
+        out, run = [], []
+        for i in list(ids) + [None]:
+            if i is not None and i in self._byte_of:
+                run.append(i)
+                continue
+            if run:
+                try:
+                    bytes(self._byte_of[j] for j in run).decode("utf-8")
+                    out += run
+                except UnicodeDecodeError:
+                    out += fffd * len(run)
+                run = []
+            if i is not None:
+                out.append(i)
+        return out
+
     def _decode_kept(self, ids: list[int]) -> str:
+        ids = self._replace_invalid_bytes(ids)
         if not self._extra:
             return self._sp.decode(ids)
         parts, run = [], []

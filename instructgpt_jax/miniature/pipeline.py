@@ -494,7 +494,8 @@ def check_configs(steps: list[Step]) -> None:
             continue
         ckpt = os.path.join(s.dir, "checkpoints")
         if s.done():
-            ignore = DERIVED_KEYS  # a finished stage: a longer schedule, say, is a different result
+            # a finished stage: a longer schedule, say, is a different result (tasks run alongside are not)
+            ignore = DERIVED_KEYS + ("train.eval_tasks",)
         elif s.is_stage and os.path.isdir(ckpt) and os.listdir(ckpt):
             ignore = DERIVED_KEYS + checkpoints.RESUMABLE_KEYS  # the stage will resume: what it allows
         else:
