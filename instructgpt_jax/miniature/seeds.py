@@ -1,0 +1,109 @@
+"""Several seeds of the miniature side by side: each seed's figures, their mean and spread, and each finding
+stated as "holds in n of N seeds".
+
+    python -m instructgpt_jax.miniature.seeds RUN_SEED0 RUN_SEED1 RUN_SEED2 [--split test|validation]
+
+Each RUN is a finished `configs/pipeline.py` (or `:methods`) workdir of one `--config.seed`. Prints markdown.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+from instructgpt_jax.errors import UserError
+
+NAMES = {"base": "base (pretrained)", "sft": "SFT", "sft_large": "SFT 3.6x", "ppo": "PPO", "ppo_ema": "PPO (EMA)",
+         "ppo_ptx": "PPO-ptx", "ppo_ptx_ema": "PPO-ptx (EMA)", "dpo": "DPO", "dpo_pl": "DPO-PL", "grpo": "GRPO",
+         "grpo_verifier": "GRPO-verifier"}
+
+
+def load(workdir: str, split: str = "test") -> dict:
+    """model -> its figures on `split` (results.json: the test split at the top, validation under 'validation')."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no results; has that pipeline finished?")
+    with open(path) as f:
+        r = json.load(f)
+    models = r["models"] if split == "test" else r["validation"]["models"]
+    seed = "?"
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        with open(os.path.join(workdir, "config.json")) as f:
+            seed = json.load(f).get("seed", "?")
+    return {"seed": seed, "models": models}
+
+
+def _findings(m: dict) -> dict:
+    """Each finding on one seed: True / False, or None when a model it needs is missing."""
+    def need(*names):
+        return all(n in m for n in names)
+    lo = lambda k: m[k]["win_ci"][0]  # noqa: E731
+    hi = lambda k: m[k]["win_ci"][1]  # noqa: E731
+    f = {
+        "SFT preferred to the base model (base's interval below 50 %)": need("base") and hi("base") < 0.5,
+        "PPO preferred to SFT (interval above 50 %)": need("ppo") and lo("ppo") > 0.5,
+        "PPO-ptx preferred to SFT (interval above 50 %)": need("ppo_ptx") and lo("ppo_ptx") > 0.5,
+        "PPO-ptx within 5 points of PPO's win rate": need("ppo", "ppo_ptx")
+        and abs(m["ppo_ptx"]["win_rate"] - m["ppo"]["win_rate"]) <= 0.05,
+        "PPO-ptx's tax below PPO's (held-out LM loss)": need("ppo", "ppo_ptx") and m["ppo_ptx"]["tax"] < m["ppo"]["tax"],
+        "small PPO preferred to the 3.6x SFT model (interval above 50 %)": need("ppo")
+        and m["ppo"].get("vs_large", {}).get("win_ci", [0])[0] > 0.5,
+        "PPO's win rate above DPO's": need("ppo", "dpo") and m["ppo"]["win_rate"] > m["dpo"]["win_rate"],
+        "PPO's win rate above GRPO-verifier's": need("ppo", "grpo_verifier")
+        and m["ppo"]["win_rate"] > m["grpo_verifier"]["win_rate"],
+        "GRPO (RM) over-optimises: higher RM score, lower utility than PPO": need("ppo", "grpo")
+        and m["grpo"]["rm_score"] > m["ppo"]["rm_score"] and m["grpo"]["utility"] < m["ppo"]["utility"],
+    }
+    needs = {"PPO's win rate above DPO's": ("dpo",), "PPO's win rate above GRPO-verifier's": ("grpo_verifier",),
+             "GRPO (RM) over-optimises: higher RM score, lower utility than PPO": ("grpo",)}
+    return {k: (v if need(*needs.get(k, ())) else None) for k, v in f.items()}
+
+
+def _spread(xs) -> str:
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def summarize(workdirs, split: str = "test") -> str:
+    runs = [load(w, split) for w in workdirs]
+    seeds = [str(r["seed"]) for r in runs]
+    models = [k for k in NAMES if any(k in r["models"] for r in runs)]
+    out = [f"Win rate vs SFT (%, ties half, {split} split) per seed, then mean ± standard deviation over seeds; "
+           f"KL to SFT and tax vs SFT (nats) as means.", "",
+           "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | KL to SFT | tax |",
+           "|---|" + "---|" * (len(seeds) + 3)]
+    for k in models:
+        rows = [r["models"].get(k) for r in runs]
+        have = [x for x in rows if x]
+        cells = [f"{100 * x['win_rate']:.1f} [{100 * x['win_ci'][0]:.1f}, {100 * x['win_ci'][1]:.1f}]" if x else "–"
+                 for x in rows]
+        out.append(f"| {NAMES[k]} | " + " | ".join(cells) + f" | {_spread([100 * x['win_rate'] for x in have])} | "
+                   f"{statistics.mean(x['kl_to_sft'] for x in have):.2f} | "
+                   f"{statistics.mean(x['tax'] for x in have):+.3f} |")
+    out += ["", "| finding | holds in |", "|---|---|"]
+    per_seed = [_findings(r["models"]) for r in runs]
+    for name in per_seed[0]:
+        vals = [f[name] for f in per_seed if f[name] is not None]
+        out.append(f"| {name} | " + (f"{sum(vals)} of {len(vals)} seeds" if vals else "not run") + " |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = "test"
+    for a in list(argv):
+        if a.startswith("--split="):
+            split = a.split("=", 1)[1]
+            argv.remove(a)
+    if split not in ("test", "validation") or not argv:
+        sys.stderr.write("usage: python -m instructgpt_jax.miniature.seeds RUN [RUN ...] [--split=test|validation]\n")
+        sys.exit(2)
+    try:
+        print(summarize(argv, split))
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
