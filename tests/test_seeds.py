@@ -29,7 +29,7 @@ def test_summary_counts_each_finding_per_seed(tmp_path):
     assert "| PPO preferred to SFT (interval above 50 %) | 2 of 3 seeds |" in text  # seed 2's interval starts at 49
     assert "| PPO's win rate above DPO's | 1 of 2 seeds |" in text  # DPO ran in two seeds, PPO won one
     assert "| PPO-ptx's tax below PPO's (held-out LM loss) | 3 of 3 seeds |" in text
-    assert "GRPO-verifier's | not run |" in text
+    assert "GRPO-verifier's | not measured |" in text
 
 
 def test_missing_results_exit_2(tmp_path, capsys):

@@ -34,30 +34,34 @@ def load(workdir: str, split: str = "test") -> dict:
     return {"seed": seed, "models": models}
 
 
+FINDINGS = {  # name -> (models it needs, test on one seed's models)
+    "SFT preferred to the base model (base's interval below 50 %)": (("base",), lambda m: m["base"]["win_ci"][1] < .5),
+    "PPO preferred to SFT (interval above 50 %)": (("ppo",), lambda m: m["ppo"]["win_ci"][0] > .5),
+    "PPO-ptx preferred to SFT (interval above 50 %)": (("ppo_ptx",), lambda m: m["ppo_ptx"]["win_ci"][0] > .5),
+    "PPO-ptx within 5 points of PPO's win rate": (
+        ("ppo", "ppo_ptx"), lambda m: abs(m["ppo_ptx"]["win_rate"] - m["ppo"]["win_rate"]) <= 0.05),
+    "PPO-ptx's tax below PPO's (held-out LM loss)": (("ppo", "ppo_ptx"), lambda m: m["ppo_ptx"]["tax"] < m["ppo"]["tax"]),
+    "small PPO preferred to the 3.6x SFT model (interval above 50 %)": (
+        ("ppo", "sft_large"), lambda m: m["ppo"]["vs_large"]["win_ci"][0] > .5),
+    "PPO's win rate above DPO's": (("ppo", "dpo"), lambda m: m["ppo"]["win_rate"] > m["dpo"]["win_rate"]),
+    "PPO's win rate above GRPO-verifier's": (
+        ("ppo", "grpo_verifier"), lambda m: m["ppo"]["win_rate"] > m["grpo_verifier"]["win_rate"]),
+    "GRPO (RM) over-optimises: higher RM score, lower utility than PPO": (
+        ("ppo", "grpo"), lambda m: m["grpo"]["rm_score"] > m["ppo"]["rm_score"]
+        and m["grpo"]["utility"] < m["ppo"]["utility"]),
+}
+
+
 def _findings(m: dict) -> dict:
-    """Each finding on one seed: True / False, or None when a model it needs is missing."""
-    def need(*names):
-        return all(n in m for n in names)
-    lo = lambda k: m[k]["win_ci"][0]  # noqa: E731
-    hi = lambda k: m[k]["win_ci"][1]  # noqa: E731
-    f = {
-        "SFT preferred to the base model (base's interval below 50 %)": need("base") and hi("base") < 0.5,
-        "PPO preferred to SFT (interval above 50 %)": need("ppo") and lo("ppo") > 0.5,
-        "PPO-ptx preferred to SFT (interval above 50 %)": need("ppo_ptx") and lo("ppo_ptx") > 0.5,
-        "PPO-ptx within 5 points of PPO's win rate": need("ppo", "ppo_ptx")
-        and abs(m["ppo_ptx"]["win_rate"] - m["ppo"]["win_rate"]) <= 0.05,
-        "PPO-ptx's tax below PPO's (held-out LM loss)": need("ppo", "ppo_ptx") and m["ppo_ptx"]["tax"] < m["ppo"]["tax"],
-        "small PPO preferred to the 3.6x SFT model (interval above 50 %)": need("ppo")
-        and m["ppo"].get("vs_large", {}).get("win_ci", [0])[0] > 0.5,
-        "PPO's win rate above DPO's": need("ppo", "dpo") and m["ppo"]["win_rate"] > m["dpo"]["win_rate"],
-        "PPO's win rate above GRPO-verifier's": need("ppo", "grpo_verifier")
-        and m["ppo"]["win_rate"] > m["grpo_verifier"]["win_rate"],
-        "GRPO (RM) over-optimises: higher RM score, lower utility than PPO": need("ppo", "grpo")
-        and m["grpo"]["rm_score"] > m["ppo"]["rm_score"] and m["grpo"]["utility"] < m["ppo"]["utility"],
-    }
-    needs = {"PPO's win rate above DPO's": ("dpo",), "PPO's win rate above GRPO-verifier's": ("grpo_verifier",),
-             "GRPO (RM) over-optimises: higher RM score, lower utility than PPO": ("grpo",)}
-    return {k: (v if need(*needs.get(k, ())) else None) for k, v in f.items()}
+    """Each finding on one seed: True / False, or None when a model or figure it needs is missing (a stage that
+    did not run; the tax and the comparison with the larger model exist on the test split only)."""
+    out = {}
+    for name, (needs, test) in FINDINGS.items():
+        try:
+            out[name] = bool(test(m)) if all(k in m for k in needs) else None
+        except KeyError:
+            out[name] = None
+    return out
 
 
 def _spread(xs) -> str:
@@ -77,14 +81,15 @@ def summarize(workdirs, split: str = "test") -> str:
         have = [x for x in rows if x]
         cells = [f"{100 * x['win_rate']:.1f} [{100 * x['win_ci'][0]:.1f}, {100 * x['win_ci'][1]:.1f}]" if x else "–"
                  for x in rows]
+        mean = lambda key, fmt: (fmt.format(statistics.mean(x[key] for x in have))  # noqa: E731
+                                 if all(key in x for x in have) else "–")  # the tax: test split only
         out.append(f"| {NAMES[k]} | " + " | ".join(cells) + f" | {_spread([100 * x['win_rate'] for x in have])} | "
-                   f"{statistics.mean(x['kl_to_sft'] for x in have):.2f} | "
-                   f"{statistics.mean(x['tax'] for x in have):+.3f} |")
+                   f"{mean('kl_to_sft', '{:.2f}')} | {mean('tax', '{:+.3f}')} |")
     out += ["", "| finding | holds in |", "|---|---|"]
     per_seed = [_findings(r["models"]) for r in runs]
     for name in per_seed[0]:
         vals = [f[name] for f in per_seed if f[name] is not None]
-        out.append(f"| {name} | " + (f"{sum(vals)} of {len(vals)} seeds" if vals else "not run") + " |")
+        out.append(f"| {name} | " + (f"{sum(vals)} of {len(vals)} seeds" if vals else "not measured") + " |")
     return "\n".join(out)
 
 
