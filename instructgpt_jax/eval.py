@@ -40,6 +40,7 @@ import numpy as np
 from instructgpt_jax import checkpoints, losses, sharding
 from instructgpt_jax.errors import MissingFileError, UserError
 from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.sampling import left_pad_positions
 
 try:
     import lm_eval
@@ -64,20 +65,24 @@ def require_lm_eval():
 
 
 def bucket(n: int, cap: int, smallest: int = 16) -> int:
-    """The padded length of a batch whose longest row has n tokens: the next power of two (at least
-    `smallest`), at most `cap`; a few shapes, so a few compilations."""
+    """The padded length of a batch whose longest row has n tokens: the smallest of `smallest` x 2^k and
+    3/4 of it (k >= 1) that holds n, at most `cap`. Two shapes per octave: few compilations, and at most a
+    third of a row is padding."""
     b = smallest
     while b < n:
         b *= 2
+    if b > smallest and b * 3 // 4 >= n:
+        b = b * 3 // 4
     return max(min(b, cap), n)
 
 
 def _score_rows(params, tokens, targets, weights, *, model):
-    """Per row: the sum of log p(target) where weights is 1, and whether every such target is the argmax."""
-    t = tokens.shape[1]
-    segments = (tokens >= 0).astype(jnp.int32)  # pads are -1 (set to 0 before the model): segment 0
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
-    logits = model.apply({"params": params}, jnp.maximum(tokens, 0), positions, segments)
+    """Left-padded rows tokens [B, T] (pads -1) whose scored targets [B, C] are the last C positions' next
+    tokens: per row the sum of log p(target) where weights [B, C] is 1, and whether every such target is the
+    argmax. Only the last C positions get logits (C is a bucket of the longest continuation, T of the row)."""
+    segments = (tokens >= 0).astype(jnp.int32)  # pads: segment 0, attending to nothing
+    logits = model.apply({"params": params}, jnp.maximum(tokens, 0), left_pad_positions(segments), segments,
+                         last_n=targets.shape[1])
     logp = losses.token_logprobs(logits, targets)
     greedy = jnp.argmax(logits, axis=-1) == targets
     w = weights > 0
@@ -202,19 +207,21 @@ class JaxLM(TemplateLM):
         for _, ctx, cont in requests:
             whole = (list(ctx) + list(cont))[-(self._max_length + 1):]
             rows.append((whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: one bucket per batch
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: few shapes per batch
         out = [None] * len(rows)
         bar = tqdm(total=len(rows), desc="loglikelihood", disable=disable_tqdm or jax.process_index() != 0)
         for start in range(0, len(order), self._batch_size):
             idx = order[start:start + self._batch_size]
             t = bucket(len(rows[idx[0]][0]), self._max_length)
-            tokens = np.full((self._batch_size, t), -1, np.int32)
-            targets = np.zeros((self._batch_size, t), np.int32)
-            weights = np.zeros((self._batch_size, t), np.float32)
+            c = bucket(max(rows[i][2] for i in idx), t, smallest=4)
+            tokens = np.full((self._batch_size, t), -1, np.int32)  # left-padded: every row ends at t
+            targets = np.zeros((self._batch_size, c), np.int32)
+            weights = np.zeros((self._batch_size, c), np.float32)
             for r, i in enumerate(idx):
                 inp, tgt, n = rows[i]
-                tokens[r, :len(inp)], targets[r, :len(tgt)] = inp, tgt
-                weights[r, len(inp) - n:len(inp)] = 1.0
+                tokens[r, t - len(inp):] = inp
+                k = min(c, len(tgt))
+                targets[r, c - k:], weights[r, c - n:] = tgt[-k:], 1.0
             batch = sharding.global_from_full(dict(tokens=tokens, targets=targets, weights=weights), self._mesh)
             with sharding.use(self._mesh):
                 logp, greedy = self._score(self.params, batch["tokens"], batch["targets"], batch["weights"])

@@ -85,12 +85,13 @@ def assert_same(ref, ours, names=TASKS):
 
 
 def test_bucket_brute_force():
-    for cap in (16, 40, 128):
-        for n in range(1, cap + 1):
-            b = ev.bucket(n, cap)
-            assert n <= b <= cap
-            assert b == cap or (b >= 16 and b & (b - 1) == 0 and (b == 16 or b // 2 < n))
-    assert len({ev.bucket(n, 2048) for n in range(1, 2049)}) == 8  # 16 .. 2048: few shapes, few compilations
+    """The smallest of smallest x 2^k and 3/4 of it (k >= 1) that holds n, capped; never below n."""
+    for smallest in (4, 16):
+        sizes = sorted({smallest * 2 ** k for k in range(12)} | {smallest * 2 ** k * 3 // 4 for k in range(1, 12)})
+        for cap in (16, 40, 128, 2048):
+            for n in range(1, cap + 1):
+                assert ev.bucket(n, cap, smallest) == max(n, min(cap, min(x for x in sizes if x >= n))), (n, cap)
+    assert len({ev.bucket(n, 2048) for n in range(1, 2049)}) == 15  # 16 .. 2048: few shapes, few compilations
 
 
 @pytest.mark.parametrize("family", ["qwen2.5", pytest.param("llama2", marks=pytest.mark.slow),

@@ -21,7 +21,8 @@ left padding of a prompt stays masked for every later token. Inside the layer sc
 attends to its cached slots as they are plus the call's own keys (one joint softmax) and returns
 only its new keys / values; all layers' new slots are then written with one in-place update (a
 write inside the scan would make XLA copy the whole cache every step). `last_only=True` computes
-the head at the last position only (a prefill needs nothing else).
+the head at the last position only (a prefill needs nothing else); `last_n=N` at the last N positions
+(scoring left-padded rows whose scored tokens all end at the last position: lm-eval's log-likelihoods).
 """
 from __future__ import annotations
 
@@ -433,7 +434,8 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
-                 cache: Optional[dict] = None, cache_index: Any = 0, last_only: bool = False):
+                 cache: Optional[dict] = None, cache_index: Any = 0, last_only: bool = False,
+                 last_n: int = 0):
         cfg = self.cfg
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"head={self.head!r}; valid: lm, scalar")
@@ -490,8 +492,8 @@ class Transformer(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_kv = stack(cfg, deterministic, name="layers")(x, layer_caches, windows, positions, mask, distances,
                                                              cache_index)
-        if last_only:
-            x = x[:, -1:]
+        if last_only or last_n:
+            x = x[:, -(last_n or 1):]
         x = Norm(cfg, name="ln_final")(x)
 
         if self.head == "lm":
