@@ -28,7 +28,7 @@ from instructgpt_jax.errors import UserError
 # the run computes (schedule length, logging, layout of devices).
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_tasks",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.",
-                  "model.scan_unroll", "model.causal_blocks")
+                  "model.scan_unroll", "model.causal_blocks", "model.logits_chunk")
 EXPORT_DIR = "export"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what an export or a Hugging Face directory holds
 TEMPLATE_FILE = "chat_template.jinja"  # the chat template a run used, saved with its export

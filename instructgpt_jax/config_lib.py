@@ -109,7 +109,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     preset = check_preset(preset)
     if preset == FINETUNE:
         return ml_collections.ConfigDict(dict(model_config("tiny"), preset=FROM_CHECKPOINT, scan_unroll=1,
-                                              causal_blocks=1, dtype="bfloat16"))
+                                              causal_blocks=1, dtype="bfloat16", logits_chunk=512))
     arch, layers, d_model, heads, kv_heads, d_head, mlp, ctx, vocab = PRESETS[preset]
     speed = SPEED_KEYS.get(preset, {})  # these two change speed only, never results
     keys = dict(
@@ -133,6 +133,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         remat="none",            # activation rematerialisation per block: 'none', 'full', 'dots'
         scan_unroll=speed.get("scan_unroll", 1),      # layers per layer-scan iteration in training / scoring
         causal_blocks=speed.get("causal_blocks", 1),  # query blocks that skip the keys after them (1 = off)
+        # the LM head over chunks of this many positions in the losses (0 = all at once): [rows, tokens, vocab]
+        # float32 logits never exist in full (speed / memory only, never results)
+        logits_chunk=0 if preset in CPU_PRESETS else 512,
         # Family keys (Hugging Face architectures); these defaults are plain GPT-3 / LLaMA / GPT-NeoX.
         activation="",           # MLP activation 'gelu_tanh', 'gelu' (exact), 'silu'; '' = the arch's (gpt: gelu_tanh, llama: silu, neox: gelu)
         qkv_bias=False,          # biases on the q, k, v projections of a llama-arch model (Qwen2)

@@ -35,16 +35,14 @@ def loss_fn(params, batch, rng, reference, *, model, beta, loss_type, ipo_token_
     count); metrics: pair accuracy, implicit rewards βΔ of the preferred / dispreferred completions and
     their margin, and KL(π‖π_ref) summed over each completion's tokens (exact over the vocabulary, at the
     data's prefixes)."""
-    logits, targets, mask = scoring.completion_logits(params, model, batch, rng=rng)
-    ref_logits = jax.lax.stop_gradient(scoring.completion_logits(reference, model, batch)[0])
+    st, mask = scoring.completion_token_logprobs(params, model, batch, rng=rng, reference=reference)
     b, k = batch["ranks"].shape
     per_seq = lambda x: jnp.where(mask, x, 0.0).sum(-1).reshape(b, k)  # noqa: E731
-    logp, ref_logp = per_seq(losses.token_logprobs(logits, targets)), per_seq(losses.token_logprobs(ref_logits, targets))
+    logp, ref_logp = per_seq(st["logp"]), per_seq(jax.lax.stop_gradient(st["ref_logp"]))
     lengths = jnp.sum(mask, axis=-1).reshape(b, k)  # response tokens per completion: what logp sums over
     loss, aux = losses.dpo_loss(logp, ref_logp, batch["ranks"], batch["valid"], beta, loss_type, lengths=lengths,
                                 ipo_token_mean=ipo_token_mean, pl_normalize=pl_normalize)
-    lp = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(jnp.float32))
-    kl = per_seq(jnp.sum(jnp.exp(lp) * (lp - jax.nn.log_softmax(ref_logits.astype(jnp.float32))), -1))
+    kl = per_seq(jax.lax.stop_gradient(st["kl"]))
     return loss, {"weight": aux["num_prompts"], "accuracy": aux["accuracy"], "accuracy_weight": aux["num_pairs"],
                   "chosen_reward": aux["chosen_reward"], "rejected_reward": aux["rejected_reward"],
                   "margin": aux["margin"], "kl": losses.masked_mean(kl, batch["valid"])}

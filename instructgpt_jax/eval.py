@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructgpt_jax import checkpoints, losses, sharding
+from instructgpt_jax import checkpoints, scoring, sharding
 from instructgpt_jax.errors import MissingFileError, UserError
 from instructgpt_jax.models import ModelConfig, Transformer
 from instructgpt_jax.sampling import left_pad_positions
@@ -81,12 +81,11 @@ def _score_rows(params, tokens, targets, weights, *, model):
     tokens: per row the sum of log p(target) where weights [B, C] is 1, and whether every such target is the
     argmax. Only the last C positions get logits (C is a bucket of the longest continuation, T of the row)."""
     segments = (tokens >= 0).astype(jnp.int32)  # pads: segment 0, attending to nothing
-    logits = model.apply({"params": params}, jnp.maximum(tokens, 0), left_pad_positions(segments), segments,
-                         last_n=targets.shape[1])
-    logp = losses.token_logprobs(logits, targets)
-    greedy = jnp.argmax(logits, axis=-1) == targets
+    hidden = model.apply({"params": params}, jnp.maximum(tokens, 0), left_pad_positions(segments), segments,
+                         last_n=targets.shape[1], return_hidden=True)
+    st = scoring.token_stats(params, model, hidden, targets, correct=True)  # chunked LM head
     w = weights > 0
-    return jnp.where(w, logp, 0.0).sum(-1), jnp.all(greedy | ~w, axis=-1)
+    return jnp.where(w, st["logp"], 0.0).sum(-1), jnp.all(st["correct"] | ~w, axis=-1)
 
 
 @register_model(NAME)

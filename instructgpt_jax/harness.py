@@ -25,7 +25,7 @@ from instructgpt_jax.errors import UserError
 
 # Model keys a run may choose for itself whatever checkpoint it starts from (they change how, not what, it computes,
 # or are the stage's own choice: PPO and DPO need dropout 0). Every other key comes from the checkpoint.
-RUNTIME_MODEL_KEYS = ("preset", "dropout", "dtype", "remat", "scan_unroll", "causal_blocks")
+RUNTIME_MODEL_KEYS = ("preset", "dropout", "dtype", "remat", "scan_unroll", "causal_blocks", "logits_chunk")
 # What each stage's data files hold, for the errors that ask for one.
 _DATA = {"text": "{text} rows", "demonstrations": "{prompt, response} or {messages} rows",
          "comparisons": "{prompt, completions, ranks}, {prompt, chosen, rejected}, HH or UltraFeedback rows",

@@ -76,16 +76,23 @@ def entropy(logits):
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
+def target_is_max(logits, targets):
+    """[B, T]: the target's logit is the row maximum (a tie counts as correct). Not argmax == target: argmax is
+    a (value, index) reduce over the vocabulary that cost 355 ms of a GPT-2 CPU train step."""
+    return jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[..., 0] >= \
+        jnp.max(logits, axis=-1)
+
+
+def token_nll(logp, correct, mask):
+    """Mean token NLL over the mask from per-token log-probs (and accuracy from `correct`): the loss of
+    `sft_loss` / `ptx_loss` when the log-probs come from chunked logits (`scoring.token_stats`)."""
+    mask = jnp.asarray(mask, jnp.float32)
+    return masked_mean(-logp, mask), {"num_tokens": jnp.sum(mask), "accuracy": masked_mean(correct, mask)}
+
+
 def _token_nll(logits, targets, mask):
     """Shared body of sft_loss and ptx_loss: mean token NLL over the mask + metrics."""
-    mask = jnp.asarray(mask, jnp.float32)
-    targets = jnp.asarray(targets, jnp.int32)
-    loss = masked_mean(-token_logprobs(logits, targets), mask)
-    # "The target's logit is the row maximum" (a tie counts as correct) rather than argmax == target:
-    # argmax is a (value, index) reduce over the vocabulary that cost 355 ms of a GPT-2 CPU train step.
-    correct = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] >= jnp.max(logits, axis=-1)
-    aux = {"num_tokens": jnp.sum(mask), "accuracy": masked_mean(correct, mask)}
-    return loss, aux
+    return token_nll(token_logprobs(logits, targets), target_is_max(logits, targets), mask)
 
 
 @jax.jit

@@ -146,19 +146,20 @@ def update_step(state, rollout, idx, ptx, *, policy, value_model, policy_tx, val
     agg, max_tokens = loss_aggregation(cfg)
 
     def policy_loss(params):
-        logp, logits = scoring.response_logprobs(params, policy, *rows, p, cfg.temperature)
+        logp, ent = scoring.response_logprobs(params, policy, *rows, p, cfg.temperature, entropy=True)
         loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps,
                                            agg=agg, max_tokens=max_tokens)
-        aux = dict(aux, pg_loss=loss, entropy=losses.masked_mean(losses.entropy(jax.lax.stop_gradient(logits)),
-                                                                 mb["mask"]))
+        aux = dict(aux, pg_loss=loss, entropy=losses.masked_mean(jax.lax.stop_gradient(ent), mb["mask"]))
         if cfg.kl_penalty == "loss":  # β·KL(π‖π_ref) as a loss term, with its own (correct) gradient
             kl, _ = losses.kl_loss(logp, mb["ref_logp"], mb["mask"], estimator=cfg.kl_estimator, agg=agg,
                                    max_tokens=max_tokens)
             loss = loss + state["kl_beta"] * kl
             aux["kl_loss"] = kl
         if cfg.ptx_coef > 0:  # PPO-ptx: γ · pretraining NLL on every minibatch
-            ptx_logits = policy.apply({"params": params}, ptx["tokens"], ptx["positions"], ptx["segment_ids"])
-            ptx_l, _ = losses.ptx_loss(ptx_logits, ptx["targets"], ptx["loss_mask"])
+            hidden = policy.apply({"params": params}, ptx["tokens"], ptx["positions"], ptx["segment_ids"],
+                                  return_hidden=True)
+            st = scoring.token_stats(params, policy, hidden, ptx["targets"], correct=True)  # chunked LM head
+            ptx_l, _ = losses.token_nll(st["logp"], st["correct"], ptx["loss_mask"])
             loss = loss + cfg.ptx_coef * ptx_l
             aux["ptx_loss"] = ptx_l
         return loss, aux

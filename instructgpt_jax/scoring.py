@@ -22,7 +22,7 @@ import numpy as np
 
 from instructgpt_jax import checkpoints, losses, sharding
 from instructgpt_jax.errors import UserError
-from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.models import ModelConfig, Transformer, lm_head_logits
 from instructgpt_jax.sampling import left_pad_positions
 
 
@@ -33,13 +33,55 @@ def sequence_inputs(tokens, prompt_mask, response_mask):
     return tokens, left_pad_positions(segments), segments
 
 
-def response_logprobs(params, model, tokens, positions, segments, prompt_len: int, temperature: float = 1.0):
-    """log π(y_t | x, y_<t) of the N response tokens of rollout rows [B, P + N] -> ([B, N] float32,
-    the [B, N, V] logits they come from). `temperature` divides the logits as the sampler did."""
-    logits = model.apply({"params": params}, tokens, positions, segments)[:, prompt_len - 1:-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    return losses.token_logprobs(logits, tokens[:, prompt_len:]), logits
+def token_stats(params, model, hidden, targets, *, temperature: float = 1.0, entropy: bool = False,
+                correct: bool = False, reference=None) -> dict:
+    """The next-token distribution at each of N positions, from final hidden states [B, N, D] (a `Transformer`
+    called with `return_hidden=True`) and targets [B, N]: {'logp': log π(target) float32 [B, N], 'entropy'
+    (if asked), 'correct' (the target's logit is the row maximum; if asked)}. `temperature` divides the logits.
+    `reference=(ref_params, ref_hidden)` (the same model's frozen params and their hidden states) adds
+    'ref_logp' and 'kl' = KL(π‖π_ref) over the whole vocabulary at each position.
+
+    With `model.cfg.logits_chunk` = C > 0 and N > C the LM head runs over chunks of C positions inside
+    `jax.checkpoint`: a chunk's [B, C, V] logits exist only while it is computed (the backward recomputes
+    them), so [B, N, V] float32 logits are never materialised; values and gradients equal the unchunked ones."""
+    cfg = model.cfg
+
+    def stats(h, t, ref_h=None):
+        logits = lm_head_logits(params, cfg, h)
+        if temperature != 1.0:
+            logits = logits / temperature
+        out = {"logp": losses.token_logprobs(logits, t)}
+        if entropy:
+            out["entropy"] = losses.entropy(logits)
+        if correct:
+            out["correct"] = losses.target_is_max(logits, t)
+        if ref_h is not None:
+            ref_logits = lm_head_logits(reference[0], cfg, ref_h) / temperature
+            out["ref_logp"] = losses.token_logprobs(ref_logits, t)
+            lp = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(jnp.float32))
+            out["kl"] = jnp.sum(jnp.exp(lp) * (lp - jax.nn.log_softmax(ref_logits.astype(jnp.float32))), -1)
+        return out
+
+    inputs = (hidden, targets) + ((reference[1],) if reference is not None else ())
+    b, n = targets.shape
+    c = cfg.logits_chunk
+    if not c or n <= c:
+        return stats(*inputs)
+    k = -(-n // c)
+    chunks = lambda x: jnp.pad(x, [(0, 0), (0, k * c - n)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
+        b, k, c, *x.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda xs: stats(*xs)), tuple(chunks(x) for x in inputs))
+    return {key: v.swapaxes(0, 1).reshape(b, k * c)[:, :n] for key, v in out.items()}
+
+
+def response_logprobs(params, model, tokens, positions, segments, prompt_len: int, temperature: float = 1.0,
+                      entropy: bool = False):
+    """log π(y_t | x, y_<t) of the N response tokens of rollout rows [B, P + N] -> ([B, N] float32, their
+    entropies [B, N] if `entropy`, else None). `temperature` divides the logits as the sampler did. The LM head
+    runs over chunks of `model.cfg.logits_chunk` positions (`token_stats`)."""
+    hidden = model.apply({"params": params}, tokens, positions, segments, return_hidden=True)[:, prompt_len - 1:-1]
+    st = token_stats(params, model, hidden, tokens[:, prompt_len:], temperature=temperature, entropy=entropy)
+    return st["logp"], st.get("entropy")
 
 
 def response_values(params, model, tokens, positions, segments, prompt_len: int):
@@ -61,29 +103,33 @@ def score(params, tokens, segment_ids, positions, last_index, *, model, bias=0.0
     return rewards_at(values.reshape(*lead, -1).astype(jnp.float32), last_index) + bias
 
 
-def completion_logits(params, model, batch, *, rng=None):
-    """Logits over scored rows and the mask of the completion tokens they predict (EOS included).
+def completion_token_logprobs(params, model, batch, *, rng=None, reference=None):
+    """Per-token log-probs over scored rows and the mask of the completion tokens (EOS included).
 
-    batch: tokens / segment_ids / positions [B, K, T], last_index / prompt_len [B, K]. The logits at t
-    predict token t + 1, so targets are tokens[:, :, 1:] and the mask is 1 on targets at indices
-    prompt_len .. last_index. Returns (logits [B*K, T-1, V], targets [B*K, T-1], mask [B*K, T-1]).
-    `rng` turns dropout on (training)."""
+    batch: tokens / segment_ids / positions [B, K, T], last_index / prompt_len [B, K]. Position t predicts
+    token t + 1, so targets are tokens[:, :, 1:] and the mask is 1 on targets at indices prompt_len ..
+    last_index. Returns (`token_stats` of the rows: 'logp' [B*K, T-1] float32, and with `reference` (frozen
+    params of the same model, no dropout) 'ref_logp' and 'kl'; the mask [B*K, T-1]). The LM head runs over
+    chunks of `model.cfg.logits_chunk` positions. `rng` turns dropout on (training)."""
     b, k, t = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, *x.shape[2:])  # noqa: E731
-    tokens = flat(batch["tokens"])
-    logits = model.apply({"params": params}, tokens, flat(batch["positions"]), flat(batch["segment_ids"]),
-                         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})[:, :-1]
+    tokens, positions, segments = flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"])
+    hidden = model.apply({"params": params}, tokens, positions, segments, deterministic=rng is None,
+                         rngs=None if rng is None else {"dropout": rng}, return_hidden=True)[:, :-1]
+    if reference is not None:
+        ref_hidden = model.apply({"params": reference}, tokens, positions, segments, return_hidden=True)[:, :-1]
+        reference = (reference, jax.lax.stop_gradient(ref_hidden))
     target = jnp.arange(1, t)[None]
     mask = (target >= flat(batch["prompt_len"])[:, None]) & (target <= flat(batch["last_index"])[:, None])
-    return logits, tokens[:, 1:], mask
+    return token_stats(params, model, hidden, tokens[:, 1:], reference=reference), mask
 
 
 def completion_logprobs(params, model, batch, *, rng=None):
     """Summed log π(completion | prompt) of scored rows, EOS included: [B, K] float32
     (rows whose `valid` is 0 give meaningless values: mask them)."""
-    logits, targets, mask = completion_logits(params, model, batch, rng=rng)
+    st, mask = completion_token_logprobs(params, model, batch, rng=rng)
     b, k = batch["tokens"].shape[:2]
-    return jnp.where(mask, losses.token_logprobs(logits, targets), 0.0).sum(-1).reshape(b, k)
+    return jnp.where(mask, st["logp"], 0.0).sum(-1).reshape(b, k)
 
 
 def append_eos(tokens, prompt_mask, response_mask, ended, eos_id: int):

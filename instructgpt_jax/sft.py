@@ -10,7 +10,7 @@ import functools
 import jax
 import ml_collections
 
-from instructgpt_jax import harness, losses, sharding, train_lib
+from instructgpt_jax import harness, losses, scoring, sharding, train_lib
 from instructgpt_jax.data import prepare
 from instructgpt_jax.models import ModelConfig, Transformer
 
@@ -18,9 +18,10 @@ from instructgpt_jax.models import ModelConfig, Transformer
 def loss_fn(params, batch, rng, frozen=None, *, model):
     """Token cross-entropy on loss_mask (response tokens for SFT, every token for pretraining)."""
     del frozen
-    logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
-    loss, aux = losses.sft_loss(logits, batch["targets"], batch["loss_mask"])
+    hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng}, return_hidden=True)
+    st = scoring.token_stats(params, model, hidden, batch["targets"], correct=True)  # chunked LM head
+    loss, aux = losses.token_nll(st["logp"], st["correct"], batch["loss_mask"])
     return loss, {"accuracy": aux["accuracy"], "weight": aux["num_tokens"]}
 
 

@@ -22,9 +22,9 @@ def loss_fn(params, batch, rng, frozen, *, model, beta, gamma):
     """simpo_loss on r = β · (average completion log-prob); metrics: pair accuracy, the rewards of the
     preferred / dispreferred completions and their margin."""
     del frozen  # reference-free
-    logits, targets, mask = scoring.completion_logits(params, model, batch, rng=rng)
+    st, mask = scoring.completion_token_logprobs(params, model, batch, rng=rng)
     b, k = batch["ranks"].shape
-    logp = jnp.where(mask, losses.token_logprobs(logits, targets), 0.0).sum(-1).reshape(b, k)
+    logp = jnp.where(mask, st["logp"], 0.0).sum(-1).reshape(b, k)
     loss, aux = losses.simpo_loss(logp, mask.sum(-1).reshape(b, k), batch["ranks"], batch["valid"], beta, gamma)
     return loss, {"weight": aux["num_prompts"], "accuracy": aux["accuracy"], "accuracy_weight": aux["num_pairs"],
                   "chosen_reward": aux["chosen_reward"], "rejected_reward": aux["rejected_reward"],

@@ -71,6 +71,7 @@ class ModelConfig:
     remat: str = "none"
     scan_unroll: int = 1
     causal_blocks: int = 1
+    logits_chunk: int = 0  # losses: the LM head over chunks of this many positions (scoring.token_stats)
     # Family options; the defaults are plain GPT-3 / LLaMA (meanings: config_lib.model_config).
     activation: str = ""  # '' -> the arch's own, resolved in __post_init__
     qkv_bias: bool = False
@@ -119,6 +120,8 @@ class ModelConfig:
         for key in ("scan_unroll", "causal_blocks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config.model.{key}={getattr(self, key)}; must be >= 1 (1 = off)")
+        if self.logits_chunk < 0:
+            raise ValueError(f"config.model.logits_chunk={self.logits_chunk}; must be >= 0 (0 = off)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"config.model.remat={self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -435,7 +438,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
                  cache: Optional[dict] = None, cache_index: Any = 0, last_only: bool = False,
-                 last_n: int = 0):
+                 last_n: int = 0, return_hidden: bool = False):
         cfg = self.cfg
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"head={self.head!r}; valid: lm, scalar")
@@ -495,6 +498,8 @@ class Transformer(nn.Module):
         if last_only or last_n:
             x = x[:, -(last_n or 1):]
         x = Norm(cfg, name="ln_final")(x)
+        if return_hidden:  # the LM head applied later, over chunks of positions (`lm_head_logits`)
+            return x
 
         if self.head == "lm":
             if cfg.tie_embeddings:
@@ -515,6 +520,21 @@ class Transformer(nn.Module):
         return out, {"k": jax.lax.dynamic_update_slice(cache["k"], new_kv["k"], start),
                      "v": jax.lax.dynamic_update_slice(cache["v"], new_kv["v"], start),
                      "segment_ids": kv_segments}
+
+
+def lm_head_logits(params, cfg: ModelConfig, x):
+    """The LM head of `Transformer(cfg)` as a pure function of its params: final hidden states x [..., D]
+    (`return_hidden=True`) -> logits [..., V], computed exactly as the module computes them (the tied
+    embedding or `lm_head`, in the compute dtype, then Gemma 2's soft-cap)."""
+    dt = cfg.compute_dtype
+    if cfg.tie_embeddings:
+        out = jnp.dot(x.astype(dt), jnp.asarray(nn.unbox(params["embed"]["embedding"])).astype(dt).T)
+    else:
+        kernel = jnp.asarray(nn.unbox(params["lm_head"]["kernel"])).astype(dt)
+        out = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if cfg.final_softcap:
+        out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
+    return out
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
