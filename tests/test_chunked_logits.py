@@ -109,8 +109,8 @@ def test_compiled_sft_step_never_holds_the_whole_logits():
     assert whole > logits_bytes  # the unchunked step holds at least one full float32 logits tensor
     assert whole - chunks > logits_bytes
     # the memory plan counts one chunk's logits (and their gradient) per row instead of the sequence's
-    full = plan.activations(model.cfg, b, t, plan.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
-    part = plan.activations(chunked.cfg, b, t, plan.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
+    full = plan.activations(model.cfg, b, t, plan.abstract_mesh((1, 1, 1)))
+    part = plan.activations(chunked.cfg, b, t, plan.abstract_mesh((1, 1, 1)))
     assert full - part == b * (t - 32) * 4 * 2 * big["vocab_size"]
 
 
