@@ -142,7 +142,11 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
       config.train.grad_accum; the RL stage does not accumulate, so 'ppo' ignores it). sample_batch: rows
       sampled at once (default config.ppo.rollout_chunk, else the minibatch). Critic-free RL
       (advantage_estimator != 'gae') holds no value model; a verifier reward no RM.
+    The model is the checkpoint's when the config starts from one (`config.init.hf_path` or `.from_workdir`,
+    as the stage adopts it: `harness.resolve`), and PPO's reward / value model is `config.ppo.rm_workdir`'s.
     """
+    from instructgpt_jax import checkpoints, harness
+    config = harness.resolve(config, strict=False)
     stage = stage or config.stage
     stage = "sft" if stage == "pretrain" else stage
     mesh = abstract_mesh(mesh_shape)
@@ -183,8 +187,12 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
         uses_rm = ppo.get("reward", "rm") == "rm" or not critic_free
         prompt = config.data.get("max_prompt_len", policy.max_len // 2)
         seq = seq_len or prompt + ppo.get("max_new_tokens", policy.max_len - prompt)
-        rm_cfg = policy if not rm_preset else _model(  # same tokenizer, dtype and remat as the policy
-            config_lib.model_config(rm_preset), vocab_size=policy.vocab_size, dtype=policy.dtype, remat=policy.remat)
+        rm_model = config_lib.model_config(rm_preset) if rm_preset else None
+        if ppo.get("rm_workdir", "") and not rm_preset:  # the reward model the stage will load
+            rm_model, rm_preset = checkpoints.read_export_meta(ppo.rm_workdir)["model"], ppo.rm_workdir
+        rm_cfg = policy if rm_model is None else _model(  # the policy's dtype and remat (and tokenizer)
+            rm_model, vocab_size=max(policy.vocab_size, rm_model["vocab_size"]), dtype=policy.dtype,
+            remat=policy.remat)
         trainable("policy", policy, "lm")
         resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
         if ppo.get("ema_decay", 0.0) > 0:
@@ -286,8 +294,9 @@ def main(argv):
             raise ValueError
     except ValueError:
         raise app.UsageError(f"--mesh={FLAGS.mesh!r}: expected data,fsdp,tensor, e.g. 1,64,8") from None
-    rm_preset = FLAGS.rm_preset or ("6.7b" if stage == "ppo" and not config_lib.is_cpu_preset(config.model.preset)
-                                    else None)
+    full_size = config.model.preset in config_lib.PRESETS and not config_lib.is_cpu_preset(config.model.preset)
+    rm_preset = FLAGS.rm_preset or ("6.7b" if stage == "ppo" and full_size and not config.get("ppo", {}).get(
+        "rm_workdir", "") else None)
     try:
         p = plan(config, mesh, stage=stage, rm_preset=rm_preset, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
                  sample_batch=FLAGS.sample_batch, micro_rows=FLAGS.micro_rows)

@@ -120,3 +120,20 @@ def test_presets_chunk_where_vocabularies_are_large():
     assert config_lib.load("sft", "finetune").model.logits_chunk == 512
     with pytest.raises(ValueError, match="logits_chunk"):
         ModelConfig(logits_chunk=-1)
+
+
+def test_plan_adopts_the_checkpoints_models(sft_workdir, rm_workdir, tmp_path):
+    """`plan` sizes the model the stage will run: the previous export's (and PPO's reward model from
+    ppo.rm_workdir), not the preset's."""
+    from conftest import stage_config
+    from instructgpt_jax import checkpoints
+    exported = ModelConfig.from_config(checkpoints.read_export_meta(sft_workdir)["model"])
+    bigger = {"model.num_layers": 6, "model.d_model": 128, "model.num_heads": 4, "model.num_kv_heads": 4,
+              "model.head_dim": 32, "model.mlp_dim": 512}
+    config = stage_config("ppo", **{"init.from_workdir": sft_workdir, "ppo.rm_workdir": rm_workdir}, **bigger)
+    p = plan.plan(config, (1, 1, 1))
+    n_policy = plan.param_shards(exported, "lm", plan.abstract_mesh((1, 1, 1)))[1]
+    n_rm = plan.param_shards(exported, "scalar", plan.abstract_mesh((1, 1, 1)))[1]
+    assert p.resident["policy params"] == 4 * n_policy  # the export's model, not the 6-layer override
+    assert p.resident["reward model params"] == 4 * n_rm
+    assert any(rm_workdir in n for n in p.notes)
