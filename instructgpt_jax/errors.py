@@ -16,6 +16,9 @@ Anything else (TypeError, AttributeError, IndexError, ...) is a bug and keeps it
 
 from __future__ import annotations
 
+import os
+import sys
+
 EXIT_STATUS = 2  # what the command line exits with on a user error (1 stays "crashed")
 
 DEBUG_ENV = "INSTRUCTGPT_DEBUG"
@@ -43,3 +46,22 @@ def one_line(exc: BaseException) -> str:
         msg = str(exc)
     msg = " ".join(part.strip() for part in msg.splitlines() if part.strip())
     return msg or type(exc).__name__
+
+
+def debug_requested(argv) -> bool:
+    """--debug / INSTRUCTGPT_DEBUG=1, read from argv (flag parsing may be what failed): a command shows the
+    traceback of a user error instead of one line."""
+    if os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
+        return True
+    debug = False
+    for arg in argv[1:]:
+        name, _, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name in ("debug", "nodebug"):
+            debug = name == "debug" and value.lower() not in ("false", "0", "f")
+    return debug
+
+
+def exit_user_error(message: str):
+    """What every command does with a user error: `error: <message>` on stderr, exit status 2."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(EXIT_STATUS)

@@ -102,15 +102,13 @@ class JaxLM(TemplateLM):
                  dtype: str = "float32", max_gen_toks=256, seed=0, mesh=None, **unused):
         require_lm_eval()
         super().__init__()
-        mesh = mesh or _workdir_mesh(workdir)
-        if hf_path:
-            if workdir:
-                raise UserError("give --workdir (one of our runs) or --hf_path (a Hugging Face directory), not both")
-            model, params, tok, template, self._name = _load_hf(hf_path, mesh, dtype)
-        elif workdir:
-            model, params, tok, template, self._name = _load_export(workdir, export, mesh, dtype)
-        else:
+        if not (hf_path or workdir):
             return  # from_params fills in the rest
+        if hf_path and workdir:
+            raise UserError("give --workdir (one of our runs) or --hf_path (a Hugging Face directory), not both")
+        mesh = mesh or _workdir_mesh(workdir)
+        load = functools.partial(_load_hf, hf_path) if hf_path else functools.partial(_load_export, workdir, export)
+        model, params, tok, template, self._name = load(mesh, dtype)
         self._setup(model, params, tok, template, mesh, batch_size, max_length, max_gen_toks, seed)
 
     @classmethod
@@ -423,10 +421,19 @@ def tasks_callback(config, model, tokenizer, template, mesh, params_of=lambda st
     t = config.train
     if not t.get("eval_tasks", ""):
         return None
+    for key in ("eval_tasks_every", "eval_tasks_limit"):
+        if t[key] < 0:
+            raise UserError(f"config.train.{key}={t[key]}; must be >= 0")
+    if t.eval_tasks_include_path and not os.path.isdir(t.eval_tasks_include_path):
+        raise UserError(f"config.train.eval_tasks_include_path={t.eval_tasks_include_path!r} is not a directory")
     resolved = resolve_tasks(t.eval_tasks, [t.eval_tasks_include_path], "config.train.eval_tasks")  # fail now
+    lm = None  # one backend for the whole run: its jitted scorer and samplers compile once
 
     def run(state) -> dict:
-        lm = JaxLM.from_params(model, params_of(state), tokenizer, template, mesh=mesh, seed=config.seed)
+        nonlocal lm
+        if lm is None:
+            lm = JaxLM.from_params(model, params_of(state), tokenizer, template, mesh=mesh, seed=config.seed)
+        lm.params = params_of(state)
         return flat_metrics(run_tasks(lm, None, limit=t.eval_tasks_limit or None, seed=config.seed,
                                       resolved=resolved))
     return run
@@ -470,13 +477,7 @@ def _cli():
     flags.DEFINE_bool("log_samples", False, "Also write every request and response into the results JSON.")
     flags.DEFINE_bool("debug", False, f"Show the traceback of an error; also {errors.DEBUG_ENV}=1.")
 
-    def debug(argv) -> bool:
-        env = os.environ.get(errors.DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
-        return env or any(a in ("--debug", "-debug", "--debug=true", "--debug=1") for a in argv[1:])
-
-    def fail(message: str):
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(errors.EXIT_STATUS)
+    debug, fail = errors.debug_requested, errors.exit_user_error
 
     def parse(argv):
         if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
@@ -499,6 +500,13 @@ def _cli():
             fail(f"--batch_size={f.batch_size}: must be at least 1")
         if f.dtype not in ("float32", "bfloat16"):
             fail(f"--dtype={f.dtype}: valid choices are float32 and bfloat16")
+        for name in ("limit", "max_length"):
+            if f[name].value is not None and f[name].value <= 0:
+                fail(f"--{name}={f[name].value}: must be > 0")
+        if f.num_fewshot is not None and f.num_fewshot < 0:
+            fail(f"--num_fewshot={f.num_fewshot}: must be >= 0")
+        if f.include_path and not os.path.isdir(f.include_path):
+            fail(f"--include_path={f.include_path}: not a directory")
         return rest
 
     def main(argv):

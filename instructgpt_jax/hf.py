@@ -955,13 +955,7 @@ def _cli():
     flags.DEFINE_integer("batch_size", 8, "--score: rows per forward pass.")
     flags.DEFINE_bool("debug", False, f"Show the traceback of an error; also {errors.DEBUG_ENV}=1.")
 
-    def debug(argv) -> bool:
-        env = os.environ.get(errors.DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
-        return env or any(a in ("--debug", "-debug", "--debug=true", "--debug=1") for a in argv[1:])
-
-    def fail(message: str):
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(errors.EXIT_STATUS)
+    debug, fail = errors.debug_requested, errors.exit_user_error
 
     def parse(argv):
         try:

@@ -34,7 +34,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection "
                                  "(TPU pods, SLURM) even without the flags above.")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error (bad data, config, checkpoint) "
+flags.DEFINE_bool("debug", False, "Show the traceback of a user error (bad data, config, checkpoint) "
                            f"instead of one line; also {errors.DEBUG_ENV}=1.")
 flags.mark_flags_as_required(["config"])
 
@@ -135,23 +135,7 @@ def initialize_distributed(coordinator, num_processes, process_id, auto=False):
         jax.distributed.initialize()
 
 
-def _debug_requested(argv) -> bool:
-    """--debug / INSTRUCTGPT_DEBUG=1, read from argv too (flag parsing may be what failed)."""
-    if os.environ.get(errors.DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
-        return True
-    if flags.FLAGS.is_parsed():
-        return _DEBUG.value
-    debug = False
-    for arg in argv[1:]:
-        name, _, value = arg.lstrip("-").partition("=")
-        if arg.startswith("-") and name in ("debug", "nodebug"):
-            debug = name == "debug" and value.lower() not in ("false", "0", "f")
-    return debug
-
-
-def _user_error(message: str):
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(errors.EXIT_STATUS)
+_debug_requested, _user_error = errors.debug_requested, errors.exit_user_error
 
 
 def _flag_arg(argv, name: str):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ from conftest import ROOT, stage_config  # noqa: E402
 from test_hf_e2e import CHATML_EOS, make_checkpoint  # noqa: E402
 
 from instructgpt_jax import eval as ev  # noqa: E402
-from instructgpt_jax import hf, sft, train_lib  # noqa: E402
+from instructgpt_jax import hf, sharding, sft, train_lib  # noqa: E402
 
 TASKS = ["tiny_mc", "tiny_gen", "tiny_txt"]
 
@@ -201,6 +202,9 @@ def test_command_line_errors(tasks, tmp_path, rm_workdir):
         ([f"--workdir={rm_workdir}", f"--hf_path={tmp_path}", "--tasks=tiny_mc"], "one of them"),
         ([f"--workdir={rm_workdir}"], "--tasks is required"),
         ([f"--workdir={rm_workdir}", "--tasks=x", "--dtype=int4"], "--dtype"),
+        ([f"--workdir={rm_workdir}", "--tasks=x", "--limit=0"], "--limit=0"),
+        ([f"--workdir={rm_workdir}", "--tasks=x", "--num_fewshot=-1"], "--num_fewshot"),
+        ([f"--workdir={rm_workdir}", "--tasks=x", f"--include_path={tmp_path}/nope"], "not a directory"),
     ]:
         p = run_eval(*args)
         assert p.returncode == 2, (args, p.stderr[-2000:])
@@ -237,3 +241,47 @@ def test_ppo_ptx_logs_task_metrics_at_the_interval(tasks, sft_workdir, rm_workdi
 def config_lib_replace(config, **kw):
     from instructgpt_jax import config_lib
     return config_lib.replace(config, **kw)
+
+
+def test_tasks_during_training_options(tasks, tmp_path, monkeypatch):
+    """train.eval_tasks by name from train.eval_tasks_include_path, train.eval_tasks_limit examples per task, one
+    backend for the run (params swapped in); bad values are a UserError naming the key."""
+    import ml_collections
+    from instructgpt_jax.data import chat
+    ckpt = make_checkpoint(str(tmp_path / "ckpt"), "qwen2.5")
+    model, params = hf.load_pretrained(ckpt)
+    tok = hf.load_tokenizer(ckpt)
+    config = ml_collections.ConfigDict(dict(seed=0, train=dict(
+        eval_tasks="tiny_mc", eval_tasks_every=0, eval_tasks_limit=2, eval_tasks_include_path=tasks)))
+    seen, real = [], ev.run_tasks
+    monkeypatch.setattr(ev, "run_tasks", lambda lm, *a, **k: seen.append((lm, real(lm, *a, **k))) or seen[-1][1])
+    run = ev.tasks_callback(config, model, tok, chat.resolve("auto", tok), sharding.default_mesh())
+    first = run({"params": params})
+    shifted = jax.tree.map(lambda x: x * 0.5, params)
+    second = run({"params": shifted})
+    assert set(first) == {"tasks/tiny_mc/acc", "tasks/tiny_mc/acc_norm"}
+    assert all(r["n-samples"]["tiny_mc"]["effective"] == 2 for _, r in seen)  # the limit
+    assert seen[0][0] is seen[1][0] and seen[1][0].params is shifted  # one backend, the state's params
+    assert set(second) == set(first)
+    for key, value, match in (("eval_tasks_limit", -1, "eval_tasks_limit"),
+                              ("eval_tasks_include_path", str(tmp_path / "nope"), "not a directory"),
+                              ("eval_tasks", "no_such_task", "config.train.eval_tasks")):
+        bad = ml_collections.ConfigDict(config.to_dict())
+        bad.train[key] = value
+        with pytest.raises(ValueError, match=match):
+            ev.tasks_callback(bad, model, tok, None, sharding.default_mesh())
+
+
+@pytest.mark.slow
+def test_num_fewshot_and_dtype_change_the_requests_and_scores(tasks, tmp_path):
+    ckpt = make_checkpoint(str(tmp_path / "ckpt"), "qwen2.5")
+    f32 = ev.JaxLM(hf_path=ckpt, batch_size=4, max_length=128)
+    zero = ev.run_tasks(f32, ["tiny_mc"], include_path=[tasks], log_samples=True)
+    two = ev.run_tasks(f32, ["tiny_mc"], include_path=[tasks], log_samples=True, num_fewshot=2)
+    ctx0, ctx2 = zero["samples"]["tiny_mc"][0]["arguments"][0][0], two["samples"]["tiny_mc"][0]["arguments"][0][0]
+    assert ctx2.endswith(ctx0) and ctx2.count("Question") == 3  # two solved examples before the question
+    bf16 = ev.run_tasks(ev.JaxLM(hf_path=ckpt, batch_size=4, max_length=128, dtype="bfloat16"), ["tiny_mc"],
+                        include_path=[tasks], log_samples=True)
+    a = [s["resps"][0][0][0] for s in zero["samples"]["tiny_mc"]]
+    b = [s["resps"][0][0][0] for s in bf16["samples"]["tiny_mc"]]
+    assert a != b and np.allclose(a, b, atol=0.5)  # bfloat16 compute: close, not equal
