@@ -30,6 +30,7 @@ RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "tra
                   "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.",
                   "model.scan_unroll", "model.causal_blocks", "model.logits_chunk")
 EXPORT_DIR = "export"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapters, next to the merged params of its export
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what an export or a Hugging Face directory holds
 TEMPLATE_FILE = "chat_template.jinja"  # the chat template a run used, saved with its export
 
@@ -118,10 +119,11 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def export(workdir: str, params: Any, meta: dict, save_tokenizer: Optional[Any] = None, name: str = EXPORT_DIR) -> str:
+def export(workdir: str, params: Any, meta: dict, save_tokenizer: Optional[Any] = None, name: str = EXPORT_DIR,
+           adapter: Any = None) -> str:
     """Params-only export (plus meta.json, and the tokenizer files `save_tokenizer(directory)` writes)
-    that the next stage loads. Written to a temporary directory and renamed, so an interrupted export
-    never leaves a half-written one."""
+    that the next stage loads; `adapter`: a LoRA run's adapters too (ADAPTER_DIR, for `hf --adapter`).
+    Written to a temporary directory and renamed, so an interrupted export never leaves a half-written one."""
     final = os.path.join(os.path.abspath(workdir), name)
     tmp = final + ".tmp"
     if jax.process_index() == 0 and os.path.exists(tmp):
@@ -129,6 +131,9 @@ def export(workdir: str, params: Any, meta: dict, save_tokenizer: Optional[Any] 
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, "params"), params)
     ckptr.wait_until_finished()
+    if adapter is not None:
+        ckptr.save(os.path.join(tmp, ADAPTER_DIR), adapter)
+        ckptr.wait_until_finished()
     if jax.process_index() == 0:
         if save_tokenizer is not None:
             save_tokenizer(tmp)
@@ -160,6 +165,12 @@ def load_export(path: str, abstract_params: Any) -> Any:
     """Restore exported params onto the shardings carried by `abstract_params`."""
     path = export_path(path)
     return ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract_params)
+
+
+def load_adapter(path: str) -> Any:
+    """A LoRA export's adapters (host arrays, as saved), or None when the export has none."""
+    path = os.path.join(export_path(path), ADAPTER_DIR)
+    return ocp.StandardCheckpointer().restore(path) if os.path.exists(path) else None
 
 
 def load_params(path: str, model, mesh) -> Any:

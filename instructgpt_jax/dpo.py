@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from instructgpt_jax import harness, losses, scoring, train_lib
+from instructgpt_jax import harness, lora, losses, scoring, train_lib
 from instructgpt_jax.data import prepare
 from instructgpt_jax.errors import UserError
-from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.models import Transformer
 
 
 def check_config(config) -> None:
@@ -61,22 +61,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     data = prepare.prepare_comparisons(config, workdir, builtin_data, demonstrations=False)
 
     # --- init: policy = reference = SFT; resume overwrites the policy
-    model = Transformer(ModelConfig.from_config(config.model))
+    # (LoRA: the reference is the frozen base itself, with the adapters off: no second model)
+    model = Transformer(lora.model_config(config))
     manager = run.start(data, model)
-    reference = run.source.params(model, mesh)
+    reference = run.source.params(lora.plain(model), mesh)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
-    params = jax.tree.map(jnp.copy, reference)  # the policy: a copy, since the train state is donated
+    params, base = lora.setup(config, model, reference, rng, mesh, adapter_params=run.adapter(model))
+    if base is None:
+        params = jax.tree.map(jnp.copy, reference)  # the policy: a copy, since the train state is donated
+    else:
+        reference = base
 
     # --- step + loop: the generic train step on this stage's loss, the shared loop
     state, last = train_lib.run_supervised(
         config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
-        loss_fn=functools.partial(loss_fn, model=model, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-                                  ipo_token_mean=config.dpo.ipo_token_mean, pl_normalize=config.dpo.pl_normalize),
-        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len, frozen=reference,
-        tasks_fn=run.tasks(model, data))
+        loss_fn=lora.with_base(functools.partial(
+            loss_fn, model=model, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
+            ipo_token_mean=config.dpo.ipo_token_mean, pl_normalize=config.dpo.pl_normalize)),
+        units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len,
+        frozen=(base, reference), tasks_fn=run.tasks(model, data, lambda s: lora.combine(s["params"], base)))
 
     # --- save: the policy, loadable wherever an SFT export is
     run.export(state["params"], data, step=int(state["step"]), beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-               ipo_token_mean=config.dpo.ipo_token_mean, pl_normalize=config.dpo.pl_normalize)
+               ipo_token_mean=config.dpo.ipo_token_mean, pl_normalize=config.dpo.pl_normalize, base=base)
     return last

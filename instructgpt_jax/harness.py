@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 import jax
 import ml_collections
 
-from instructgpt_jax import checkpoints, config_lib, sharding
+from instructgpt_jax import checkpoints, config_lib, lora, sharding
 from instructgpt_jax.errors import UserError
 
 # Model keys a run may choose for itself whatever checkpoint it starts from (they change how, not what, it computes,
@@ -107,6 +107,7 @@ def resolve(config: ml_collections.ConfigDict, explicit: Iterable[str] = (), str
             raise UserError(f"{hf_dir} has no tokenizer ({' or '.join(checkpoints.TOKENIZER_FILES)}); set "
                             f"config.data.tokenizer to one whose ids match the checkpoint's vocabulary")
         config.data.tokenizer = hf_dir  # its chat template comes with it (data.chat_template '' = auto)
+    lora.check_config(config)
     if strict:
         check_data_paths(config)
     return config
@@ -211,9 +212,27 @@ class Stage:
         from instructgpt_jax import eval as eval_lib  # lm-eval only when asked for
         return eval_lib.tasks_callback(self.config, model, data.tokenizer, data.chat_template, self.mesh, params_of)
 
-    def export(self, params, data, name: str = checkpoints.EXPORT_DIR, **meta) -> str:
+    def export(self, params, data, name: str = checkpoints.EXPORT_DIR, base=None, **meta) -> str:
         """Params + meta.json (stage, model, data statistics, `meta`) + tokenizer and template: what later
-        stages adopt."""
+        stages adopt. LoRA (`base`: the frozen base, `params` the trained adapters / heads): the merged
+        params, and the adapters apart with their config (meta 'lora') for `hf --adapter`."""
+        adapter = None
+        if base is not None:
+            adapter = lora.adapters(params)
+            params = lora.merge(params, base, lora.model_config(self.config))
+            meta["lora"] = lora.meta(self.config, self.lora_base())
         meta = {"stage": self.config.stage, "model": self.config.model.to_dict(), "data_stats": data.stats()
                 if hasattr(data, "stats") else {}, **meta}
-        return checkpoints.export(self.workdir, params, meta=meta, save_tokenizer=data.save_tokenizer, name=name)
+        return checkpoints.export(self.workdir, params, meta=meta, save_tokenizer=data.save_tokenizer, name=name,
+                                  adapter=adapter)
+
+    def adapter(self, model):
+        """The adapters `config.init.adapter` (a PEFT directory) starts from, on the mesh; None when not set."""
+        if not self.config.init.get("adapter"):
+            return None
+        from instructgpt_jax import hf
+        return hf.load_peft_adapter(self.config.init.adapter, model, self.mesh)
+
+    def lora_base(self) -> str:
+        """The weights a LoRA run's adapters apply to: the previous export, else the Hugging Face checkpoint."""
+        return self.source.path if self.source else self.config.init.hf_path

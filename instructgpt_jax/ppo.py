@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, harness, losses, rl, sampling, scoring, sharding, train_lib
+from instructgpt_jax import checkpoints, harness, lora, losses, rl, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import prepare
 from instructgpt_jax.errors import UserError
-from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.models import Transformer
 
 ADVANTAGE_ESTIMATORS = ("gae",) + rl.GROUP_ADVANTAGE_KINDS
 REWARDS = ("rm", "verifier")
@@ -136,16 +136,19 @@ def advantages(scores, old_logp, ref_logp, values, mask, ended, kl_beta, *, cfg)
     return adv, returns, metrics
 
 
-def update_step(state, rollout, idx, ptx, *, policy, value_model, policy_tx, value_tx, cfg, prompt_len):
+def update_step(state, rollout, idx, ptx, bases, *, policy, value_model, policy_tx, value_tx, cfg, prompt_len):
     """One minibatch: policy (+ KL loss term, + ptx) and value gradient steps with their own optimizers,
-    then the policy EMA. (state, rollout, minibatch indices, pretraining batch) -> (state, metrics).
-    The reference's log-probs come with the rollout. Pure; no dropout (the first ratio must be exactly 1)."""
+    then the policy EMA. (state, rollout, minibatch indices, pretraining batch, frozen LoRA bases) ->
+    (state, metrics); bases {'policy', 'value'}: the frozen base each trainable tree is combined with (None:
+    full fine-tuning). The reference's log-probs come with the rollout. Pure; no dropout (the first ratio
+    must be exactly 1)."""
     mb = jax.tree.map(lambda x: x[idx], rollout)
     p = prompt_len
     rows = (mb["tokens"], mb["positions"], mb["segments"])
     agg, max_tokens = loss_aggregation(cfg)
 
     def policy_loss(params):
+        params = lora.combine(params, bases["policy"])
         logp, ent = scoring.response_logprobs(params, policy, *rows, p, cfg.temperature, entropy=True)
         loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps,
                                            agg=agg, max_tokens=max_tokens)
@@ -173,7 +176,7 @@ def update_step(state, rollout, idx, ptx, *, policy, value_model, policy_tx, val
                               new["policy"]["params"])
     if "value" in state:
         def value_loss(params):
-            v = scoring.response_values(params, value_model, *rows, p)
+            v = scoring.response_values(lora.combine(params, bases["value"]), value_model, *rows, p)
             loss, aux = losses.value_loss(v, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
             return cfg.value_coef * loss, dict(aux, value_loss=loss)
 
@@ -186,7 +189,8 @@ def update_step(state, rollout, idx, ptx, *, policy, value_model, policy_tx, val
 def init_state(reference, policy_tx, kl_coef: float, value_params=None, value_tx=None) -> dict:
     """The RL train state: policy (+ value) params with their optimizers, the EMA accumulator (from zero,
     see `ema_params`), the update count, the KL coefficient. Params are copied: the frozen reference and
-    RM must survive the donated updates."""
+    RM must survive the donated updates. (LoRA: `reference` / `value_params` are the trainable adapters
+    and heads; their frozen bases stay outside the state.)"""
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     policy = copy(reference)
     state = {"step": jnp.zeros((), jnp.int32), "updates": jnp.zeros((), jnp.int32),
@@ -227,29 +231,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     n_mb = b // cfg.minibatch_size
     updates_per_iteration = n_mb * cfg.ppo_epochs
 
-    # --- init: policy and reference from SFT; reward model; value model (gae) from the RM, else from SFT
-    sft = run.source
-    policy = Transformer(ModelConfig.from_config(config.model))
+    # --- init: policy and reference from SFT; reward model; value model (gae) from the RM, else from SFT.
+    # LoRA: the policy is adapters on the SFT weights, which are also the reference (adapters off); the value
+    # model is adapters + a scalar head on the reward model's trunk, which the frozen RM shares (no copies).
+    sft, rng = run.source, jax.random.PRNGKey(config.seed)
+    policy = Transformer(lora.model_config(config))
     manager = run.start(data, policy)
-    reference = sft.params(policy, mesh)
+    reference = sft.params(lora.plain(policy), mesh)
+    policy_init, policy_base = lora.setup(config, policy, reference, rng, mesh, adapter_params=run.adapter(policy))
+    reference = policy_base if policy_base is not None else reference
     rm_model, rm_params, rm_bias, retokenize = None, None, 0.0, None
     if cfg.rm_workdir:
         rm = scoring.RewardModel.load(cfg.rm_workdir, mesh)
-        rm_model, rm_params, rm_bias = rm.model, rm.params, rm.bias
+        rm_model, rm_params, rm_bias = rm.model, lora.store_base(rm.params, config.lora.base_dtype), rm.bias
         # an RM with another tokenizer scores decoded responses re-encoded host-side (None: the same tokenizer)
         retokenize = scoring.Retokenizer.load(cfg.rm_workdir, rm, tok)
     verifier = load_verifier(cfg.verifier) if cfg.reward == "verifier" else None
     policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps, updates_per_iteration)
-    value_model, value_params, value_tx = None, None, None
+    value_model, value_params, value_tx, value_base = None, None, None, None
     if not critic_free:
         if rm_model is not None and retokenize is None:
-            value_model, value_params = rm_model, rm_params
+            value_model, value_params = lora.with_lora(rm_model, config), rm_params
         else:  # no RM (verifier reward), or one reading other tokens: the SFT trunk with a fresh scalar head
             value_model = Transformer(policy.cfg, head="scalar")
-            value_params = checkpoints.init_with_trunk(value_model, policy, mesh, jax.random.PRNGKey(config.seed),
+            value_params = checkpoints.init_with_trunk(lora.plain(value_model), lora.plain(policy), mesh, rng,
                                                        sft.path)
+            value_params = lora.store_base(value_params, config.lora.base_dtype) if lora.enabled(config) else \
+                value_params
+        if lora.enabled(config):  # adapters + the head train; the trunk is the (already stored) base
+            value_base = value_params
+            value_params = lora.combine({"scalar_head": jax.tree.map(jnp.copy, value_base["scalar_head"])},
+                                        lora.init_adapters(value_model, jax.random.fold_in(rng, 1), mesh))
         value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps, updates_per_iteration)
-    state = init_state(reference, policy_tx, cfg.kl_coef, value_params, value_tx)
+    state = init_state(policy_init, policy_tx, cfg.kl_coef, value_params, value_tx)
+    bases = {"policy": policy_base, "value": value_base}
+    full_policy = lambda s: lora.combine(s["policy"]["params"], policy_base)  # noqa: E731
 
     def set_data_state(saved):
         data.prompts.set_state(saved["prompts"])
@@ -283,12 +299,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         """Sample and score one batch; returns (rollout arrays for the update, metrics)."""
         prompts = {k: np.repeat(v, g, axis=0) for k, v in prompts.items()}  # group_size samples per prompt
         glob = sharding.host_to_global(prompts, mesh)
-        params = {"policy": state["policy"]["params"], "reference": reference,
+        params = {"policy": full_policy(state), "reference": reference,
                   "rm": rm_params if retokenize is None else None,
-                  "value": state["value"]["params"] if "value" in state else None}
+                  "value": lora.combine(state["value"]["params"], value_base) if "value" in state else None}
         parts = []
         for c in range(0, b, chunk):
-            s = sampler(state["policy"]["params"], glob["prompt_tokens"][c:c + chunk],
+            s = sampler(params["policy"], glob["prompt_tokens"][c:c + chunk],
                         glob["prompt_mask"][c:c + chunk], rng, jnp.arange(c, c + chunk))  # chunking-invariant
             s["prompt_mask"] = glob["prompt_mask"][c:c + chunk]
             parts.append(dict(s, **forward(params, s)))
@@ -310,10 +326,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     # --- update
     update_fn = jax.jit(functools.partial(update_step, policy=policy, value_model=value_model, policy_tx=policy_tx,
                                           value_tx=value_tx, cfg=cfg, prompt_len=p),
-                        in_shardings=(state_shardings, None, None, None),
+                        in_shardings=(state_shardings, None, None, None, None),
                         out_shardings=(state_shardings, repl), donate_argnums=0)
     no_ptx = {"tokens": jnp.zeros((1, 1), jnp.int32)}  # placeholder when ptx_coef == 0
-    rng = jax.random.PRNGKey(config.seed)
 
     def iteration(state, step):
         """Rollout a batch, then `ppo_epochs` shuffled passes of minibatch updates; returns host metrics."""
@@ -328,7 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
             for j in range(n_mb):
                 ptx = sharding.host_to_global(next(data.ptx), mesh) if data.ptx is not None else no_ptx
                 idx = perm[j * cfg.minibatch_size:(j + 1) * cfg.minibatch_size]
-                state, mb_metrics = update_fn(state, batch, idx, ptx)
+                state, mb_metrics = update_fn(state, batch, idx, ptx, bases)
                 updates.append(mb_metrics)
         updates = jax.device_get(updates)
         metrics.update({k: float(np.mean([u[k] for u in updates])) for k in updates[0]})
@@ -359,12 +374,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
                                 step=iteration, data_state=data_state, evaluate_fn=evaluate,
                                 finite_keys=("pg_loss", "value_loss", "score"), shown=("score", "kl"),
                                 updates_per_step=updates_per_iteration,
-                                tasks_fn=run.tasks(policy, data, lambda s: s["policy"]["params"]))
+                                tasks_fn=run.tasks(policy, data, full_policy))
 
     # --- save: the policy and its bias-corrected EMA, for the next stage / evaluation
     meta = {"step": int(state["step"]), "ptx_coef": cfg.ptx_coef, "kl_beta": float(state["kl_beta"]), "advantage_estimator": cfg.advantage_estimator,
             "reward": cfg.reward, "loss_agg": loss_aggregation(cfg)[0]}
-    run.export(state["policy"]["params"], data, **meta)
+    # (LoRA: merged; the EMA is that of the adapter factors A and B, merged as W + scale * EMA(A) EMA(B))
+    run.export(state["policy"]["params"], data, base=policy_base, **meta)
     run.export(jax.jit(functools.partial(ema_params, decay=cfg.ema_decay))(state), data, name="export_ema",
-               **meta, ema_decay=cfg.ema_decay, ema_updates=int(state["updates"]))
+               base=policy_base, **meta, ema_decay=cfg.ema_decay, ema_updates=int(state["updates"]))
     return last

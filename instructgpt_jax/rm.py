@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, harness, losses, scoring, sharding, train_lib
+from instructgpt_jax import checkpoints, harness, lora, losses, scoring, sharding, train_lib
 from instructgpt_jax.data import prepare
-from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.models import Transformer
 
 
 def loss_fn(params, batch, rng, frozen=None, *, model):
@@ -71,29 +71,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     data = prepare.prepare_comparisons(config, workdir, builtin_data)
 
     # --- init: resume -> SFT export -> scratch
-    model_cfg = ModelConfig.from_config(config.model)
+    model_cfg = lora.model_config(config)
     model = Transformer(model_cfg, head="scalar")
     manager = run.start(data, model)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
-    # The scalar head starts at N(0, 1/sqrt(d+1)), bias 0; the trunk from SFT.
-    trunk = None if run.resuming or not run.source else run.source.path
-    params = checkpoints.init_with_trunk(model, Transformer(model_cfg), mesh, rng, trunk)
+    # The scalar head starts at N(0, 1/sqrt(d+1)), bias 0; the trunk from SFT (LoRA: a frozen base, loaded
+    # even when resuming; the adapters and the head train).
+    trunk = None if (run.resuming and not lora.enabled(config)) or not run.source else run.source.path
+    params = checkpoints.init_with_trunk(lora.plain(model), lora.plain(Transformer(model_cfg)), mesh, rng, trunk)
+    params, base = lora.setup(config, model, params, rng, mesh, heads=("scalar_head",),
+                              adapter_params=run.adapter(model))
 
     # --- step + loop: the generic train step on this stage's loss, the shared loop
     state, last = train_lib.run_supervised(
         config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
-        loss_fn=functools.partial(loss_fn, model=model),
+        loss_fn=lora.with_base(functools.partial(loss_fn, model=model)), frozen=(base, None),
         units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len)
 
     # --- bias: demonstrations average 0 (the paper normalises the RM before RL)
     with sharding.use(mesh):
-        bias, n_demos = demonstration_bias(scoring.RewardModel(model, state["params"], 0.0, {}), data, config, mesh)
+        rm = scoring.RewardModel(model, lora.combine(state["params"], base), 0.0, {})
+        bias, n_demos = demonstration_bias(rm, data, config, mesh)
     last.update(bias=bias)
     writer = train_lib.MetricWriter(workdir, resume_step=config.train.num_steps)
     writer.write(config.train.num_steps, {"bias": bias})
     writer.close()
 
     # --- save
-    run.export(state["params"], data, step=int(state["step"]), rm_bias=bias, bias_demonstrations=n_demos)
+    run.export(state["params"], data, step=int(state["step"]), rm_bias=bias, bias_demonstrations=n_demos, base=base)
     return last

@@ -10,9 +10,9 @@ import functools
 import jax
 import ml_collections
 
-from instructgpt_jax import harness, losses, scoring, sharding, train_lib
+from instructgpt_jax import harness, lora, losses, scoring, sharding, train_lib
 from instructgpt_jax.data import prepare
-from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.models import Transformer
 
 
 def loss_fn(params, batch, rng, frozen=None, *, model):
@@ -36,26 +36,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     data = prepare.prepare(config, workdir, "text" if config.stage == "pretrain" else "demonstrations", builtin_data)
 
     # --- init: resume from this workdir -> previous stage's export -> Hugging Face checkpoint -> scratch
-    model = Transformer(ModelConfig.from_config(config.model))
+    # (LoRA: adapters on the frozen base, which is loaded even when resuming: only the adapters are checkpointed)
+    model = Transformer(lora.model_config(config))
     manager = run.start(data, model)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
-    if run.resuming:
+    if run.resuming and not lora.enabled(config):
         params = sharding.init_model(model, rng, mesh)  # only a template: the restore overwrites it
     elif run.source:
-        params = run.source.params(model, mesh)
+        params = run.source.params(lora.plain(model), mesh)
     elif config.init.hf_path:
         from instructgpt_jax import hf
         _, params = hf.load_pretrained(config.init.hf_path, mesh=mesh)
     else:
-        params = sharding.init_model(model, rng, mesh)
+        params = sharding.init_model(lora.plain(model), rng, mesh)
+    params, base = lora.setup(config, model, params, rng, mesh, adapter_params=run.adapter(model))
 
     # --- step + loop: the generic train step on this stage's loss, the shared loop
     state, last = train_lib.run_supervised(
         config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
-        loss_fn=functools.partial(loss_fn, model=model),
-        units_per_step=config.train.batch_size * config.data.seq_len, tasks_fn=run.tasks(model, data))
+        loss_fn=lora.with_base(functools.partial(loss_fn, model=model)), frozen=(base, None),
+        units_per_step=config.train.batch_size * config.data.seq_len,
+        tasks_fn=run.tasks(model, data, lambda s: lora.combine(s["params"], base)))
 
-    # --- save: params-only export for the next stage
-    run.export(state["params"], data, step=int(state["step"]))
+    # --- save: params-only export for the next stage (LoRA: merged, and the adapters apart)
+    run.export(state["params"], data, step=int(state["step"]), base=base)
     return last

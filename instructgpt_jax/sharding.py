@@ -31,6 +31,7 @@ RULES = (
     ("layers", None),
     ("length", None),
     ("norm", None),
+    ("lora", None),  # LoRA rank: adapters shard like the weight they adapt on its other axes
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", None),

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from instructgpt_jax import harness, losses, scoring, train_lib
+from instructgpt_jax import harness, lora, losses, scoring, train_lib
 from instructgpt_jax.data import prepare
 from instructgpt_jax.errors import UserError
-from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.models import Transformer
 
 
 def loss_fn(params, batch, rng, frozen, *, model, beta, gamma):
@@ -43,19 +43,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     data = prepare.prepare_comparisons(config, workdir, builtin_data, demonstrations=False)
 
     # --- init: policy = SFT (no reference copy); resume overwrites it
-    model = Transformer(ModelConfig.from_config(config.model))
+    model = Transformer(lora.model_config(config))
     manager = run.start(data, model)
-    params = run.source.params(model, mesh)
+    params = run.source.params(lora.plain(model), mesh)
     tx = train_lib.make_optimizer(config.optim, config.train.num_steps)
     rng = jax.random.PRNGKey(config.seed)
+    params, base = lora.setup(config, model, params, rng, mesh, adapter_params=run.adapter(model))
 
     # --- step + loop: the generic train step on this stage's loss, the shared loop
     state, last = train_lib.run_supervised(
         config=config, workdir=workdir, mesh=mesh, manager=manager, params=params, tx=tx, data=data, rng=rng,
-        loss_fn=functools.partial(loss_fn, model=model, beta=config.simpo.beta, gamma=config.simpo.gamma),
+        loss_fn=lora.with_base(functools.partial(loss_fn, model=model, beta=config.simpo.beta,
+                                                 gamma=config.simpo.gamma)), frozen=(base, None),
         units_per_step=config.train.batch_size * config.data.max_k * config.data.seq_len,
-        tasks_fn=run.tasks(model, data))
+        tasks_fn=run.tasks(model, data, lambda s: lora.combine(s["params"], base)))
 
     # --- save: the policy, loadable wherever an SFT export is
-    run.export(state["params"], data, step=int(state["step"]), beta=config.simpo.beta, gamma=config.simpo.gamma)
+    run.export(state["params"], data, step=int(state["step"]), beta=config.simpo.beta, gamma=config.simpo.gamma,
+               base=base)
     return last

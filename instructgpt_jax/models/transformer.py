@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instructgpt_jax.models import quant
+
 Array = jax.Array
 
 # How to rematerialise a block's activations in the backward pass.
@@ -91,6 +93,13 @@ class ModelConfig:
     final_softcap: float = 0.0
     sliding_window: int = 0
     sliding_pattern: str = "S"
+    # LoRA (set from config.lora by `from_config(model, lora)`; rank 0 = none): adapters on the `lora_targets`
+    # projections, created by init and used whenever the params hold them (params without them = the base model)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    lora_rslora: bool = False
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -126,15 +135,28 @@ class ModelConfig:
             raise ValueError(f"config.model.remat={self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"config.model.dtype={self.dtype!r}; valid: float32, bfloat16")
+        if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"config.lora.rank={self.lora_rank} must be >= 0 and config.lora.dropout="
+                             f"{self.lora_dropout} in [0, 1)")
+        lora_modules(self)  # valid targets
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config.model.num_heads={self.num_heads} is not a multiple of "
                              f"config.model.num_kv_heads={self.num_kv_heads}")
 
     @classmethod
-    def from_config(cls, model_cfg) -> "ModelConfig":
-        """From the `config.model` ConfigDict (extra informational keys such as 'preset' are ignored)."""
+    def from_config(cls, model_cfg, lora_cfg=None) -> "ModelConfig":
+        """From the `config.model` ConfigDict (extra informational keys such as 'preset' are ignored) and,
+        for a LoRA model, the `config.lora` block (its rank, alpha, dropout, targets, rslora)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(model_cfg).items() if k in names})
+        keys = {k: v for k, v in dict(model_cfg).items() if k in names}
+        if lora_cfg is not None and lora_cfg.get("rank", 0):
+            keys.update({f"lora_{k}": lora_cfg[k] for k in ("rank", "alpha", "dropout", "targets", "rslora")})
+        return cls(**keys)
+
+    @property
+    def lora_scale(self) -> float:
+        """What the adapters' product is multiplied by: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
+        return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
 
     @property
     def compute_dtype(self):
@@ -150,6 +172,26 @@ class ModelConfig:
         """Per layer: the sliding window (keys at most window - 1 slots back), or 0 for full attention."""
         pattern = self.sliding_pattern
         return tuple(self.sliding_window if pattern[i % len(pattern)] == "S" else 0 for i in range(self.num_layers))
+
+
+# LoRA targets (PEFT's short names) -> our projection modules; 'up' is the ungated MLP's input of gpt / neox
+LORA_TARGETS = {"q": "attn/query", "k": "attn/key", "v": "attn/value", "o": "attn/out", "gate": "mlp/wi_gate",
+                "up": "mlp/wi_up", "down": "mlp/wo"}
+
+
+def lora_modules(cfg: ModelConfig) -> tuple:
+    """The projections (e.g. 'attn/query', 'mlp/wo') that `cfg.lora_targets` adapts ('all-linear': every
+    projection of a block; the LM head and embeddings are never adapted, as in PEFT's 'all-linear')."""
+    gated = cfg.arch not in LAYERNORM_ARCHS
+    names = dict(LORA_TARGETS, up="mlp/wi_up" if gated else "mlp/wi")
+    spec = cfg.lora_targets.replace(" ", "")
+    chosen = [t for t in names if gated or t != "gate"] if spec == "all-linear" else spec.split(",")
+    bad = [t for t in chosen if t not in names or (t == "gate" and not gated)]
+    if bad or not chosen:
+        valid = ", ".join(t for t in names if gated or t != "gate")
+        raise ValueError(f"config.lora.targets={cfg.lora_targets!r}: unknown target(s) {bad} for arch {cfg.arch!r}; "
+                         f"valid: 'all-linear' or a comma list of {valid}")
+    return tuple(names[t] for t in chosen)
 
 
 def _init(names, scale=0.02):
@@ -311,6 +353,11 @@ class Proj(nn.Module):
 
     Used instead of nn.DenseGeneral so that kernels are created in their final rank: DenseGeneral
     reshapes a boxed kernel, which clashes with logical sharding constraints under a mesh.
+
+    A frozen base may store the kernel quantised ('qkernel' + 'qscale', `quant.py`): it is dequantised here,
+    one layer at a time inside the layer scan. LoRA (`lora`: (rank, scale, dropout)): + scale * drop(x) A B
+    with A [*in, r] ~ N(0, 1/r) and B [r, *out] = 0, so a fresh adapter changes nothing; used whenever
+    the params hold 'lora_a' / 'lora_b' (created by init), so params without them are the base model.
     """
     in_shape: tuple
     out_shape: tuple
@@ -318,20 +365,44 @@ class Proj(nn.Module):
     use_bias: bool
     dtype: Any
     scale: float = 0.02
+    lora: tuple = ()
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):
         n_in = len(self.in_shape)
-        kernel = self.param("kernel", _init(self.names, self.scale), (*self.in_shape, *self.out_shape), jnp.float32)
+        if self.has_variable("params", "qkernel"):
+            kernel = quant.dequantize(self.get_variable("params", "qkernel"), self.get_variable("params", "qscale"))
+        else:
+            kernel = self.param("kernel", _init(self.names, self.scale), (*self.in_shape, *self.out_shape),
+                                jnp.float32)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        xc = x.astype(self.dtype)
+        y = jax.lax.dot_general(xc, kernel.astype(self.dtype), (contract, ((), ())))
+        if self.lora and (self.is_initializing() or self.has_variable("params", "lora_a")):
+            rank, scale, rate = self.lora
+            a = self.param("lora_a", _init(self.names[:n_in] + ("lora",), 1.0 / rank), (*self.in_shape, rank),
+                           jnp.float32)
+            b = self.param("lora_b", _zeros(("lora",) + self.names[n_in:]), (rank, *self.out_shape), jnp.float32)
+            h = nn.Dropout(rate, deterministic=self.deterministic)(xc) if rate else xc
+            h = jax.lax.dot_general(h, a.astype(self.dtype), (contract, ((), ())))
+            y = y + (scale * jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+                     ).astype(y.dtype)
         if self.use_bias:
             y = y + self.param("bias", _zeros(self.names[n_in:]), self.out_shape, jnp.float32).astype(self.dtype)
         return y
 
 
+def _lora(cfg: ModelConfig, module: str) -> tuple:
+    """Proj's `lora` argument for the projection `module` ('attn/query', ...): () when not adapted."""
+    if not cfg.lora_rank or module not in lora_modules(cfg):
+        return ()
+    return cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, positions, mask, layer_cache, cache_index):
@@ -343,7 +414,7 @@ class Attention(nn.Module):
 
         def proj(name, heads, axis_name):
             return Proj((cfg.d_model,), (heads, cfg.head_dim), ("embed", axis_name, "head_dim"), qkv_bias, dt,
-                        name=name)(x)
+                        lora=_lora(cfg, f"attn/{name}"), deterministic=self.deterministic, name=name)(x)
 
         q = proj("query", cfg.num_heads, "heads")
         k = proj("key", cfg.num_kv_heads, "kv_heads")
@@ -367,30 +438,30 @@ class Attention(nn.Module):
             out = attention(q, k, v, mask, None if mask_cache is None else cached, **akw)
             new_kv = {"k": k.transpose(0, 2, 1, 3).astype(cdt), "v": v.transpose(0, 2, 1, 3).astype(cdt)}
         out = Proj((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"), bias, dt,
-                   out_scale, name="out")(out)
+                   out_scale, lora=_lora(cfg, "attn/out"), deterministic=self.deterministic, name="out")(out)
         return out, new_kv
 
 
 class Mlp(nn.Module):
     cfg: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        dt = cfg.compute_dtype
         out_scale = 0.02 / math.sqrt(2 * cfg.num_layers)
         act = ACTIVATIONS[cfg.activation]
-        if cfg.arch in LAYERNORM_ARCHS:
-            h = nn.Dense(cfg.mlp_dim, dtype=dt, name="wi", kernel_init=_init(("embed", "mlp")),
-                         bias_init=_zeros(("mlp",)))(x)
-            h = act(h)
-            return nn.Dense(cfg.d_model, dtype=dt, name="wo", kernel_init=_init(("mlp", "embed"), out_scale),
-                            bias_init=_zeros(("embed",)))(h)
-        # gated: SwiGLU (llama), GeGLU (Gemma, activation='gelu_tanh')
-        gate = nn.Dense(cfg.mlp_dim, dtype=dt, use_bias=False, name="wi_gate", kernel_init=_init(("embed", "mlp")))(x)
-        up = nn.Dense(cfg.mlp_dim, dtype=dt, use_bias=False, name="wi_up", kernel_init=_init(("embed", "mlp")))(x)
-        return nn.Dense(cfg.d_model, dtype=dt, use_bias=False, name="wo",
-                        kernel_init=_init(("mlp", "embed"), out_scale))(act(gate) * up)
+        bias = cfg.arch in LAYERNORM_ARCHS
+
+        def proj(name, d_in, d_out, names, scale=0.02):
+            return Proj((d_in,), (d_out,), names, bias, cfg.compute_dtype, scale, lora=_lora(cfg, f"mlp/{name}"),
+                        deterministic=self.deterministic, name=name)
+        up = ("embed", "mlp")
+        if bias:
+            h = act(proj("wi", cfg.d_model, cfg.mlp_dim, up)(x))
+        else:  # gated: SwiGLU (llama), GeGLU (Gemma, activation='gelu_tanh')
+            h = act(proj("wi_gate", cfg.d_model, cfg.mlp_dim, up)(x)) * proj("wi_up", cfg.d_model, cfg.mlp_dim, up)(x)
+        return proj("wo", cfg.mlp_dim, cfg.d_model, ("mlp", "embed"), out_scale)(h)
 
 
 class Block(nn.Module):
@@ -413,13 +484,13 @@ class Block(nn.Module):
                 mask = tuple(None if m is None else window_mask(m, d, window) for m, d in zip(mask, distances))
             else:
                 mask = window_mask(mask, distances, window)
-        h, new_kv = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x), positions, mask,
+        h, new_kv = Attention(cfg, self.deterministic, name="attn")(Norm(cfg, name="ln_attn")(x), positions, mask,
                                                 layer_cache, cache_index)
         if cfg.sandwich_norm:
             h = Norm(cfg, name="ln_post_attn")(h)
 
         def mlp(y):
-            y = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(y))
+            y = Mlp(cfg, self.deterministic, name="mlp")(Norm(cfg, name="ln_mlp")(y))
             return Norm(cfg, name="ln_post_mlp")(y) if cfg.sandwich_norm else y
         if cfg.parallel_residual:
             x = x + drop(h) + drop(mlp(x))
