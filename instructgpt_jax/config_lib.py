@@ -49,6 +49,9 @@ PRESETS = {
     "gemma-2b":    ("llama", 18,  2048,   8,   1,  256,   16384,  8192, 256000),
     "gemma2-2b":   ("llama", 26,  2304,   8,   4,  256,    9216,  8192, 256000),
     "mistral-7b":  ("llama", 32,  4096,  32,   8,  128,   14336, 32768, 32000),   # v0.1 (sliding window)
+    "smollm2-135m": ("llama", 30,  576,   9,   3,   64,    1536,  8192, 49152),
+    "smollm2-360m": ("llama", 32,  960,  15,   5,   64,    2560,  8192, 49152),
+    "smollm2-1.7b": ("llama", 24, 2048,  32,  32,   64,    8192,  8192, 49152),
     "pythia-160m": ("neox",  12,   768,  12,  12,   64,    3072,  2048, 50304),
     "pythia-410m": ("neox",  24,  1024,  16,  16,   64,    4096,  2048, 50304),
     "pythia-1b":   ("neox",  16,  2048,   8,   8,  256,    8192,  2048, 50304),
@@ -65,6 +68,7 @@ NOMINAL_PARAMS = {
     "qwen2.5-0.5b": 494e6, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.62e9,
     "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-8b": 8.2e9,
     "gemma-2b": 2.51e9, "gemma2-2b": 2.61e9, "mistral-7b": 7.24e9,
+    "smollm2-135m": 135e6, "smollm2-360m": 362e6, "smollm2-1.7b": 1.71e9,
     "pythia-160m": 162e6, "pythia-410m": 405e6, "pythia-1b": 1.01e9, "pythia-1.4b": 1.41e9,
     "pythia-2.8b": 2.78e9, "pythia-6.9b": 6.86e9,
 }
@@ -84,6 +88,9 @@ PRESET_KEYS = {
     "gemma2-2b": dict(_GEMMA, sandwich_norm=True, attn_softcap=50.0, final_softcap=30.0,
                       query_pre_attn_scalar=256.0, sliding_window=4096, sliding_pattern="SF"),
     "mistral-7b": dict(sliding_window=4096),
+    "smollm2-135m": dict(rope_theta=100000.0, tie_embeddings=True),
+    "smollm2-360m": dict(rope_theta=100000.0, tie_embeddings=True),
+    "smollm2-1.7b": dict(rope_theta=130000.0, tie_embeddings=True),
     **{name: _PYTHIA for name in PRESETS if name.startswith("pythia-")},
 }
 # Speed-only model keys where other values than the defaults (1) measured faster: benchmarks/README.md
@@ -214,6 +221,16 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     config.init = ml_collections.ConfigDict(dict(
         from_workdir="",   # previous stage's workdir (its export/ is loaded); '' = none
         hf_path="",        # local Hugging Face directory: SFT starts from it; later stages take config.model from it
+        adapter="",        # a PEFT LoRA adapter directory the adapters start from (its rank / alpha / targets win)
+    ))
+    # LoRA (Hu et al. 2021) / QLoRA (Dettmers et al. 2023): train low-rank adapters on a frozen base (lora.py)
+    config.lora = ml_collections.ConfigDict(dict(
+        rank=0,                # adapter rank r; 0 = off (full fine-tuning, the paper's recipe)
+        alpha=16.0,            # the update is (alpha / r) * x A B (rslora: alpha / sqrt(r))
+        dropout=0.0,           # dropout on the adapters' input, in training steps only
+        targets="all-linear",  # 'all-linear' or a comma list of q, k, v, o, gate, up, down
+        rslora=False,          # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
+        base_dtype="float32",  # how the frozen base's block weights are stored: float32, bfloat16, int8, nf4
     ))
     return config
 
