@@ -34,7 +34,8 @@ setup(
     extras_require={
         # torch (CPU build) and transformers are references for the parity tests only.
         "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0", "transformers",
-                 "lm-eval==0.4.13", "accelerate"],  # the eval parity tests run lm-eval's own `hf` backend
+                 "lm-eval==0.4.13", "accelerate",  # the eval parity tests run lm-eval's own `hf` backend
+                 "peft"],  # LoRA adapters exported with `hf --adapter` load in peft (parity test)
         "eval": ["lm-eval==0.4.13"],  # python -m instructgpt_jax.eval (its core needs no torch)
         "bench": ["torch==2.13.0", "transformers", "trl<1.13"],  # trl 1.13 dropped PPOTrainer
         "hf": ["torch==2.13.0", "transformers"],

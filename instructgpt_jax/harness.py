@@ -107,6 +107,18 @@ def resolve(config: ml_collections.ConfigDict, explicit: Iterable[str] = (), str
             raise UserError(f"{hf_dir} has no tokenizer ({' or '.join(checkpoints.TOKENIZER_FILES)}); set "
                             f"config.data.tokenizer to one whose ids match the checkpoint's vocabulary")
         config.data.tokenizer = hf_dir  # its chat template comes with it (data.chat_template '' = auto)
+    if config.init.get("adapter"):  # a PEFT adapter fixes the adapters' shape and scale
+        from instructgpt_jax import hf
+        from instructgpt_jax.models import ModelConfig
+        try:
+            keys = hf.peft_lora_config(config.init.adapter, ModelConfig.from_config(config.model))
+        except (ValueError, OSError) as e:
+            raise UserError(f"config.init.adapter: {e}") from None
+        for key, value in keys.items():
+            if f"lora.{key}" in explicit and config.lora[key] != value:
+                raise UserError(f"--config.lora.{key}={config.lora[key]!r} contradicts the adapter "
+                                f"{config.init.adapter} ({key}={value!r}); drop the override")
+            config.lora[key] = value
     lora.check_config(config)
     if strict:
         check_data_paths(config)

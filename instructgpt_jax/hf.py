@@ -632,6 +632,130 @@ def save_pretrained(model: Transformer, params, path, *, trunk_only: bool = Fals
         _write_safetensors(path / file, [(n, s.shape, flat[s.ours[0]].dtype) for n, s, _ in items], fetch, write)
 
 
+# --------------------------------------------------------------------------- PEFT LoRA adapters
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _peft_modules(cfg: ModelConfig) -> dict:
+    """Our adapted projection ('attn/query', ...) -> its spec in the name table (one HF module per layer).
+    Fused HF modules (GPT-2's c_attn, GPT-NeoX's query_key_value) hold several of our projections: a PEFT
+    adapter on them is not one of ours, so q / k / v adapters of those families have no PEFT form."""
+    from instructgpt_jax.models.transformer import lora_modules
+    by_path = {s.ours[0]: s for s in _specs(cfg, "lm") if "{i}" in s.hf}
+    out = {}
+    for module in lora_modules(cfg):
+        spec = by_path.get(f"layers/{module}/kernel")
+        if spec is None or len(spec.ours) != 1 or spec.kind not in ("linear", "copy"):
+            raise ValueError(f"LoRA on {module} of a {hf_model_type(cfg)} model has no PEFT equivalent (the "
+                             f"Hugging Face module fuses q, k and v); export the merged weights instead, or train "
+                             f"with config.lora.targets without q, k, v")
+        out[module] = spec
+    return out
+
+
+def _peft_name(spec, i: int, which: str) -> str:
+    return f"base_model.model.{spec.hf.format(i=i).removesuffix('.weight')}.lora_{which}.weight"
+
+
+def save_peft_adapter(cfg: ModelConfig, adapter: dict, path, *, base: str = "", dropout: float = 0.0) -> dict:
+    """A LoRA model's adapters (`cfg` with lora_*; `adapter` the 'lora_a' / 'lora_b' tree) -> a PEFT adapter
+    directory: adapter_config.json + adapter_model.safetensors (lora_A [r, in], lora_B [out, r] per module),
+    which `peft.PeftModel.from_pretrained(base_model, path)` loads onto the base's Hugging Face export."""
+    modules = _peft_modules(cfg)
+    flat = traverse_util.flatten_dict(adapter, sep="/")
+    items, arrays = [], []
+    for module, spec in modules.items():
+        a = np.asarray(sharding.to_host(flat[f"layers/{module}/lora_a"]), np.float32)  # [L, *in, r]
+        b = np.asarray(sharding.to_host(flat[f"layers/{module}/lora_b"]), np.float32)  # [L, r, *out]
+        for i in range(cfg.num_layers):
+            for which, x in (("A", a[i].reshape(-1, cfg.lora_rank).T), ("B", b[i].reshape(cfg.lora_rank, -1).T)):
+                items.append((_peft_name(spec, i, which), x.shape, np.dtype(np.float32)))
+                arrays.append(x)
+    path = Path(path)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                  lora_dropout=dropout, use_rslora=cfg.lora_rslora, bias="none", fan_in_fan_out=cfg.arch == "gpt",
+                  # full module names: a short name such as 'c_proj' would also match modules we did not adapt
+                  target_modules=sorted(spec.hf.format(i=i).removesuffix(".weight") for spec in modules.values()
+                                        for i in range(cfg.num_layers)),
+                  base_model_name_or_path=base, init_lora_weights=True, inference_mode=True, modules_to_save=None,
+                  revision=None, use_dora=False)
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    _write_safetensors(path / PEFT_WEIGHTS, items, lambda k: arrays[k], jax.process_index() == 0)
+    return config
+
+
+def read_peft_config(path) -> dict:
+    """adapter_config.json of a PEFT LoRA directory, checked (ValueError: what is wrong, where)."""
+    file = Path(path) / PEFT_CONFIG
+    if not file.exists() or not (Path(path) / PEFT_WEIGHTS).exists():
+        raise ValueError(f"config.init.adapter={path}: expected a PEFT adapter directory with {PEFT_CONFIG} and "
+                         f"{PEFT_WEIGHTS}")
+    c = json.loads(file.read_text())
+    if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora"):
+        raise ValueError(f"{file}: peft_type {c.get('peft_type')!r}{' with DoRA' if c.get('use_dora') else ''}; "
+                         f"only plain LoRA adapters load")
+    return c
+
+
+def peft_lora_config(path, cfg: ModelConfig | None = None) -> dict:
+    """The config.lora keys a PEFT adapter directory fixes: rank, alpha, rslora, and (given the model `cfg` it
+    adapts) targets: the projections its weights cover (per-module rank / alpha patterns are refused)."""
+    import dataclasses
+
+    from instructgpt_jax.models.transformer import LORA_TARGETS
+    c = read_peft_config(path)
+    if c.get("rank_pattern") or c.get("alpha_pattern"):
+        raise ValueError(f"{Path(path) / PEFT_CONFIG}: per-module rank_pattern / alpha_pattern are not supported")
+    out = dict(rank=int(c["r"]), alpha=float(c["lora_alpha"]), rslora=bool(c.get("use_rslora", False)))
+    if cfg is not None:
+        names = set(_memmap_safetensors(Path(path) / PEFT_WEIGHTS))
+        targets = []
+        for t in LORA_TARGETS:
+            try:
+                spec = next(iter(_peft_modules(dataclasses.replace(cfg, lora_rank=1, lora_targets=t)).values()))
+            except ValueError:  # not a projection of this family, or fused
+                continue
+            if _peft_name(spec, 0, "A") in names:
+                targets.append(t)
+        if not targets:
+            raise ValueError(f"{Path(path) / PEFT_WEIGHTS}: no lora_A weights of a {hf_model_type(cfg)} model's "
+                             f"projections (q_proj, ...); is it an adapter of this model?")
+        out["targets"] = ",".join(targets)
+    return out
+
+
+def load_peft_adapter(path, model: Transformer, mesh) -> dict:
+    """A PEFT LoRA adapter directory -> our adapters for `model` (a LoRA model whose rank / alpha match it),
+    on `mesh` with the shardings a fresh init would have. Every adapted module of every layer must be in it."""
+    cfg = model.cfg
+    want = peft_lora_config(path)
+    got = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, rslora=cfg.lora_rslora)
+    if want != got:
+        raise ValueError(f"config.init.adapter={path} has {want} but config.lora has {got}")
+    tensors = _memmap_safetensors(Path(path) / PEFT_WEIGHTS)
+    from instructgpt_jax import lora
+    shapes, shardings = sharding.param_shardings(
+        lambda r: lora.adapters(model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]), mesh)
+    flat_shapes = traverse_util.flatten_dict(shapes, sep="/")
+    out = {}
+    for module, spec in _peft_modules(cfg).items():
+        for which, leaf in (("A", "lora_a"), ("B", "lora_b")):
+            shape = flat_shapes[f"layers/{module}/{leaf}"].shape
+            layers = []
+            for i in range(cfg.num_layers):
+                name = _peft_name(spec, i, which)
+                if name not in tensors:
+                    raise ValueError(f"{Path(path) / PEFT_WEIGHTS} has no {name}: the adapter does not cover "
+                                     f"config.lora.targets={cfg.lora_targets!r}")
+                layers.append(np.asarray(tensors[name], np.float32).T.reshape(shape[1:]))
+            out[f"layers/{module}/{leaf}"] = np.stack(layers)
+    tree = traverse_util.unflatten_dict(out, sep="/")
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
 def load_tokenizer(path):
     """The tokenizer of a Hugging Face directory or one of our exports: `data.tokenizer.load_tokenizer`."""
     from instructgpt_jax.data.tokenizer import load_tokenizer as load
@@ -818,6 +942,29 @@ def export_stage(export, out, *, mesh=None) -> dict:
     return summary
 
 
+def export_adapter(export, out) -> dict:
+    """A LoRA stage's export -> a PEFT adapter directory (`save_peft_adapter`) for the Hugging Face export of
+    the weights it was trained on (meta 'lora' 'base': the previous stage's export or the HF checkpoint)."""
+    from instructgpt_jax import checkpoints
+    path = checkpoints.export_path(os.fspath(export))
+    meta = checkpoints.read_export_meta(path)
+    adapter = checkpoints.load_adapter(path)
+    if "lora" not in meta or adapter is None:
+        _fail(f"--adapter: {path} was not trained with LoRA (config.lora.rank 0); export its merged weights "
+              f"without --adapter")
+    if "rm_bias" in meta:
+        _fail(f"--adapter: {path} is a reward model; PEFT adapters here are causal-LM adapters. Export its merged "
+              f"weights without --adapter")
+    lo = meta["lora"]
+    cfg = ModelConfig.from_config(meta["model"], lo)
+    out = Path(out).absolute()
+    try:
+        save_peft_adapter(cfg, adapter, out, base=lo.get("base", ""), dropout=lo.get("dropout", 0.0))
+    except ValueError as e:
+        _fail(f"--adapter: {e}")
+    return dict(source=path, out=str(out), stage=meta.get("stage", "?"), base=lo.get("base", ""), rank=lo["rank"])
+
+
 # --------------------------------------------------------------------------- scoring with an exported reward model
 
 
@@ -941,11 +1088,13 @@ def _cli():
 
     from instructgpt_jax import errors
 
-    usage = ("usage: python -m instructgpt_jax.hf --export=WORKDIR --out=DIR, or python -m instructgpt_jax.hf "
+    usage = ("usage: python -m instructgpt_jax.hf --export=WORKDIR --out=DIR [--adapter], or python -m instructgpt_jax.hf "
              "--score --model=DIR --data=FILE [--out=FILE.jsonl] [--batch_size=N]")
     flags.DEFINE_string("export", None, "A stage's workdir, or its export/ or export_ema/ directory.")
     flags.DEFINE_string("out", None, "--export: directory to write (transformers' from_pretrained reads it); "
                                      "--score: JSON lines file to write (default: stdout).")
+    flags.DEFINE_bool("adapter", False, "--export: write the LoRA adapters as a PEFT adapter directory "
+                                        "(adapter_config.json + adapter_model.safetensors) instead of merged weights.")
     flags.DEFINE_bool("score", False, "Score conversations with a reward model (--model, --data): one JSON line "
                                       "per row, its fields plus 'reward'; the count and mean on stderr.")
     flags.DEFINE_string("model", None, "--score: the directory --export wrote for a reward model, or the RM "
@@ -995,6 +1144,12 @@ def _cli():
         try:
             if flags.FLAGS.score:
                 return score()
+            if flags.FLAGS.adapter:
+                s = export_adapter(flags.FLAGS.export, flags.FLAGS.out)
+                print(f"exported the rank-{s['rank']} LoRA adapters of {s['source']} ({s['stage']}) to {s['out']}: "
+                      f"peft.PeftModel.from_pretrained(base, '{s['out']}'), base = the Hugging Face export of "
+                      f"{s['base'] or 'the weights it was trained on'}")
+                return
             s = export_stage(flags.FLAGS.export, flags.FLAGS.out)
         except errors.USER_ERRORS as e:
             if debug(argv):
