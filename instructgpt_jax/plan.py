@@ -2,7 +2,9 @@
 
     python -m instructgpt_jax.plan --config=configs/ppo.py:175b --mesh=1,64,8 --device_memory_gb=80
     python -m instructgpt_jax.plan --config=configs/sft.py:1.3b --mesh=1,8,1 --stage=rm
-    python -m instructgpt_jax.plan --table          # the README table
+    python -m instructgpt_jax.plan --config=configs/ppo.py:llama3-8b --mesh=1,1,1 --rm_preset=llama3-8b \
+        --config.lora.rank=16 --config.lora.base_dtype=nf4   # QLoRA
+    python -m instructgpt_jax.plan --table          # the README tables
 
 Param shapes come from `jax.eval_shape(model.init)`, their per-device shards from the same
 logical-axis rules the stages use (`sharding.param_shardings`) on a `jax.sharding.AbstractMesh`,
@@ -19,6 +21,14 @@ so any mesh can be planned on a laptop. What is counted, per device:
 PPO-ptx holds policy (trainable), reference (params), optional policy EMA (params), reward model
 (params) and value model (trainable, RM-sized); rollout (kv_cache) and update (activations) are
 different phases, so its peak is the resident state plus the larger of the two.
+
+LoRA / QLoRA (`config.lora.rank` > 0, see `lora_shards`): each model is a frozen base whose blocks'
+projection kernels are stored in `config.lora.base_dtype` (float32 4 bytes, bfloat16 2, int8 1 + a float32
+scale per output channel, nf4 0.5 + a float32 absmax per block of 64; everything else float32), plus
+float32 adapters A [in, r] and B [r, out] on the targeted projections; gradients and Adam state exist for
+the adapters (and a reward / value model's scalar head) only. Nothing is copied: DPO's and PPO's reference
+is the policy base with its adapters off, the policy EMA covers the adapters only, and the value model is
+adapters + its own scalar head on the reward model's base. Activations and KV cache are as without LoRA.
 """
 from __future__ import annotations
 
@@ -64,6 +74,92 @@ def param_shards(cfg: ModelConfig, head: str, mesh: AbstractMesh) -> tuple[int, 
     leaves = list(zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
     return (sum(math.prod(x.shape) for x, _ in leaves),
             sum(math.prod(s.shard_shape(x.shape)) for x, s in leaves))
+
+
+# ----------------------------------------------------------------------------- LoRA / QLoRA
+
+# LoRA targets (PEFT's short names) -> the projection modules of a block; gpt / neox MLPs are ungated:
+# 'up' is their 'wi' and there is no 'gate'
+LORA_TARGETS = {"q": "query", "k": "key", "v": "value", "o": "out", "gate": "wi_gate", "up": "wi_up", "down": "wo"}
+# every projection of a block -> how many of its kernel's axes (after the layer axis) are inputs
+PROJECTIONS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi_gate": 1, "wi_up": 1, "wi": 1, "wo": 1}
+BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
+NF4_BLOCK = 64  # weights per float32 absmax (QLoRA's block size; no double quantisation)
+
+
+def lora_modules(arch: str, targets: str) -> tuple:
+    """The projection modules `targets` ('all-linear' or a comma list of q, k, v, o, gate, up, down) adapts."""
+    gated = arch == "llama"
+    names = dict(LORA_TARGETS, up="wi_up" if gated else "wi")
+    valid = [t for t in names if gated or t != "gate"]
+    spec = targets.replace(" ", "")
+    chosen = valid if spec == "all-linear" else [t for t in spec.split(",") if t]
+    bad = [t for t in chosen if t not in valid]
+    if bad or not chosen:
+        raise ValueError(f"config.lora.targets={targets!r}: unknown target(s) {bad} for arch {arch!r}; valid: "
+                         f"'all-linear' or a comma list of {', '.join(valid)}")
+    return tuple(dict.fromkeys(names[t] for t in chosen))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraShards:
+    """Per-device sizes of a LoRA model: `base_bytes` of the frozen base (quantised block projections and
+    their scales, everything else float32, the scalar head included), `adapters` (A and B params) and
+    `head` (scalar-head params, trainable in a reward / value model); `total_adapters` over all devices."""
+    base_bytes: int
+    adapters: int
+    head: int
+    total_adapters: int
+
+
+def _base_kernel_bytes(shape: tuple, shard_shape: tuple, n_in: int, base_dtype: str) -> int:
+    """Bytes one device holds of a [layers, *in, *out] projection kernel (`shard_shape` of it per device)
+    stored as `base_dtype`. Codes and scales shard like the kernel (lora.store_base), except that nf4's
+    absmax [layers, in / 64, *out] keeps its block axis whole: every device holds all blocks of its outputs."""
+    n = math.prod(shard_shape)
+    layers, outs = shard_shape[0], math.prod(shard_shape[1 + n_in:])
+    if base_dtype == "float32":
+        return 4 * n
+    if base_dtype == "bfloat16":
+        return 2 * n
+    if base_dtype == "int8":
+        return n + 4 * layers * outs  # int8 codes + a float32 scale per output channel
+    blocks = math.prod(shape[1:1 + n_in]) // NF4_BLOCK
+    return -(-n // 2) + 4 * layers * blocks * outs  # two nf4 codes a byte + a float32 absmax per block
+
+
+def lora_shards(cfg: ModelConfig, head: str, mesh: AbstractMesh, rank: int, targets: str = "all-linear",
+                base_dtype: str = "float32") -> LoraShards:
+    """Per-device sizes of `cfg` as a frozen base in `base_dtype` with rank-`rank` adapters on `targets`.
+
+    Adapters shard like the kernel they adapt on its other axes (A [layers, *in, r] like its inputs,
+    B [layers, r, *out] like its outputs; the rank is never split), base codes and scales like the kernel."""
+    if base_dtype not in BASE_DTYPES:
+        raise ValueError(f"config.lora.base_dtype={base_dtype!r}; valid: {', '.join(BASE_DTYPES)}")
+    if rank < 1:
+        raise ValueError(f"config.lora.rank={rank}: LoRA needs rank >= 1 (0 = full fine-tuning)")
+    adapted = lora_modules(cfg.arch, targets)
+    abstract = _abstract_params(cfg, head)
+    shapes = nn.unbox(abstract)
+    shardings = sharding.logical_to_shardings(nn.get_partition_spec(abstract), shapes, mesh)
+    base = adapters = head_params = total = 0
+    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(shardings)):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        shard = tuple(s.shard_shape(x.shape))
+        if keys[0] == "layers" and keys[-1] == "kernel" and keys[-2] in PROJECTIONS:
+            n_in = PROJECTIONS[keys[-2]]
+            if base_dtype == "nf4" and (math.prod(x.shape[1:1 + n_in]) % NF4_BLOCK or x.shape[-1] % 2):
+                raise ValueError(f"{'/'.join(keys)} {tuple(x.shape)}: nf4 needs an input width that is a multiple "
+                                 f"of {NF4_BLOCK} and an even last axis; use config.lora.base_dtype=int8")
+            base += _base_kernel_bytes(x.shape, shard, n_in, base_dtype)
+            if keys[-2] in adapted:
+                total += x.shape[0] * rank * (math.prod(x.shape[1:1 + n_in]) + math.prod(x.shape[1 + n_in:]))
+                adapters += shard[0] * rank * (math.prod(shard[1:1 + n_in]) + math.prod(shard[1 + n_in:]))
+        else:
+            base += 4 * math.prod(shard)
+            if keys[0] == "scalar_head":
+                head_params += math.prod(shard)
+    return LoraShards(base, adapters, head_params, total)
 
 
 def activations(cfg: ModelConfig, rows: int, seq: int, mesh: AbstractMesh, lm_head: bool = True) -> int:
@@ -154,8 +250,20 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
     batch = batch or config.train.batch_size
     accum = 1 if stage == "ppo" else config.train.get("grad_accum", 1)  # ppo.check_config refuses grad_accum > 1
     resident, phases, notes = {}, {}, []
+    lora = config.get("lora") or {}
+    rank = int(lora.get("rank", 0) or 0)
+
+    def lora_model(cfg, head):
+        return lora_shards(cfg, head, mesh, rank, lora.get("targets", "all-linear"),
+                           lora.get("base_dtype", "float32"))
 
     def trainable(name, cfg, head):
+        if rank:  # a frozen base, trainable adapters (and scalar head)
+            s = lora_model(cfg, head)
+            resident.update({f"{name} base params": s.base_bytes, f"{name} adapter params": 4 * s.adapters,
+                             f"{name} gradients": 4 * (s.adapters + s.head),
+                             f"{name} Adam mu+nu": 8 * (s.adapters + s.head)})
+            return s
         _, n = param_shards(cfg, head, mesh)
         resident.update({f"{name} params": 4 * n, f"{name} gradients": 4 * n, f"{name} Adam mu+nu": 8 * n})
 
@@ -178,7 +286,8 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
     elif stage == "dpo":
         seq, k = seq_len or config.data.seq_len, config.data.get("max_k", 9)
         trainable("policy", policy, "lm")
-        resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
+        if not rank:  # LoRA: the reference is the policy base with the adapters off
+            resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
         phases["activations"] = activations(policy, k * micro(batch), seq, mesh)
         notes.append(f"policy and frozen reference run each prompt's {k} completions: {k} rows per prompt")
     elif stage == "ppo":
@@ -193,15 +302,27 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
         rm_cfg = policy if rm_model is None else _model(  # the policy's dtype and remat (and tokenizer)
             rm_model, vocab_size=max(policy.vocab_size, rm_model["vocab_size"]), dtype=policy.dtype,
             remat=policy.remat)
-        trainable("policy", policy, "lm")
-        resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
-        if ppo.get("ema_decay", 0.0) > 0:
-            resident["policy EMA params"] = resident["reference params"]
-        if uses_rm:
-            resident["reward model params"] = 4 * param_shards(rm_cfg, "scalar", mesh)[1]
-        if not critic_free:
-            trainable("value", rm_cfg, "scalar")
+        if rank:  # one policy base (the reference too), one RM base (the value model's trunk too)
+            pol = trainable("policy", policy, "lm")
+            if ppo.get("ema_decay", 0.0) > 0:
+                resident["policy EMA adapter params"] = 4 * pol.adapters
+            if uses_rm:
+                rm = lora_model(rm_cfg, "scalar")
+                resident["reward model base params"] = rm.base_bytes
+            if not critic_free:
+                resident.update({"value adapter params": 4 * rm.adapters, "value head params": 4 * rm.head,
+                                 "value gradients": 4 * (rm.adapters + rm.head),
+                                 "value Adam mu+nu": 8 * (rm.adapters + rm.head)})
         else:
+            trainable("policy", policy, "lm")
+            resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
+            if ppo.get("ema_decay", 0.0) > 0:
+                resident["policy EMA params"] = resident["reference params"]
+            if uses_rm:
+                resident["reward model params"] = 4 * param_shards(rm_cfg, "scalar", mesh)[1]
+            if not critic_free:
+                trainable("value", rm_cfg, "scalar")
+        if critic_free:
             notes.append(f"critic-free ({ppo.advantage_estimator}): no value model, its params, optimizer and "
                          f"forward passes are saved")
         chunk = ppo.get("rollout_chunk", 0) or ppo.get("minibatch_size", batch)
@@ -215,6 +336,11 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
                      f"separate phases (peak = resident + the larger)")
     else:
         raise ValueError(f"stage {stage!r}: valid stages are sft, pretrain, rm, dpo, ppo")
+    if rank:
+        targets = lora.get("targets", "all-linear")
+        notes.append(f"LoRA rank {rank} on {targets} ({', '.join(lora_modules(policy.arch, targets))}), the frozen "
+                     f"base's block projections in {lora.get('base_dtype', 'float32')}: gradients and Adam state for "
+                     f"the adapters (and a scalar head) only; no reference or value-trunk copies (see lora_shards)")
     notes.append(f"activations: {seq}-token rows, remat={policy.remat!r}, compute dtype {policy.dtype}, "
                  f"batch rows per device per microbatch: {max(used)} (rough: see plan.activations)")
     return Plan(stage, tuple(mesh_shape), resident, phases, notes)
@@ -272,6 +398,40 @@ def table(presets=("1.3b", "6.7b", "175b"), rm_preset: str = "6.7b") -> str:
     return "\n".join(lines)
 
 
+# LoRA / QLoRA rows: Llama-3-8B PPO-ptx (reward / value model Llama-3-8B too) on fixed meshes
+LORA_DEVICES = {"one 80 GB GPU (mesh 1,1,1)": ((1, 1, 1), 80), "TPU v5e-8, 8 x 16 GiB (mesh 1,8,1)": ((1, 8, 1), 16)}
+LORA_METHODS = (
+    ("full fine-tuning", {}),
+    ("LoRA r=16, all-linear, float32 base", {"lora.rank": 16, "lora.base_dtype": "float32"}),
+    ("LoRA r=16, all-linear, bfloat16 base", {"lora.rank": 16, "lora.base_dtype": "bfloat16"}),
+    ("QLoRA r=16, all-linear, nf4 base", {"lora.rank": 16, "lora.base_dtype": "nf4"}),
+)
+
+
+def lora_plan(preset: str, overrides: dict, mesh_shape, *, prompt_len: int = 1024, response_len: int = 1024) -> Plan:
+    """PPO-ptx of `preset` (reward / value model the same preset) with `overrides` (config.lora keys) on
+    `mesh_shape`, as the table assumes: remat='full', bfloat16 compute, one row per device per microbatch,
+    rollouts sampled one prompt per device at a time, prompts of `prompt_len` + responses of `response_len`."""
+    config = config_lib.replace(stage_config("ppo", preset), **{
+        "model.remat": "full", "model.dtype": "bfloat16", "data.max_prompt_len": prompt_len,
+        "ppo.max_new_tokens": response_len, **overrides})
+    rows = sharding.data_parallel_size(abstract_mesh(mesh_shape))
+    return plan(config, mesh_shape, micro_rows=1, sample_batch=rows)
+
+
+def lora_table(preset: str = "llama3-8b") -> str:
+    """Markdown: full fine-tuning, LoRA and QLoRA PPO-ptx of `preset` on one GPU and on a TPU v5e-8."""
+    lines = [f"| PPO-ptx, {preset} (RM/value {preset}) | " + " | ".join(LORA_DEVICES) + " |",
+             "|" + "---|" * (1 + len(LORA_DEVICES))]
+    for label, overrides in LORA_METHODS:
+        cells = []
+        for mesh, mem in LORA_DEVICES.values():
+            p = lora_plan(preset, overrides, mesh)
+            cells.append(f"{'fits' if p.fits(mem) else 'does not fit'} ({p.total / GIB:.0f} GiB)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv):
@@ -279,14 +439,18 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     if FLAGS.table:
         print(table(rm_preset=FLAGS.rm_preset or "6.7b"))
+        print()
+        print(lora_table())
         return
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (or --table)")
     config = _CONFIG.value
     stage = FLAGS.stage or config.stage
     if stage != config.stage and (stage != "sft" or config.stage != "pretrain"):
-        other = stage_config(stage, config.model.preset)  # that stage's keys, this config's model
+        other = stage_config(stage, config.model.preset)  # that stage's keys, this config's model (and LoRA)
         other.model = config.model
+        if "lora" in config:
+            other.lora = config.lora
         config = other
     try:
         mesh = tuple(int(x) for x in FLAGS.mesh.split(","))
@@ -313,7 +477,7 @@ if __name__ == "__main__":  # flags only as a command: main.py defines --config 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=False)
     flags.DEFINE_string("mesh", "1,8,1", "data,fsdp,tensor mesh sizes")
     flags.DEFINE_float("device_memory_gb", 80, "memory of one device, GiB")
-    flags.DEFINE_enum("stage", None, ["sft", "pretrain", "rm", "ppo"], "stage to plan (default config.stage)")
+    flags.DEFINE_enum("stage", None, ["sft", "pretrain", "rm", "dpo", "ppo"], "stage to plan (default config.stage)")
     flags.DEFINE_string("rm_preset", None, "PPO: reward / value model preset (default 6.7b for full-size policies)")
     flags.DEFINE_integer("batch", None, "global batch (prompts for RM / PPO); default config.train.batch_size")
     flags.DEFINE_integer("seq_len", None, "tokens per row; default from config.data")
