@@ -43,7 +43,9 @@ import ml_collections
 from jax.sharding import AbstractMesh
 
 from instructgpt_jax import config_lib, sharding
-from instructgpt_jax.models import ModelConfig, Transformer
+from instructgpt_jax.lora import BASE_DTYPES, PROJECTIONS  # the stages' own tables
+from instructgpt_jax.models import ModelConfig, Transformer, transformer
+from instructgpt_jax.models.quant import BLOCK as NF4_BLOCK
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # a plan fits when it needs at most 90 % of device memory (XLA scratch, fragmentation)
@@ -78,27 +80,11 @@ def param_shards(cfg: ModelConfig, head: str, mesh: AbstractMesh) -> tuple[int, 
 
 # ----------------------------------------------------------------------------- LoRA / QLoRA
 
-# LoRA targets (PEFT's short names) -> the projection modules of a block; gpt / neox MLPs are ungated:
-# 'up' is their 'wi' and there is no 'gate'
-LORA_TARGETS = {"q": "query", "k": "key", "v": "value", "o": "out", "gate": "wi_gate", "up": "wi_up", "down": "wo"}
-# every projection of a block -> how many of its kernel's axes (after the layer axis) are inputs
-PROJECTIONS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi_gate": 1, "wi_up": 1, "wi": 1, "wo": 1}
-BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
-NF4_BLOCK = 64  # weights per float32 absmax (QLoRA's block size; no double quantisation)
-
-
 def lora_modules(arch: str, targets: str) -> tuple:
-    """The projection modules `targets` ('all-linear' or a comma list of q, k, v, o, gate, up, down) adapts."""
-    gated = arch == "llama"
-    names = dict(LORA_TARGETS, up="wi_up" if gated else "wi")
-    valid = [t for t in names if gated or t != "gate"]
-    spec = targets.replace(" ", "")
-    chosen = valid if spec == "all-linear" else [t for t in spec.split(",") if t]
-    bad = [t for t in chosen if t not in valid]
-    if bad or not chosen:
-        raise ValueError(f"config.lora.targets={targets!r}: unknown target(s) {bad} for arch {arch!r}; valid: "
-                         f"'all-linear' or a comma list of {', '.join(valid)}")
-    return tuple(dict.fromkeys(names[t] for t in chosen))
+    """The projection modules ('query', 'wo', ...) `targets` ('all-linear' or a comma list of q, k, v, o,
+    gate, up, down) adapts: `models.transformer.lora_modules`, the model's own choice."""
+    modules = transformer.lora_modules(ModelConfig(arch=arch, lora_targets=targets))
+    return tuple(dict.fromkeys(m.split("/")[1] for m in modules))
 
 
 @dataclasses.dataclass(frozen=True)
