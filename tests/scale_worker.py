@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, config_lib, ppo, rm, sampling, scoring, sft, sharding, train_lib
+from instructgpt_jax import checkpoints, config_lib, lora, ppo, rm, sampling, scoring, sft, sharding, train_lib
 from instructgpt_jax.models import ModelConfig, Transformer
 
 # (data, fsdp, tensor); "ref" is the one-device run every other mesh is compared with.
@@ -164,6 +164,33 @@ def run_ppo(mesh, host, lm, rm_model):
     return {"losses": losses, "shards": shards}
 
 
+LORA_CFG = config_lib.replace(config_lib.load("sft", "tiny"), **{"lora.rank": 4, "lora.base_dtype": "nf4"})
+LORA_MODEL = Transformer(ModelConfig.from_config(dict(vars(CFG)), LORA_CFG.lora))
+
+
+def run_lora(mesh, host, stage_init):
+    """SFT steps of rank-4 adapters on an NF4 base: the base stored on the mesh (lora.store_base), the adapters
+    sharded like the weights they adapt (stage init, or device_put of the reference's onto those shardings)."""
+    _, shardings = sharding.param_shardings(init_fn(lora.plain(LORA_MODEL)), mesh)
+    base = jax.device_put(host["sft"], shardings)
+    if stage_init:
+        adapters = lora.init_adapters(LORA_MODEL, jax.random.PRNGKey(3), mesh)
+        host.setdefault("adapters", jax.device_get(adapters))
+    else:
+        _, a_shardings = sharding.param_shardings(lambda r: lora.adapters(init_fn(LORA_MODEL)(r)), mesh)
+        adapters = jax.device_put(host["adapters"], a_shardings)
+    adapters, base = lora.setup(LORA_CFG, LORA_MODEL, base, None, mesh, adapter_params=adapters)
+    step = functools.partial(train_lib.train_step, tx=TX, loss_fn=lora.with_base(
+        functools.partial(sft.loss_fn, model=LORA_MODEL)))
+    state = train_lib.new_state(adapters, TX)
+    shards = {f"{m}.{leaf}": [s.data.shape for s in state["params"]["layers"]["attn"][m][leaf].addressable_shards][0]
+              for m in ("query", "out") for leaf in ("lora_a", "lora_b")}
+    shards["qkernel"] = [s.data.shape for s in base["layers"]["attn"]["query"]["qkernel"].addressable_shards][0]
+    _, losses = run_steps(lambda st, b, r: step(st, b, r, (base, None)), state, [sft_batch(i) for i in range(STEPS)],
+                          mesh)
+    return {"losses": losses, "shards": {k: list(v) for k, v in shards.items()}}
+
+
 def max_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -179,7 +206,7 @@ def error_of(fn):
 
 def main(ckpt_dir):
     results = {"devices": jax.device_count(), "sft": {}, "rm": {}, "ppo": {}, "sampler": {}, "params_diff": {},
-               "init_diff": {}}
+               "init_diff": {}, "sft_lora": {}}
     lm, rm_model = Transformer(CFG), Transformer(CFG, head="scalar")
     sft_step = functools.partial(train_lib.train_step, loss_fn=functools.partial(sft.loss_fn, model=lm), tx=TX)
     rm_step = functools.partial(train_lib.train_step, loss_fn=functools.partial(rm.loss_fn, model=rm_model), tx=TX)
@@ -207,7 +234,8 @@ def main(ckpt_dir):
         _, losses = run_steps(rm_step, rm_state, [rm_batch(i) for i in range(STEPS)], mesh)
         results["rm"][name] = {"losses": losses, "shards": shards}
         results["ppo"][name] = run_ppo(mesh, host, lm, rm_model)
-        log(f"{name}: sft + rm + ppo")
+        results["sft_lora"][name] = run_lora(mesh, host, name in STAGE_INIT)
+        log(f"{name}: sft + rm + ppo + sft with QLoRA")
 
     # A checkpoint saved on (8,1,1), restored by the stages' Manager onto (1,4,2)'s shardings.
     config = ml_collections.ConfigDict({"train": {"keep_checkpoints": 1}})

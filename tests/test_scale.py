@@ -286,6 +286,18 @@ def test_params_and_adam_state_are_split(results, stage, mesh):
         assert math.prod(shards["embed.mu"]["shard"]) < math.prod(shards["embed.mu"]["global"])
 
 
+@pytest.mark.parametrize("mesh", MESHES)
+def test_qlora_sft_matches_one_device_with_adapters_sharded_like_their_weights(results, mesh):
+    runs = stage_results(results, "sft_lora")
+    np.testing.assert_allclose(runs[mesh]["losses"], runs["ref"]["losses"], rtol=2e-6)
+    _, f, t = MESHES[mesh]
+    # query [layers, embed, heads, head_dim] -> A [layers, embed, r], B [layers, r, heads, head_dim];
+    # out [layers, heads, head_dim, embed] -> A [layers, heads, head_dim, r], B [layers, r, embed]
+    assert runs[mesh]["shards"] == {"query.lora_a": [2, 64 // f, 4], "query.lora_b": [2, 4, 4 // t, 16],
+                                    "out.lora_a": [2, 4 // t, 16, 4], "out.lora_b": [2, 4, 64 // f],
+                                    "qkernel": [2, 64 // f, 4 // t, 8]}  # nf4 codes: two per byte
+
+
 def test_sft_params_match_one_device(results):
     # Adam divides by sqrt(nu): gradients near float noise move a weight by up to lr, so this bound is
     # looser than the losses' (lr 1e-3, 3 steps).

@@ -42,10 +42,10 @@ from instructgpt_jax.miniature import world
 from instructgpt_jax.models import ModelConfig, Transformer
 
 MODELS = ("base", "sft", "sft_large", "ppo", "ppo_ema", "ppo_ptx", "ppo_ptx_ema", "dpo", "dpo_pl", "grpo",
-          "grpo_verifier")
+          "grpo_verifier", "ppo_lora")
 LABELS = {"base": "base (pretrained)", "sft": "SFT", "sft_large": "SFT 3.6x", "ppo": "PPO", "ppo_ema": "PPO (EMA)",
           "ppo_ptx": "PPO-ptx", "ppo_ptx_ema": "PPO-ptx (EMA)", "dpo": "DPO", "dpo_pl": "DPO-PL", "grpo": "GRPO",
-          "grpo_verifier": "GRPO-verifier"}
+          "grpo_verifier": "GRPO-verifier", "ppo_lora": "PPO-LoRA"}
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -10,6 +10,7 @@
     dpo, dpo_pl     DIR/dpo, ...        DPO (sigmoid, all pairs) and listwise Plackett-Luce DPO on the same rankings
     grpo            DIR/grpo            critic-free GRPO against the RM
     grpo_verifier   DIR/grpo_verifier   GRPO against the world's programmatic verifier (no RM)
+    ppo_lora        DIR/ppo_lora        PPO with rank-8 LoRA adapters (policy and value) on frozen SFT / RM weights
     pretrain_large  DIR/pretrain_large  a ~3.6x larger base LM on the same text ...
     sft_large       DIR/sft_large       ... fine-tuned on the same demonstrations (scale vs alignment)
     eval            DIR/eval            held-out labelers judge every model vs SFT on validation and test prompts
@@ -45,9 +46,9 @@ import numpy as np
 from instructgpt_jax import checkpoints, config_lib, train_lib
 from instructgpt_jax.miniature import evaluate, world
 
-RL_STAGES = ("ppo", "ppo_ptx", "grpo", "grpo_verifier")
+RL_STAGES = ("ppo", "ppo_ptx", "grpo", "grpo_verifier", "ppo_lora")
 DPO_STAGES = ("dpo", "dpo_pl")
-METHODS = ("dpo", "dpo_pl", "grpo", "grpo_verifier")  # the methods after InstructGPT: config.methods
+METHODS = ("dpo", "dpo_pl", "grpo", "grpo_verifier", "ppo_lora")  # the methods after InstructGPT: config.methods
 TRAINED = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", *METHODS, "pretrain_large", "sft_large")
 STEPS = ("data", "pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", *METHODS, "pretrain_large", "sft_large",
          "eval")

@@ -16,7 +16,7 @@ from instructgpt_jax.errors import UserError
 
 NAMES = {"base": "base (pretrained)", "sft": "SFT", "sft_large": "SFT 3.6x", "ppo": "PPO", "ppo_ema": "PPO (EMA)",
          "ppo_ptx": "PPO-ptx", "ppo_ptx_ema": "PPO-ptx (EMA)", "dpo": "DPO", "dpo_pl": "DPO-PL", "grpo": "GRPO",
-         "grpo_verifier": "GRPO-verifier"}
+         "grpo_verifier": "GRPO-verifier", "ppo_lora": "PPO-LoRA"}
 
 
 def load(workdir: str, split: str = "test") -> dict:
