@@ -208,6 +208,10 @@ class Stage:
             f"  tokenizer {type(tok).__name__} ({tok.vocab_size:,} tokens, EOS ids {sorted(tok.eos_ids)}), "
             f"chat template {template}",
             *(f"  data      {f}" for f in _files(config, data)),
+            *([f"  lora      rank {config.lora.rank}, alpha {config.lora.alpha:g}, targets {config.lora.targets}, "
+               f"base {config.lora.base_dtype}: "
+               f"{(count_params(model, mesh) - count_params(lora.plain(model), mesh)) / 1e6:,.2f}M adapter params "
+               f"train, the base is frozen"] if lora.enabled(config) else []),
             f"  mesh      {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
             f"{jax.process_count()} process(es)",
             f"  schedule  {steps}" + "".join(f", {k}={v}" for k, v in fitted.items()),

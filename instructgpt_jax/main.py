@@ -73,6 +73,8 @@ Main keys (--config.KEY=VALUE; unknown keys are errors, --print_config shows the
   optim.lr, optim.warmup_frac, optim.end_lr_frac    model.dtype, model.remat    mesh.data, mesh.fsdp, mesh.tensor
   ppo.kl_coef, ppo.ptx_coef, ppo.advantage_estimator, ppo.group_size, ppo.max_new_tokens, ppo.reward, ppo.loss_agg
   dpo.beta, dpo.loss_type, dpo.ipo_token_mean, dpo.pl_normalize    simpo.beta, simpo.gamma
+  lora.rank, lora.alpha, lora.targets, lora.base_dtype   LoRA / QLoRA (rank 0 = full fine-tuning; base_dtype
+                                       float32 | bfloat16 | int8 | nf4); init.adapter: start from a PEFT adapter
 
 Examples:
   python -m instructgpt_jax.main --config=sft:finetune --workdir=runs/sft \

@@ -136,11 +136,11 @@ def advantages(scores, old_logp, ref_logp, values, mask, ended, kl_beta, *, cfg)
     return adv, returns, metrics
 
 
-def update_step(state, rollout, idx, ptx, bases, *, policy, value_model, policy_tx, value_tx, cfg, prompt_len):
+def update_step(state, rollout, idx, ptx, bases=None, *, policy, value_model, policy_tx, value_tx, cfg, prompt_len):
     """One minibatch: policy (+ KL loss term, + ptx) and value gradient steps with their own optimizers,
     then the policy EMA. (state, rollout, minibatch indices, pretraining batch, frozen LoRA bases) ->
-    (state, metrics); bases {'policy', 'value'}: the frozen base each trainable tree is combined with (None:
-    full fine-tuning). The reference's log-probs come with the rollout. Pure; no dropout (the first ratio
+    (state, metrics); bases {'policy', 'value'}: the frozen base each trainable tree is combined with (None or
+    absent: full fine-tuning). The reference's log-probs come with the rollout. Pure; no dropout (the first ratio
     must be exactly 1)."""
     mb = jax.tree.map(lambda x: x[idx], rollout)
     p = prompt_len
@@ -148,7 +148,7 @@ def update_step(state, rollout, idx, ptx, bases, *, policy, value_model, policy_
     agg, max_tokens = loss_aggregation(cfg)
 
     def policy_loss(params):
-        params = lora.combine(params, bases["policy"])
+        params = lora.combine(params, (bases or {}).get("policy"))
         logp, ent = scoring.response_logprobs(params, policy, *rows, p, cfg.temperature, entropy=True)
         loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps,
                                            agg=agg, max_tokens=max_tokens)
@@ -176,7 +176,7 @@ def update_step(state, rollout, idx, ptx, bases, *, policy, value_model, policy_
                               new["policy"]["params"])
     if "value" in state:
         def value_loss(params):
-            v = scoring.response_values(lora.combine(params, bases["value"]), value_model, *rows, p)
+            v = scoring.response_values(lora.combine(params, (bases or {}).get("value")), value_model, *rows, p)
             loss, aux = losses.value_loss(v, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
             return cfg.value_coef * loss, dict(aux, value_loss=loss)
 
