@@ -243,9 +243,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     rm_model, rm_params, rm_bias, retokenize = None, None, 0.0, None
     if cfg.rm_workdir:
         rm = scoring.RewardModel.load(cfg.rm_workdir, mesh)
-        rm_model, rm_params, rm_bias = rm.model, lora.store_base(rm.params, config.lora.base_dtype), rm.bias
         # an RM with another tokenizer scores decoded responses re-encoded host-side (None: the same tokenizer)
         retokenize = scoring.Retokenizer.load(cfg.rm_workdir, rm, tok)
+        rm_model, rm_bias = rm.model, rm.bias
+        rm_params = rm.params if retokenize is not None else lora.store_base(rm.params, config.lora.base_dtype)
+        del rm  # (QLoRA: the float32 RM weights are freed once stored)
     verifier = load_verifier(cfg.verifier) if cfg.reward == "verifier" else None
     policy_tx = train_lib.make_optimizer(config.optim, config.train.num_steps, updates_per_iteration)
     value_model, value_params, value_tx, value_base = None, None, None, None
@@ -254,16 +256,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
             value_model, value_params = lora.with_lora(rm_model, config), rm_params
         else:  # no RM (verifier reward), or one reading other tokens: the SFT trunk with a fresh scalar head
             value_model = Transformer(policy.cfg, head="scalar")
-            value_params = checkpoints.init_with_trunk(lora.plain(value_model), lora.plain(policy), mesh, rng,
-                                                       sft.path)
-            value_params = lora.store_base(value_params, config.lora.base_dtype) if lora.enabled(config) else \
-                value_params
+            trunk = None if lora.enabled(config) else sft.path  # LoRA: the policy's frozen base is the trunk
+            value_params = checkpoints.init_with_trunk(lora.plain(value_model), lora.plain(policy), mesh, rng, trunk)
+            if lora.enabled(config):
+                value_params = lora.combine({"scalar_head": value_params["scalar_head"]}, policy_base)
         if lora.enabled(config):  # adapters + the head train; the trunk is the (already stored) base
             value_base = value_params
             value_params = lora.combine({"scalar_head": jax.tree.map(jnp.copy, value_base["scalar_head"])},
                                         lora.init_adapters(value_model, jax.random.fold_in(rng, 1), mesh))
         value_tx = train_lib.make_optimizer(config.value_optim, config.train.num_steps, updates_per_iteration)
     state = init_state(policy_init, policy_tx, cfg.kl_coef, value_params, value_tx)
+    del policy_init, value_params  # the state holds copies (LoRA: these were the only references: freed)
     bases = {"policy": policy_base, "value": value_base}
     full_policy = lambda s: lora.combine(s["policy"]["params"], policy_base)  # noqa: E731
 

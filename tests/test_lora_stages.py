@@ -2,6 +2,7 @@
 tokenizer): SFT with adapters on every linear layer -> `hf --adapter` loads in peft with our logits, the
 merged export loads in transformers, `config.init.adapter` starts a run from that PEFT adapter; then DPO,
 and PPO-ptx with an NF4 base (reward model and value model sharing one trunk), resumed exactly."""
+import gc
 import json
 import os
 import shutil
@@ -175,3 +176,69 @@ def test_ppo_ptx_with_an_nf4_base_runs_and_resumes_exactly(lora_sft, lora_rm, tm
     resumed = train_lib.read_metrics(workdir)
     for key in ("score", "kl", "pg_loss", "value_loss", "ptx_loss", "eval_score"):
         assert resumed[1][key] == pytest.approx(records[1][key], rel=1e-5, abs=1e-6), key
+
+
+def test_ppo_with_a_verifier_and_lora_puts_the_value_head_on_the_policys_base(lora_sft, tmp_path):
+    """No reward model: the value model is adapters + a fresh head on the SFT weights the policy's base holds."""
+    workdir = str(tmp_path / "ppo_verifier")
+    ppo.train(stage_config("ppo", **{"init.from_workdir": lora_sft, "ppo.reward": "verifier", "ppo.ptx_coef": 0.0,
+                                     "ppo.verifier": "instructgpt_jax.miniature.world:verify", **LORA}), workdir,
+              builtin_data=BUILTIN)
+    records = train_lib.read_metrics(workdir)
+    assert np.isfinite(records[-1]["value_loss"]) and records[-1]["value_grad_norm"] > 0
+
+
+class _Started(Exception):
+    pass
+
+
+def _resident_bytes(config, workdir, monkeypatch):
+    """Bytes of the jax arrays PPO holds when its loop starts (train state, frozen bases / copies, RM), by
+    stopping it there: live arrays then minus live arrays before."""
+    import jax
+
+    def live():
+        gc.collect()  # an earlier run's arrays in reference cycles must not be freed in between
+        return sum(x.nbytes for x in jax.live_arrays())
+    seen = {}
+
+    def fit(**kw):
+        seen["bytes"] = live()
+        raise _Started
+    before = live()
+    monkeypatch.setattr(train_lib, "fit", fit)
+    with pytest.raises(_Started):
+        ppo.train(config, workdir, builtin_data=BUILTIN)
+    monkeypatch.undo()
+    return seen["bytes"] - before
+
+
+def test_ppo_ptx_with_qlora_holds_two_quantised_bases_and_small_trainables(lora_sft, lora_rm, tmp_path, monkeypatch):
+    """On device: the NF4 policy base (= the reference) + the NF4 RM base (= the value trunk) + adapters with Adam
+    and EMA, by hand; full fine-tuning holds five float32 models and two Adam states."""
+    import jax
+
+    from instructgpt_jax import lora, sharding
+    from instructgpt_jax.models import ModelConfig, Transformer
+    qlora = _resident_bytes(_ppo_config(lora_sft, lora_rm), str(tmp_path / "q"), monkeypatch)
+    full = _resident_bytes(_ppo_config(lora_sft, lora_rm, **{"lora.rank": 0, "lora.base_dtype": "float32"}),
+                           str(tmp_path / "f"), monkeypatch)
+    mesh = sharding.default_mesh()
+    cfg = ModelConfig.from_config(checkpoints.read_export_meta(lora_sft)["model"])
+    nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    lm, rm_model = checkpoints.load_params(lora_sft, Transformer(cfg), mesh), \
+        checkpoints.load_params(lora_rm, Transformer(cfg, head="scalar"), mesh)
+    adapters = nbytes(lora.init_adapters(Transformer(dataclasses_replace(cfg, lora_rank=16)), jax.random.PRNGKey(0),
+                                         mesh))
+    head = nbytes(rm_model["scalar_head"])
+    expected = (nbytes(lora.store_base(lm, "nf4")) + nbytes(lora.store_base(rm_model, "nf4"))
+                + 4 * adapters + 3 * (adapters + head))  # policy (params, mu, nu, EMA); value (params, mu, nu)
+    assert expected <= qlora <= expected * 1.02 + 4096, (qlora, expected)
+    # policy, reference, EMA, policy Adam mu / nu (with the untied LM head); RM, value, value Adam mu / nu
+    assert 5 * nbytes(lm) + 4 * nbytes(rm_model) <= full <= (5 * nbytes(lm) + 4 * nbytes(rm_model)) * 1.01
+    assert qlora < full / 3  # at this size the float32 embeddings and LM head (never quantised) dominate
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
