@@ -1,7 +1,12 @@
 """SFT train-step throughput: our jitted step vs GPT2LMHeadModel + torch.optim.AdamW (eager, and torch.compile).
 
     python benchmarks/train_step.py [--shapes tiny,gpt2] [--seq 128] [--batch tiny=32,gpt2=8] [--reps 5] [--cores N]
-                                    [--no-compile]
+                                    [--no-compile] [--lora R]
+
+--lora R: LoRA instead (rank R, alpha 2R, every linear layer of the blocks): ours (adapters only in the train
+state, `lora.with_base`, as the stages run it) vs transformers + peft (`LoraConfig` on c_attn, c_proj, c_fc:
+GPT-2's fused q|k|v gets one adapter there, three here) with AdamW over the adapters only; our full fine-tuning
+step on the same batch is timed alongside for the LoRA / full ratio.
 
 Both frameworks train the same architecture from the SAME weights (ours are initialised randomly and
 written with `hf.save_pretrained`, then loaded by transformers): float32, dropout off, same batch of
@@ -49,6 +54,84 @@ def ours(cfg, batch, optim_cfg):
     return model, params0, lambda _rep: run(gbatch)
 
 
+def ours_lora(cfg, batch, optim_cfg, rank):
+    """(params of the base (host copy), step(rep) -> loss) of a rank-`rank` LoRA SFT step on a random base."""
+    import dataclasses
+
+    from instructgpt_jax import lora
+    mesh = sharding.make_mesh(config_lib.mesh_config())
+    model = Transformer(dataclasses.replace(cfg, lora_rank=rank, lora_alpha=2.0 * rank))
+    tx = train_lib.make_optimizer(optim_cfg, num_steps=10_000)
+    base = sharding.init_model(lora.plain(model), jax.random.PRNGKey(0), mesh)
+    params0 = jax.tree.map(np.asarray, base)
+    adapters = lora.init_adapters(model, jax.random.PRNGKey(1), mesh)
+    run = common.train_step_runner(lora.with_base(functools.partial(sft.loss_fn, model=model)), adapters, tx, mesh,
+                                   frozen=(base, None))
+    gbatch = sharding.host_to_global(batch, mesh)
+    return params0, lambda _rep: run(gbatch)
+
+
+def theirs_lora(model, params, batch, optim_cfg, tmpdir, rank):
+    """step(rep) of transformers + peft LoRA (same base weights) with AdamW over the adapters only."""
+    import peft
+    import torch
+    import torch.nn.functional as F
+    tmodel = common.to_transformers(model, params, tmpdir).train()
+    tmodel = peft.get_peft_model(tmodel, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                         target_modules=["c_attn", "c_proj", "c_fc"],
+                                                         fan_in_fan_out=True, init_lora_weights="gaussian"))
+    trainable = [p for p in tmodel.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=optim_cfg.lr, betas=(optim_cfg.b1, optim_cfg.b2), eps=optim_cfg.eps,
+                            weight_decay=0.0)
+    x = torch.from_numpy(batch["tokens"]).long()
+    y = torch.from_numpy(np.where(batch["loss_mask"] == 1, batch["targets"], -100)).long()
+
+    def step(_rep):
+        opt.zero_grad(set_to_none=True)
+        logits = tmodel(input_ids=x).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, optim_cfg.grad_clip)
+        opt.step()
+        return float(loss.detach())
+    return step
+
+
+def main_lora(args, shapes, batches, optim_cfg):
+    """--lora R: ours LoRA vs transformers + peft LoRA, and ours LoRA vs ours full fine-tuning."""
+    print(f"LoRA SFT train step, rank {args.lora}, alpha {2 * args.lora}, every linear layer, seq {args.seq}, "
+          f"float32, {args.reps} reps (alternating), tokens/s = batch*seq/step time\n")
+    table = common.Table(["shape", "batch", "ours LoRA tok/s", "peft LoRA tok/s", "ours full tok/s",
+                          "ours LoRA / peft", "ours LoRA / ours full (time)"])
+    notes = []
+    for shape in shapes:
+        b = int(batches.get(shape, 8))
+        cfg = common.model_config(shape, max_len=max(args.seq, common.model_config(shape).max_len))
+        batch = make_batch(b, args.seq, cfg.vocab_size)
+        params0, lora_step = ours_lora(cfg, batch, optim_cfg, args.lora)
+        model, _, full_step = ours(cfg, batch, optim_cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            peft_step = theirs_lora(model, params0, batch, optim_cfg, tmp, args.lora)
+        del params0
+        fns = {"lora": lora_step, "peft": peft_step, "full": full_step}
+        first = {k: f(-1) for k, f in fns.items()}
+        for _ in range(args.warmup):
+            for f in fns.values():
+                f(-1)
+        times = common.time_alternately(fns, args.reps, args.settle)
+        rate = {k: [b * args.seq / t for t in v] for k, v in times.items()}
+        med = {k: common.median(v) for k, v in times.items()}
+        table.row([f"{shape} ({cfg.num_layers}L d{cfg.d_model} V{cfg.vocab_size})", f"{b}x{args.seq}",
+                   common.cell(rate["lora"]), common.cell(rate["peft"]), common.cell(rate["full"]),
+                   f"{med['peft'] / med['lora']:.2f}x", f"{med['lora'] / med['full']:.2f}x"])
+        notes.append(f"{shape}: first-step loss ours LoRA {first['lora']:.5f}, peft {first['peft']:.5f}, ours full "
+                     f"{first['full']:.5f}")
+        del fns, lora_step, peft_step, full_step
+    print()
+    for n in notes:
+        print("- " + n)
+
+
 def theirs(model, params, batch, optim_cfg, tmpdir):
     """(step(rep) for eager, step for torch.compile or the reason it failed) on a GPT2LMHeadModel."""
     import torch
@@ -81,6 +164,7 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--lora", type=int, default=0, help="> 0: LoRA of this rank vs peft (see the docstring)")
     common.add_cores_flag(parser)
     args = parser.parse_args()
     common.pin_cores(args.cores)
@@ -90,6 +174,8 @@ def main():
     optim_cfg = config_lib.optim_config(1e-4)
 
     print(common.machine_line())
+    if args.lora:
+        return main_lora(args, args.shapes.split(","), batches, optim_cfg)
     print(f"SFT train step, seq {args.seq}, float32, dropout off, {threads} threads each, {args.reps} reps "
           f"(alternating), tokens/s = batch*seq/step time\n")
     table = common.Table(["shape", "batch", "ours tok/s", "torch eager tok/s", "torch.compile tok/s",
