@@ -3,6 +3,7 @@ forward, targets, rsLoRA, dropout in training only), trainable-only gradients an
 shared (no copies), and an SFT LoRA run resumed exactly. PEFT export / import and the RL stages:
 test_lora_stages.py."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +30,29 @@ def tiny(arch="llama", **lora_keys):
     return config
 
 
+_SETUPS = {}
+
+
 def setup(config, seed=0):
-    model = Transformer(lora.model_config(config))
-    params = sharding.init_model(lora.plain(model), jax.random.PRNGKey(seed), _mesh())
-    trainable, base = lora.setup(config, model, params, jax.random.PRNGKey(seed + 1), _mesh())
-    return model, params, trainable, base
+    """(model, base params, trainable, base) of a tiny LoRA model, built once per config (compiling the inits
+    dominates these tests)."""
+    key = (config.to_json(), seed)
+    if key not in _SETUPS:
+        model = Transformer(lora.model_config(config))
+        params = sharding.init_model(lora.plain(model), jax.random.PRNGKey(seed), _mesh())
+        trainable, base = lora.setup(config, model, params, jax.random.PRNGKey(seed + 1), _mesh())
+        _SETUPS[key] = model, params, trainable, base
+    return _SETUPS[key]
 
 
 TOKENS = jnp.arange(24).reshape(3, 8) % 500
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def fwd(model, params, tokens, deterministic=True, rng=None):
+    """model.apply, jitted (one compile per model and mode instead of op-by-op dispatch)."""
+    return model.apply({"params": params}, tokens, deterministic=deterministic,
+                       rngs=None if rng is None else {"dropout": rng})
 
 
 # ----------------------------------------------------------------------------- quantisers
@@ -93,12 +109,12 @@ def test_step_zero_equals_the_base_and_merge_equals_the_adapted_forward(arch):
     assert base is params  # float32 base: the starting params themselves, not a copy
     full = lora.combine(trainable, base)
     assert full["embed"]["embedding"] is params["embed"]["embedding"]
-    np.testing.assert_array_equal(model.apply({"params": full}, TOKENS), lora.plain(model).apply({"params": params}, TOKENS))
+    np.testing.assert_array_equal(fwd(model, full, TOKENS), fwd(lora.plain(model), params, TOKENS))
     moved = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(3), x.shape), trainable)
-    adapted = model.apply({"params": lora.combine(moved, base)}, TOKENS)
-    merged = lora.plain(model).apply({"params": lora.merge(moved, base, model.cfg)}, TOKENS)
+    adapted = fwd(model, lora.combine(moved, base), TOKENS)
+    merged = fwd(lora.plain(model), lora.merge(moved, base, model.cfg), TOKENS)
     np.testing.assert_allclose(adapted, merged, atol=2e-5)
-    assert np.abs(np.asarray(adapted) - np.asarray(lora.plain(model).apply({"params": params}, TOKENS))).max() > 1e-2
+    assert np.abs(np.asarray(adapted) - np.asarray(fwd(lora.plain(model), params, TOKENS))).max() > 1e-2
 
 
 def test_adapter_shapes_targets_and_scale():
@@ -123,10 +139,11 @@ def test_adapter_shapes_targets_and_scale():
 
 def test_the_scale_multiplies_the_update():
     """W' - W = (alpha / r) A B (rsLoRA: alpha / sqrt(r)), by hand; the forward equals the merged model (above)."""
-    for keys, scale in ((dict(alpha=1.0), 0.5), (dict(alpha=2.0), 1.0), (dict(alpha=2.0, rslora=True), 2 ** 0.5)):
-        model, params, trainable, base = setup(tiny(rank=2, **keys))
-        moved = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.PRNGKey(5), x.shape), trainable)
-        merged = lora.merge(moved, base, model.cfg)["layers"]["mlp"]["wi_up"]["kernel"]
+    model, params, trainable, base = setup(tiny(rank=4, alpha=8.0))
+    moved = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.PRNGKey(5), x.shape), trainable)
+    for keys, scale in ((dict(lora_alpha=2.0), 0.5), (dict(lora_alpha=4.0), 1.0),
+                        (dict(lora_alpha=4.0, lora_rslora=True), 2.0)):
+        merged = lora.merge(moved, base, dataclasses.replace(model.cfg, **keys))["layers"]["mlp"]["wi_up"]["kernel"]
         ab = moved["layers"]["mlp"]["wi_up"]
         np.testing.assert_allclose(merged - params["layers"]["mlp"]["wi_up"]["kernel"],
                                    scale * np.einsum("lir,lro->lio", ab["lora_a"], ab["lora_b"]), atol=1e-7)
@@ -141,18 +158,18 @@ def test_rank_zero_is_the_plain_model_exactly():
 
 
 def test_lora_dropout_only_in_training():
-    model, _, trainable, base = setup(tiny(rank=4, dropout=0.5))
+    model, _, trainable, base = setup(tiny(rank=4, alpha=8.0, dropout=0.5))
     moved = lora.combine(jax.tree.map(lambda x: x + 0.1, trainable), base)
-    a = model.apply({"params": moved}, TOKENS)
-    np.testing.assert_array_equal(a, model.apply({"params": moved}, TOKENS, deterministic=True))
-    b = model.apply({"params": moved}, TOKENS, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    a = fwd(model, moved, TOKENS)
+    np.testing.assert_array_equal(a, fwd(model, moved, TOKENS))
+    b = fwd(model, moved, TOKENS, False, jax.random.PRNGKey(0))
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
 
 
 def test_quantised_bases_store_less_and_stay_close():
-    config = tiny(rank=4)
+    config = tiny(rank=4, alpha=8.0)
     model, params, trainable, _ = setup(config)
-    ref = lora.plain(model).apply({"params": params}, TOKENS)
+    ref = fwd(lora.plain(model), params, TOKENS)
     proj = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
                if "layers" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p))
     rest = sum(x.nbytes for x in jax.tree.leaves(params)) - 4 * proj
@@ -161,7 +178,7 @@ def test_quantised_bases_store_less_and_stay_close():
         base = lora.store_base(params, fmt)
         if expect[fmt] is not None:
             assert sum(x.nbytes for x in jax.tree.leaves(base)) == expect[fmt], fmt
-        out = model.apply({"params": lora.combine(trainable, base)}, TOKENS)
+        out = fwd(model, lora.combine(trainable, base), TOKENS)
         assert np.abs(np.asarray(out) - np.asarray(ref)).max() < tol, fmt
         assert base["embed"]["embedding"] is params["embed"]["embedding"]  # embeddings stay float32, shared
 
@@ -176,9 +193,9 @@ def test_bad_lora_config_is_a_clear_error():
 # ----------------------------------------------------------------------------- training
 
 def test_gradients_and_optimizer_state_exist_for_the_adapters_only():
-    config = tiny(rank=4)
-    config.optim.warmup_steps = 0
+    config = tiny(rank=4, alpha=8.0)
     model, params, trainable, base = setup(config)
+    config.optim.warmup_steps = 0
     from instructgpt_jax import sft as sft_stage
     tx = train_lib.make_optimizer(config.optim, 10)
     state = train_lib.new_state(trainable, tx)
@@ -201,6 +218,7 @@ def test_gradients_and_optimizer_state_exist_for_the_adapters_only():
             assert (d > 0) == (moves in jax.tree_util.keystr(path) or moves == "lora_a"), (path, d)
 
 
+@pytest.mark.slow  # three short SFT runs; default-suite budget (CI runs `pytest -m slow` too)
 def test_sft_lora_resumes_exactly_and_exports_merged_weights_and_adapters(tmp_path, monkeypatch):
     """A LoRA SFT run interrupted after step 7 (checkpoint at 5) and rerun: steps 6..10 equal the straight run's.
     Its export holds the merged weights, the adapters and their config."""

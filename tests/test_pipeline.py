@@ -46,7 +46,7 @@ def smoke(smoke_default):
 
 def test_default_runs_instructgpt_and_methods_add_only_their_stages(smoke_default, smoke):
     workdir, default_results = smoke_default
-    assert set(default_results["models"]) == set(evaluate.MODELS) - {"dpo", "dpo_pl", "grpo", "grpo_verifier"}
+    assert set(default_results["models"]) == set(evaluate.MODELS) - set(pipeline.METHODS)
     names = [s.name for s in pipeline.plan(pipeline_config(), workdir)]
     assert not set(pipeline.METHODS) & set(names) and names[-1] == "eval"
     _, results, before = smoke
@@ -64,7 +64,8 @@ def test_default_and_smoke_configs_share_the_code_path():
     assert default.stage == smoke_cfg.stage == "pipeline"
     assert default.to_dict().keys() == smoke_cfg.to_dict().keys()
     assert [default[s].stage for s in pipeline.TRAINED] == [
-        "pretrain", "sft", "rm", "ppo", "ppo", "dpo", "dpo", "ppo", "ppo", "pretrain", "sft"]
+        "pretrain", "sft", "rm", "ppo", "ppo", "dpo", "dpo", "ppo", "ppo", "ppo", "pretrain", "sft"]
+    assert default.ppo_lora.lora.rank == 8 and default.ppo.lora.rank == 0  # only the LoRA row has adapters
     assert not default.methods and pipeline_config("methods").methods
     assert default.ppo.ppo.ptx_coef == 0 < default.ppo_ptx.ppo.ptx_coef
     assert (default.dpo.dpo.loss_type, default.dpo_pl.dpo.loss_type) == ("sigmoid", "plackett_luce")
