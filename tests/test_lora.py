@@ -265,3 +265,14 @@ def test_sft_lora_resumes_exactly_and_exports_merged_weights_and_adapters(tmp_pa
     delta = np.einsum("lir,lrhd->lihd", a_q, b_q)
     np.testing.assert_allclose(merged["layers"]["attn"]["query"]["kernel"],
                                np.asarray(base["layers"]["attn"]["query"]["kernel"]) + 2.0 * delta, atol=1e-6)
+
+
+def test_adapter_export_of_a_full_fine_tuning_run_is_a_one_line_error(sft_workdir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "-m", "instructgpt_jax.hf", f"--export={sft_workdir}",
+                          f"--out={tmp_path / 'a'}", "--adapter"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert "was not trained with LoRA" in out.stderr and not (tmp_path / "a").exists()
