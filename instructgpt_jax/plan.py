@@ -295,10 +295,11 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
             if uses_rm:
                 rm = lora_model(rm_cfg, "scalar")
                 resident["reward model base params"] = rm.base_bytes
-            if not critic_free:
-                resident.update({"value adapter params": 4 * rm.adapters, "value head params": 4 * rm.head,
-                                 "value gradients": 4 * (rm.adapters + rm.head),
-                                 "value Adam mu+nu": 8 * (rm.adapters + rm.head)})
+            if not critic_free:  # on the RM's base; with a verifier, on the policy's base
+                v = rm if uses_rm else lora_model(policy, "scalar")
+                resident.update({"value adapter params": 4 * v.adapters, "value head params": 4 * v.head,
+                                 "value gradients": 4 * (v.adapters + v.head),
+                                 "value Adam mu+nu": 8 * (v.adapters + v.head)})
         else:
             trainable("policy", policy, "lm")
             resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
