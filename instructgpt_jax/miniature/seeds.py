@@ -46,6 +46,10 @@ FINDINGS = {  # name -> (models it needs, test on one seed's models)
     "PPO's win rate above DPO's": (("ppo", "dpo"), lambda m: m["ppo"]["win_rate"] > m["dpo"]["win_rate"]),
     "PPO's win rate above GRPO-verifier's": (
         ("ppo", "grpo_verifier"), lambda m: m["ppo"]["win_rate"] > m["grpo_verifier"]["win_rate"]),
+    "PPO-LoRA (rank 8) preferred to SFT (interval above 50 %)": (
+        ("ppo_lora",), lambda m: m["ppo_lora"]["win_ci"][0] > .5),
+    "PPO-LoRA within 5 points of PPO's win rate": (
+        ("ppo", "ppo_lora"), lambda m: abs(m["ppo_lora"]["win_rate"] - m["ppo"]["win_rate"]) <= 0.05),
     "GRPO (RM) over-optimises: higher RM score, lower utility than PPO": (
         ("ppo", "grpo"), lambda m: m["grpo"]["rm_score"] > m["ppo"]["rm_score"]
         and m["grpo"]["utility"] < m["ppo"]["utility"]),
