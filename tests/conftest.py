@@ -40,6 +40,41 @@ def stage_config(stage: str, **overrides):
     return config_lib.replace(config, **small)
 
 
+class Interrupt(Exception):
+    """Stands for a run killed between two steps (the exact-resumption tests)."""
+
+
+def interrupting(it, after: int):
+    """A data iterator (with get_state / set_state) that raises Interrupt when asked for item `after + 1`."""
+    count = [0]
+
+    class Wrapped:
+        def __next__(self):
+            count[0] += 1
+            if count[0] > after:
+                raise Interrupt
+            return next(it)
+        get_state, set_state = it.get_state, it.set_state
+    return Wrapped()
+
+
+def ppo_interrupted_then_resumed(config, workdir: str, monkeypatch, after: int = 1) -> None:
+    """The RL stage killed when it asks for prompt batch `after + 1`, then rerun to the end in the same workdir."""
+    from instructgpt_jax import ppo
+    from instructgpt_jax.data import prepare
+    original = prepare.prepare_ppo
+
+    def interrupted(*args, **kwargs):
+        data = original(*args, **kwargs)
+        data.prompts = interrupting(data.prompts, after)
+        return data
+    monkeypatch.setattr(prepare, "prepare_ppo", interrupted)
+    with pytest.raises(Interrupt):
+        ppo.train(config, workdir, builtin_data=BUILTIN)
+    monkeypatch.setattr(prepare, "prepare_ppo", original)
+    ppo.train(config, workdir, builtin_data=BUILTIN)
+
+
 @pytest.fixture(scope="session")
 def sft_workdir(tmp_path_factory):
     from instructgpt_jax import sft

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BUILTIN, stage_config
+from conftest import BUILTIN, Interrupt, interrupting, stage_config
 
 from instructgpt_jax import checkpoints, config_lib, lora, sft, sharding, train_lib
 from instructgpt_jax.errors import UserError
@@ -222,8 +222,6 @@ def test_gradients_and_optimizer_state_exist_for_the_adapters_only():
 def test_sft_lora_resumes_exactly_and_exports_merged_weights_and_adapters(tmp_path, monkeypatch):
     """A LoRA SFT run interrupted after step 7 (checkpoint at 5) and rerun: steps 6..10 equal the straight run's.
     Its export holds the merged weights, the adapters and their config."""
-    from test_sft import _Interrupt
-
     from instructgpt_jax.data import prepare
     keys = {"lora.rank": 4, "lora.alpha": 8.0, "train.num_steps": 10, "train.checkpoint_every": 5}
     straight = str(tmp_path / "straight")
@@ -231,19 +229,10 @@ def test_sft_lora_resumes_exactly_and_exports_merged_weights_and_adapters(tmp_pa
     original = prepare.StageData.train_iterator
 
     def interrupted(self):
-        it, count = original(self), [0]
-
-        class Wrapped:
-            def __next__(self):
-                count[0] += 1
-                if count[0] > 7:
-                    raise _Interrupt
-                return next(it)
-            get_state, set_state = it.get_state, it.set_state
-        return Wrapped()
+        return interrupting(original(self), after=7)
     workdir = str(tmp_path / "resumed")
     monkeypatch.setattr(prepare.StageData, "train_iterator", interrupted)
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         sft.train(stage_config("sft", **keys), workdir, builtin_data=BUILTIN)
     monkeypatch.setattr(prepare.StageData, "train_iterator", original)
     sft.train(stage_config("sft", **keys), workdir, builtin_data=BUILTIN)

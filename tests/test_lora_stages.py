@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import BUILTIN, ROOT, stage_config
+from conftest import BUILTIN, ROOT, ppo_interrupted_then_resumed, stage_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -138,9 +138,6 @@ def _ppo_config(lora_sft, lora_rm, **keys):
 
 
 def test_ppo_ptx_with_an_nf4_base_runs_and_resumes_exactly(lora_sft, lora_rm, tmp_path, monkeypatch):
-    from test_ppo import _Interrupt
-
-    from instructgpt_jax.data import prepare
     straight = str(tmp_path / "straight")
     ppo.train(_ppo_config(lora_sft, lora_rm), straight, builtin_data=BUILTIN)
     records = train_lib.read_metrics(straight)
@@ -153,26 +150,7 @@ def test_ppo_ptx_with_an_nf4_base_runs_and_resumes_exactly(lora_sft, lora_rm, tm
 
     config = _ppo_config(lora_sft, lora_rm, **{"train.checkpoint_every": 1})
     workdir = str(tmp_path / "resumed")
-    original = prepare.prepare_ppo
-
-    def interrupted(*args, **kwargs):
-        data = original(*args, **kwargs)
-        prompts, calls = data.prompts, [0]
-
-        class Wrapped:
-            def __next__(self):
-                calls[0] += 1
-                if calls[0] > 1:
-                    raise _Interrupt
-                return next(prompts)
-            get_state, set_state = prompts.get_state, prompts.set_state
-        data.prompts = Wrapped()
-        return data
-    monkeypatch.setattr(prepare, "prepare_ppo", interrupted)
-    with pytest.raises(_Interrupt):
-        ppo.train(config, workdir, builtin_data=BUILTIN)
-    monkeypatch.setattr(prepare, "prepare_ppo", original)
-    ppo.train(config, workdir, builtin_data=BUILTIN)
+    ppo_interrupted_then_resumed(config, workdir, monkeypatch)
     resumed = train_lib.read_metrics(workdir)
     for key in ("score", "kl", "pg_loss", "value_loss", "ptx_loss", "eval_score"):
         assert resumed[1][key] == pytest.approx(records[1][key], rel=1e-5, abs=1e-6), key

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BUILTIN, stage_config
+from conftest import BUILTIN, ppo_interrupted_then_resumed, stage_config
 
 from instructgpt_jax import checkpoints, config_lib, losses, ppo, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import iterators as pipeline
@@ -340,40 +340,15 @@ def test_bad_rl_options_are_refused():
             ppo.check_config(config_lib.replace(base, **overrides))
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow  # default-suite budget: `pytest -m slow` (CI runs it)
 def test_ppo_resume_continues_exactly(tmp_path, ppo_run, monkeypatch):
     """Interrupted after iteration 1 (checkpointed), rerun: iteration 2 equals the uninterrupted run's
     (both optimizers, EMA, KL controller, data positions and RNG come back)."""
-    from instructgpt_jax.data import prepare
     config, straight_dir = ppo_run
     config = config.copy_and_resolve_references()
     config.train.checkpoint_every = 1
     workdir = str(tmp_path / "ppo")
-    original = prepare.prepare_ppo
-
-    def interrupted(*args, **kwargs):
-        data = original(*args, **kwargs)
-        prompts, calls = data.prompts, [0]
-
-        class Wrapped:
-            def __next__(self):
-                calls[0] += 1
-                if calls[0] > 1:
-                    raise _Interrupt
-                return next(prompts)
-            get_state, set_state = prompts.get_state, prompts.set_state
-        data.prompts = Wrapped()
-        return data
-
-    monkeypatch.setattr(prepare, "prepare_ppo", interrupted)
-    with pytest.raises(_Interrupt):
-        ppo.train(config, workdir, builtin_data=BUILTIN)
-    monkeypatch.setattr(prepare, "prepare_ppo", original)
-    ppo.train(config, workdir, builtin_data=BUILTIN)
+    ppo_interrupted_then_resumed(config, workdir, monkeypatch)
     resumed, straight = train_lib.read_metrics(workdir), train_lib.read_metrics(straight_dir)
     assert [r["step"] for r in resumed] == [1, 2]
     for key in ("score", "kl", "pg_loss", "value_loss", "ptx_loss", "beta", "eval_score"):

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import BUILTIN, stage_config
+from conftest import BUILTIN, Interrupt, interrupting, stage_config
 
 from instructgpt_jax import checkpoints, sft, train_lib
 from instructgpt_jax.data import prepare
@@ -25,10 +25,6 @@ def test_sft_trains_and_writes_everything(sft_workdir):
     assert os.path.exists(os.path.join(sft_workdir, "export", "tokenizer.model"))
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_continues_exactly(tmp_path, sft_workdir, monkeypatch):
     """Interrupt at step 13 (last checkpoint: 10), rerun: steps 11..30 equal the uninterrupted run's."""
     config = stage_config("sft")
@@ -36,20 +32,10 @@ def test_resume_continues_exactly(tmp_path, sft_workdir, monkeypatch):
     original = prepare.StageData.train_iterator
 
     def interrupted(self):
-        it = original(self)
-        real_next, count = it.__next__, [0]
-
-        class Wrapped:
-            def __next__(self):
-                count[0] += 1
-                if count[0] > 13:
-                    raise _Interrupt
-                return real_next()
-            get_state, set_state = it.get_state, it.set_state
-        return Wrapped()
+        return interrupting(original(self), after=13)
 
     monkeypatch.setattr(prepare.StageData, "train_iterator", interrupted)
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         sft.train(config, workdir, builtin_data=BUILTIN)
     monkeypatch.setattr(prepare.StageData, "train_iterator", original)
     assert checkpoints.Manager(workdir, config).latest_step() == 10
