@@ -102,7 +102,7 @@ def test_nf4_refuses_widths_that_do_not_block():
 
 # ----------------------------------------------------------------------------- the adapted model
 
-@pytest.mark.parametrize("arch", ["llama", "gpt"])
+@pytest.mark.parametrize("arch", [pytest.param("llama", marks=pytest.mark.slow), "gpt"])  # llama: default budget
 def test_step_zero_equals_the_base_and_merge_equals_the_adapted_forward(arch):
     config = tiny(arch, rank=4, alpha=8.0)
     model, params, trainable, base = setup(config)
@@ -192,6 +192,7 @@ def test_bad_lora_config_is_a_clear_error():
 
 # ----------------------------------------------------------------------------- training
 
+@pytest.mark.slow  # two compiled train steps: default-suite budget (CI runs `pytest -m slow`)
 def test_gradients_and_optimizer_state_exist_for_the_adapters_only():
     config = tiny(rank=4, alpha=8.0)
     model, params, trainable, base = setup(config)
@@ -256,6 +257,7 @@ def test_sft_lora_resumes_exactly_and_exports_merged_weights_and_adapters(tmp_pa
                                np.asarray(base["layers"]["attn"]["query"]["kernel"]) + 2.0 * delta, atol=1e-6)
 
 
+@pytest.mark.slow  # a command-line subprocess: default-suite budget
 def test_adapter_export_of_a_full_fine_tuning_run_is_a_one_line_error(sft_workdir, tmp_path):
     import subprocess
     import sys

@@ -69,6 +69,7 @@ def test_base_bytes_by_hand():
     assert plan.lora_shards(odd, "lm", ONE, 4, "q", "int8").base_bytes > 0
 
 
+@pytest.mark.slow  # builds both models' bases and adapters: default-suite budget (CI runs `pytest -m slow`)
 @pytest.mark.parametrize("model,head", [(TINY, "lm"), (TINY_LLAMA, "scalar")], ids=["gpt", "llama"])
 def test_sizes_match_what_lora_py_builds(model, head):
     """The plan counts what the stages hold: lora.init_adapters' adapters and lora.store_base's frozen base
