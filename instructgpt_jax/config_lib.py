@@ -140,8 +140,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         remat="none",            # activation rematerialisation per block: 'none', 'full', 'dots'
         scan_unroll=speed.get("scan_unroll", 1),      # layers per layer-scan iteration in training / scoring
         causal_blocks=speed.get("causal_blocks", 1),  # query blocks that skip the keys after them (1 = off)
-        # the LM head over chunks of this many positions in the losses (0 = all at once): [rows, tokens, vocab]
-        # float32 logits never exist in full (speed / memory only, never results)
+        # the LM head over chunks of about this many tokens (rows x positions) in the losses (0 = all at once):
+        # [rows, tokens, vocab] float32 logits never exist in full (speed / memory only, never results)
         logits_chunk=0 if preset in CPU_PRESETS else 512,
         # Family keys (Hugging Face architectures); these defaults are plain GPT-3 / LLaMA / GPT-NeoX.
         activation="",           # MLP activation 'gelu_tanh', 'gelu' (exact), 'silu'; '' = the arch's (gpt: gelu_tanh, llama: silu, neox: gelu)

@@ -156,8 +156,8 @@ def activations(cfg: ModelConfig, rows: int, seq: int, mesh: AbstractMesh, lm_he
     (2 heads x seq / tensor) and the MLP hidden before and after the activation (2 mlp / tensor),
     in the compute dtype. remat='full' keeps only each block's input (d_model) plus one block being
     recomputed; 'dots' keeps the projections' outputs (2 d_model + (3 d_model + mlp) / tensor) plus
-    one block. LM logits and their gradient add 2 x vocab / tensor float32 per token (of one chunk of
-    `logits_chunk` positions when the losses chunk the LM head: `scoring.token_stats`); with fsdp > 1,
+    one block. LM logits and their gradient add 2 x vocab / tensor float32 per token (of one chunk of about
+    `logits_chunk` tokens over the rows when the losses chunk the LM head: `scoring.token_stats`); with fsdp > 1,
     two layers of all-gathered float32 params (still split over tensor) come on top.
     """
     t, e, h = sharding.tensor_parallel_size(mesh), jnp.dtype(cfg.dtype).itemsize, cfg.d_model
@@ -167,7 +167,8 @@ def activations(cfg: ModelConfig, rows: int, seq: int, mesh: AbstractMesh, lm_he
     attn = 2 * h * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)  # q, out + k, v
     mlp = (3 if cfg.arch == "llama" else 2) * h * cfg.mlp_dim
     gathered = 2 * 4 * (attn + mlp) / t if sharding.param_shard_count(mesh) > 1 else 0  # FSDP gathers a layer, prefetches the next
-    logits = 4 * 2 * cfg.vocab_size / t * min(seq, cfg.logits_chunk or seq) if lm_head else 0
+    chunk = max(1, cfg.logits_chunk // max(rows, 1)) if cfg.logits_chunk else seq  # positions of each row per chunk
+    logits = 4 * 2 * cfg.vocab_size / t * min(seq, chunk) if lm_head else 0
     return int(rows * (seq * e * layers + logits) + gathered)
 
 def kv_cache(cfg: ModelConfig, rows: int, length: int, tensor: int = 1) -> int:

@@ -41,9 +41,10 @@ def token_stats(params, model, hidden, targets, *, temperature: float = 1.0, ent
     `reference=(ref_params, ref_hidden)` (the same model's frozen params and their hidden states) adds
     'ref_logp' and 'kl' = KL(π‖π_ref) over the whole vocabulary at each position.
 
-    With `model.cfg.logits_chunk` = C > 0 and N > C the LM head runs over chunks of C positions inside
-    `jax.checkpoint`: a chunk's [B, C, V] logits exist only while it is computed (the backward recomputes
-    them), so [B, N, V] float32 logits are never materialised; values and gradients equal the unchunked ones."""
+    With `model.cfg.logits_chunk` = C > 0 and B * N > C the LM head runs over chunks of max(1, C // B) positions
+    of every row (about C tokens) inside `jax.checkpoint`: a chunk's logits exist only while it is computed (the
+    backward recomputes them), so [B, N, V] float32 logits are never materialised, however many rows a batch
+    has; values and gradients equal the unchunked ones. (The row axis stays whole: it is the sharded one.)"""
     cfg = model.cfg
 
     def stats(h, t, ref_h=None):
@@ -64,9 +65,9 @@ def token_stats(params, model, hidden, targets, *, temperature: float = 1.0, ent
 
     inputs = (hidden, targets) + ((reference[1],) if reference is not None else ())
     b, n = targets.shape
-    c = cfg.logits_chunk
-    if not c or n <= c:
+    if not cfg.logits_chunk or b * n <= cfg.logits_chunk:
         return stats(*inputs)
+    c = max(1, cfg.logits_chunk // b)  # positions per chunk
     k = -(-n // c)
     chunks = lambda x: jnp.pad(x, [(0, 0), (0, k * c - n)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
         b, k, c, *x.shape[2:]).swapaxes(0, 1)
@@ -78,7 +79,7 @@ def response_logprobs(params, model, tokens, positions, segments, prompt_len: in
                       entropy: bool = False):
     """log π(y_t | x, y_<t) of the N response tokens of rollout rows [B, P + N] -> ([B, N] float32, their
     entropies [B, N] if `entropy`, else None). `temperature` divides the logits as the sampler did. The LM head
-    runs over chunks of `model.cfg.logits_chunk` positions (`token_stats`)."""
+    runs over chunks of about `model.cfg.logits_chunk` tokens (`token_stats`)."""
     hidden = model.apply({"params": params}, tokens, positions, segments, return_hidden=True)[:, prompt_len - 1:-1]
     st = token_stats(params, model, hidden, tokens[:, prompt_len:], temperature=temperature, entropy=entropy)
     return st["logp"], st.get("entropy")
@@ -110,7 +111,7 @@ def completion_token_logprobs(params, model, batch, *, rng=None, reference=None)
     token t + 1, so targets are tokens[:, :, 1:] and the mask is 1 on targets at indices prompt_len ..
     last_index. Returns (`token_stats` of the rows: 'logp' [B*K, T-1] float32, and with `reference` (frozen
     params of the same model, no dropout) 'ref_logp' and 'kl'; the mask [B*K, T-1]). The LM head runs over
-    chunks of `model.cfg.logits_chunk` positions. `rng` turns dropout on (training)."""
+    chunks of about `model.cfg.logits_chunk` tokens. `rng` turns dropout on (training)."""
     b, k, t = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, *x.shape[2:])  # noqa: E731
     tokens, positions, segments = flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"])

@@ -73,7 +73,7 @@ class ModelConfig:
     remat: str = "none"
     scan_unroll: int = 1
     causal_blocks: int = 1
-    logits_chunk: int = 0  # losses: the LM head over chunks of this many positions (scoring.token_stats)
+    logits_chunk: int = 0  # losses: the LM head over chunks of about this many tokens (scoring.token_stats)
     # Family options; the defaults are plain GPT-3 / LLaMA (meanings: config_lib.model_config).
     activation: str = ""  # '' -> the arch's own, resolved in __post_init__
     qkv_bias: bool = False
@@ -371,14 +371,20 @@ class Proj(nn.Module):
     @nn.compact
     def __call__(self, x):
         n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        xc = x.astype(self.dtype)
+
+        def matmul(h, kernel):
+            return jax.lax.dot_general(h, kernel.astype(self.dtype), (contract, ((), ())))
         if self.has_variable("params", "qkernel"):
-            kernel = quant.dequantize(self.get_variable("params", "qkernel"), self.get_variable("params", "qscale"))
+            # a frozen quantised base: dequantised again in the backward pass, so no float32 copy of the
+            # kernel is kept as a residual between the passes (that would cost more than the codes save)
+            y = jax.checkpoint(lambda h, c, sc: matmul(h, quant.dequantize(c, sc)))(
+                xc, self.get_variable("params", "qkernel"), self.get_variable("params", "qscale"))
         else:
             kernel = self.param("kernel", _init(self.names, self.scale), (*self.in_shape, *self.out_shape),
                                 jnp.float32)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        xc = x.astype(self.dtype)
-        y = jax.lax.dot_general(xc, kernel.astype(self.dtype), (contract, ((), ())))
+            y = (jax.checkpoint(matmul) if kernel.dtype != jnp.float32 else matmul)(xc, kernel)  # (a bf16 base)
         if self.lora and (self.is_initializing() or self.has_variable("params", "lora_a")):
             rank, scale, rate = self.lora
             a = self.param("lora_a", _init(self.names[:n_in] + ("lora",), 1.0 / rank), (*self.in_shape, rank),
