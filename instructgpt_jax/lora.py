@@ -56,9 +56,16 @@ def check_config(config) -> None:
     if not cfg.rank and config.init.get("adapter"):
         raise UserError("config.init.adapter needs config.lora.rank > 0")
     try:
-        ModelConfig.from_config(config.model, cfg)
+        m = ModelConfig.from_config(config.model, cfg)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.rank and cfg.base_dtype == "nf4":  # before anything is written: the blocks' input widths and last axes
+        widths = {"d_model": m.d_model, "num_heads * head_dim": m.num_heads * m.head_dim, "mlp_dim": m.mlp_dim}
+        bad = [f"{k}={v}" for k, v in widths.items() if v % quant.BLOCK] + ([f"head_dim={m.head_dim}"]
+                                                                            if m.head_dim % 2 else [])
+        if bad:
+            raise UserError(f"config.lora.base_dtype='nf4' needs the projections' input widths to be multiples of "
+                            f"{quant.BLOCK} and head_dim even ({', '.join(bad)}); use base_dtype=int8")
 
 
 def model_config(config) -> ModelConfig:

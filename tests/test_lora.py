@@ -188,6 +188,10 @@ def test_bad_lora_config_is_a_clear_error():
                         (dict(base_dtype="nf4"), "rank > 0"), (dict(rank=-1), "rank")):
         with pytest.raises(UserError, match=match):
             lora.check_config(tiny(**keys))
+    odd = tiny(rank=4, base_dtype="nf4")
+    odd.model.d_model = 48
+    with pytest.raises(UserError, match="multiples of 64.*d_model=48"):
+        lora.check_config(odd)
 
 
 # ----------------------------------------------------------------------------- training
