@@ -107,20 +107,21 @@ def stage_config(stage: str, mode: str, chunk: int, steps: int, sft_dir: str, rm
 
 # ----------------------------------------------------------------------------- memory readings
 
-def rss_bytes() -> int:
+def _status_bytes(key: str) -> int:
+    """A /proc/self/status memory line ('VmRSS', 'VmHWM') in bytes (0 where there is none)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
 
 
 def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmHWM")
 
 
 def reset_hwm() -> bool:
