@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import json
 import os
 import resource
@@ -96,8 +97,10 @@ def base_config(stage: str, **overrides):
     return config_lib.replace(config, **keys)
 
 
-def stage_config(stage: str, mode: str, chunk: int, steps: int, sft_dir: str, rm_dir: str, dpo_batch: int = 2):
-    keys = {"init.from_workdir": sft_dir, "model.logits_chunk": chunk, "train.num_steps": steps, **MODES[mode]}
+def stage_config(stage: str, mode: str, chunk: int, steps: int, sft_dir: str, rm_dir: str, dpo_batch: int = 2,
+                 remat: str = "none"):
+    keys = {"init.from_workdir": sft_dir, "model.logits_chunk": chunk, "model.remat": remat,
+            "train.num_steps": steps, **MODES[mode]}
     if stage == "dpo":
         keys["train.batch_size"] = dpo_batch
     if stage == "ppo":
@@ -178,7 +181,7 @@ def measure(spec: dict) -> dict:
 
     stage, steps = spec["stage"], spec["steps"]
     config = stage_config(stage, spec["mode"], spec["chunk"], steps, spec["sft_dir"], spec["rm_dir"],
-                          spec.get("dpo_batch", 2))
+                          spec.get("dpo_batch", 2), spec.get("remat", "none"))
     rec = {"times": [], "update_times": []}
 
     def compile_first(jitted, args):
@@ -292,7 +295,7 @@ def measure(spec: dict) -> dict:
     keys = ("peak_rss", "steady_rss", "rss_before_loop", "rss_at_first_step", "peak_rss_compiled",
             "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "skipped", "batch_shapes",
             "metrics")
-    return {**{k: spec[k] for k in ("stage", "mode", "chunk", "steps", "updates")},
+    return {**{k: spec[k] for k in ("stage", "mode", "chunk", "steps", "updates")}, "remat": config.model.remat,
             **{k: rec.get(k) for k in keys},
             "plan": {"total": p.total, "resident": p.resident, "phases": p.phases},
             "step_times": rec["times"], "step_s": common.median(times) if times else None,
@@ -411,6 +414,7 @@ def main():
     parser.add_argument("--stages", default="sft,dpo,ppo")
     parser.add_argument("--modes", default="full,lora,nf4")
     parser.add_argument("--chunks", default="0,512", help="model.logits_chunk values")
+    parser.add_argument("--remats", default="none,full", help="model.remat values")
     parser.add_argument("--steps", type=int, default=2, help="SFT steps per measurement (the first compiles)")
     parser.add_argument("--dpo_steps", type=int, default=1, help="DPO steps per measurement (the first compiles)")
     parser.add_argument("--dpo_batch", type=int, default=2, help="DPO prompts per step (x 9 completions)")
@@ -442,7 +446,7 @@ def main():
     root = args.workdir or tempfile.mkdtemp(prefix="memory_bench_")
     sft_dir, rm_dir = os.path.join(root, "sft"), os.path.join(root, "rm")
     print(common.machine_line(torch_too=False))
-    modes, chunks = args.modes.split(","), [int(c) for c in args.chunks.split(",")]
+    modes, remats, chunks = args.modes.split(","), args.remats.split(","), [int(c) for c in args.chunks.split(",")]
     child = functools.partial(run_child, max_rss_gb=args.max_rss_gb, verbose=args.verbose)
     if not (os.path.exists(os.path.join(sft_dir, "export")) and os.path.exists(os.path.join(rm_dir, "export"))):
         shutil.rmtree(sft_dir, ignore_errors=True)
@@ -459,42 +463,41 @@ def main():
           f"tokens, {args.dpo_steps} step(s); ppo: one PPO-ptx iteration's rollout (32 x 64 prompt + 64 sampled "
           f"tokens) and the first {args.ppo_updates} of its 8 minibatch updates (8 rollouts + 32 ptx rows of "
           f"128 tokens each). The first step compiles. GB = 1e9 bytes.\n")
-    table = common.Table(["stage", "mode", "logits_chunk", "RSS at step GB", "peak RSS GB", "XLA temp GB",
+    table = common.Table(["stage", "mode", "remat", "logits_chunk", "RSS at step GB", "peak RSS GB", "XLA temp GB",
                           "XLA total GB", "plan GB", "plan / XLA", "time s"])
     results, done = [], {}
     for stage in args.stages.split(","):
         positions = lm_head_positions(stage)
-        for mode in modes:
-            for chunk in chunks:
-                label = [stage, MODE_LABEL[mode], chunk]
-                effective = 0 if chunk >= positions else chunk
-                if (stage, mode, effective) in done:
-                    table.row(label + [f"= logits_chunk {done[stage, mode, effective]} (the same program: "
-                                       f"<= {positions} positions per LM-head call)"] + [""] * 6)
-                    continue
-                done[stage, mode, effective] = chunk
-                work = tempfile.mkdtemp(prefix=f"{stage}_{mode}_{chunk}_", dir=root)
-                steps = {"sft": args.steps, "dpo": args.dpo_steps, "ppo": 1}[stage]
-                spec = dict(stage=stage, mode=mode, chunk=chunk, steps=steps, sft_dir=sft_dir, rm_dir=rm_dir,
-                            workdir=work, updates=args.ppo_updates, dpo_batch=args.dpo_batch,
-                            max_xla_gb=args.max_xla_gb)
-                res, why = child("measure", spec)
-                shutil.rmtree(work, ignore_errors=True)
-                if res is None:
-                    table.row(label + [why] + [""] * 6)
-                    results.append(dict(spec, error=why))
-                    continue
-                x, p = res["xla"], res["plan"]["total"]
-                if res.get("skipped"):
-                    t = "-"
-                elif stage == "ppo":
-                    t = f"{res['rollout_s']:.0f} + {res['update_s']:.0f} per update"
-                else:
-                    t = f"{res['step_s'] if res['step_s'] is not None else res['first_run_s']:.1f}"
-                peak = res["skipped"] if res.get("skipped") else gb(res["peak_rss"])
-                table.row(label + [gb(res["rss_at_first_step"]), peak, gb(x["temp"]), gb(x["total"]), gb(p),
-                                   f"{p / x['total']:.2f}", t])
-                results.append(res)
+        for mode, remat, chunk in itertools.product(modes, remats, chunks):
+            label = [stage, MODE_LABEL[mode], remat, chunk]
+            effective = 0 if chunk >= positions else chunk
+            if (stage, mode, remat, effective) in done:
+                table.row(label + [f"= logits_chunk {done[stage, mode, remat, effective]} (the same program: "
+                                   f"<= {positions} positions per LM-head call)"] + [""] * 6)
+                continue
+            done[stage, mode, remat, effective] = chunk
+            work = tempfile.mkdtemp(prefix=f"{stage}_{mode}_{remat}_{chunk}_", dir=root)
+            steps = {"sft": args.steps, "dpo": args.dpo_steps, "ppo": 1}[stage]
+            spec = dict(stage=stage, mode=mode, remat=remat, chunk=chunk, steps=steps, sft_dir=sft_dir,
+                        rm_dir=rm_dir, workdir=work, updates=args.ppo_updates, dpo_batch=args.dpo_batch,
+                        max_xla_gb=args.max_xla_gb)
+            res, why = child("measure", spec)
+            shutil.rmtree(work, ignore_errors=True)
+            if res is None:
+                table.row(label + [why] + [""] * 6)
+                results.append(dict(spec, error=why))
+                continue
+            x, p = res["xla"], res["plan"]["total"]
+            if res.get("skipped"):
+                t = "-"
+            elif stage == "ppo":
+                t = f"{res['rollout_s']:.0f} + {res['update_s']:.0f} per update"
+            else:
+                t = f"{res['step_s'] if res['step_s'] is not None else res['first_run_s']:.1f}"
+            peak = res["skipped"] if res.get("skipped") else gb(res["peak_rss"])
+            table.row(label + [gb(res["rss_at_first_step"]), peak, gb(x["temp"]), gb(x["total"]), gb(p),
+                               f"{p / x['total']:.2f}", t])
+            results.append(res)
 
     timing = None
     time_modes = [m for m in ("full", "lora", "nf4") if m in modes]
@@ -523,11 +526,12 @@ def main():
             verdict = f"not run; XLA alone needs {gb(r['xla']['total'])} GB: MISSED"
         else:
             verdict = f"peak RSS {gb(r['peak_rss'])} GB: {'met' if r['peak_rss'] <= goal * GB else 'MISSED'}"
-        print(f"  PPO-ptx {MODE_LABEL[r['mode']]}, logits_chunk {r['chunk']}: <= {goal:g} GB peak RSS; {verdict}")
+        print(f"  PPO-ptx {MODE_LABEL[r['mode']]}, remat {r['remat']}, logits_chunk {r['chunk']}: <= {goal:g} GB peak RSS; {verdict}")
     for r in results:
         if "xla" in r:
             ratio = r["plan"]["total"] / r["xla"]["total"]
-            print(f"  plan within 25 % of XLA, {r['stage']} {MODE_LABEL[r['mode']]} logits_chunk {r['chunk']}: "
+            print(f"  plan within 25 % of XLA, {r['stage']} {MODE_LABEL[r['mode']]} remat {r['remat']} "
+                  f"logits_chunk {r['chunk']}: "
                   f"plan / XLA {ratio:.2f}: {'met' if abs(ratio - 1) <= 0.25 else 'MISSED'}")
     if timing is not None and "full" in timing["times"]:
         base = common.median(timing["times"]["full"])

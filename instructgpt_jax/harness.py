@@ -26,6 +26,15 @@ from instructgpt_jax.errors import UserError
 # Model keys a run may choose for itself whatever checkpoint it starts from (they change how, not what, it computes,
 # or are the stage's own choice: PPO and DPO need dropout 0). Every other key comes from the checkpoint.
 RUNTIME_MODEL_KEYS = ("preset", "dropout", "dtype", "remat", "scan_unroll", "causal_blocks", "logits_chunk")
+
+
+def compute_keys(config: ml_collections.ConfigDict) -> dict:
+    """The run's RUNTIME_MODEL_KEYS that say how a model computes (not preset, not dropout), for the other
+    checkpoints a stage loads (PPO's reward model and the value model on its trunk): the run's remat, dtype and
+    chunking apply to them too, not those they were trained with."""
+    return {k: config.model[k] for k in RUNTIME_MODEL_KEYS if k not in ("preset", "dropout")}
+
+
 # What each stage's data files hold, for the errors that ask for one.
 _DATA = {"text": "{text} rows", "demonstrations": "{prompt, response} or {messages} rows",
          "comparisons": "{prompt, completions, ranks}, {prompt, chosen, rejected}, HH or UltraFeedback rows",

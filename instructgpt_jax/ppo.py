@@ -242,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
     reference = policy_base if policy_base is not None else reference
     rm_model, rm_params, rm_bias, retokenize = None, None, 0.0, None
     if cfg.rm_workdir:
-        rm = scoring.RewardModel.load(cfg.rm_workdir, mesh)
+        rm = scoring.RewardModel.load(cfg.rm_workdir, mesh, model_overrides=harness.compute_keys(config))
         # an RM with another tokenizer scores decoded responses re-encoded host-side (None: the same tokenizer)
         retokenize = scoring.Retokenizer.load(cfg.rm_workdir, rm, tok)
         rm_model, rm_bias = rm.model, rm.bias

@@ -326,6 +326,28 @@ def test_grpo_with_a_verifier_reward_runs_critic_free(tmp_path, sft_workdir):
     assert meta["advantage_estimator"] == "rloo" and meta["reward"] == "verifier"
 
 
+class _Traced(Exception):
+    pass
+
+
+def test_reward_and_value_models_compute_as_the_run_says(tmp_path, sft_workdir, rm_workdir, monkeypatch):
+    """The RM export was trained with remat 'none' and float32; the run's remat, dtype and chunking apply to the
+    reward model and the value model on its trunk too (the memory a PPO run plans for), not the export's."""
+    assert checkpoints.read_export_meta(rm_workdir)["model"]["remat"] == "none"
+    seen = {}
+
+    def spy(*args, policy, value_model, rm_model, **kwargs):
+        seen.update(policy=policy.cfg, value=value_model.cfg, rm=rm_model.cfg)
+        raise _Traced
+    monkeypatch.setattr(ppo, "rollout_forward", spy)
+    keys = {"model.remat": "full", "model.dtype": "bfloat16", "model.logits_chunk": 64, "model.scan_unroll": 2}
+    config = stage_config("ppo", **{"init.from_workdir": sft_workdir, "ppo.rm_workdir": rm_workdir, **keys})
+    with pytest.raises(_Traced):
+        ppo.train(config, str(tmp_path), builtin_data=BUILTIN)
+    for name in ("policy", "value", "rm"):
+        assert [getattr(seen[name], k.split(".")[1]) for k in keys] == list(keys.values()), name
+
+
 def test_bad_rl_options_are_refused():
     base = stage_config("ppo", **{"ppo.rm_workdir": "x"})
     for overrides, match in (({"ppo.advantage_estimator": "ppo2"}, "valid: gae, grpo"),
