@@ -189,7 +189,7 @@ def measure(spec: dict) -> dict:
         for XLA's memory analysis; the args' unique bytes and every other live array's bytes, before it runs.
         Raises _Stop instead of running a step XLA says needs more than spec['max_xla_gb']."""
         arg_bytes, ids = _unique_bytes(args)
-        rec.update(rss_at_first_step=rss_bytes(), other_live=_live_outside(ids))
+        rec.update(rss_at_first_step=rss_bytes(), peak_rss_before_step=max_rss(), other_live=_live_outside(ids))
         t0 = time.perf_counter()
         compiled = jitted.lower(*args).compile()
         rec["compile_s"] = time.perf_counter() - t0
@@ -292,9 +292,9 @@ def measure(spec: dict) -> dict:
         train_lib.jit_train_step, train_lib.fit, jax.jit = original_jit_train_step, original_fit, original_jit
     p = plan.plan(config, (1, 1, 1), stage=stage)
     times = rec["times"][1:] if stage != "ppo" else []  # step 1 compiles
-    keys = ("peak_rss", "steady_rss", "rss_before_loop", "rss_at_first_step", "peak_rss_compiled",
-            "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "skipped", "batch_shapes",
-            "metrics")
+    keys = ("peak_rss", "steady_rss", "rss_before_loop", "rss_at_first_step", "peak_rss_before_step",
+            "peak_rss_compiled", "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "skipped",
+            "batch_shapes", "metrics")
     return {**{k: spec[k] for k in ("stage", "mode", "chunk", "steps", "updates")}, "remat": config.model.remat,
             **{k: rec.get(k) for k in keys},
             "plan": {"total": p.total, "resident": p.resident, "phases": p.phases},

@@ -230,11 +230,19 @@ def test_speed_keys_change_nothing_but_speed():
 def test_remat_gives_same_gradients():
     x = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
     grads = []
-    for remat in ("none", "full"):
+    for remat in ("none", "full", "dots"):
         model = Transformer(ModelConfig(remat=remat))
         params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x))["params"]
         grads.append(jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum()))(params))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+    for other in grads[1:]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads[0], other)
+
+
+def test_full_size_presets_and_checkpoints_rematerialise():
+    """Memory first where models are real (the CPU presets are small enough to keep every activation)."""
+    assert [config_lib.model_config(p).remat for p in ("tiny", "mini", "small")] == ["none"] * 3
+    assert config_lib.model_config("smollm2-135m").remat == config_lib.model_config("1.3b").remat == "full"
+    assert config_lib.load("sft", "finetune").model.remat == "full"
 
 
 def test_bad_model_config_names_key():
