@@ -1,6 +1,6 @@
 """Memory (and step time) of full fine-tuning, LoRA and QLoRA: an SFT step, a DPO step, a PPO-ptx iteration.
 
-    python benchmarks/memory.py [--stages sft,dpo,ppo] [--modes full,lora,nf4] [--chunks 0,512]
+    python benchmarks/memory.py [--stages sft,dpo,ppo] [--modes full,lora,nf4] [--remats none,full] [--chunks 0,512]
                                 [--steps 2] [--dpo_steps 1] [--dpo_batch 2] [--ppo_updates 1]
                                 [--time_reps 3] [--no-time] [--max_xla_gb 16] [--max_rss_gb 20]
                                 [--workdir DIR] [--out results.json] [--verbose]
@@ -11,7 +11,7 @@ SentencePiece tokenizer the stage trains on the built-in data when none is given
 model.vocab_size stays 49152, which the stages accept) and an RM export from it (`rm.train`, 0 steps). Every
 measured run starts from these exports (`init.from_workdir`, `ppo.rm_workdir`) on the built-in data, with the
 stage settings of configs/<stage>.py:tiny and the model keys of smollm2-135m (scan_unroll 1, causal_blocks 1,
-float32 compute, dropout 0):
+dropout 0; `--dtype` compute, float32 by default):
 
   sft  16 packed rows of 128 tokens per step (`--steps` steps)
   dpo  `--dpo_batch` prompts x max_k 9 completions x 128 tokens per step (policy + frozen reference). The tiny
@@ -24,10 +24,12 @@ float32 compute, dropout 0):
        buffers, so later ones add time, not memory; 8 = the whole iteration, ~8 min per mode here)
 
 Modes: `full` (lora.rank 0), `lora` (rank 16, alpha 32, all-linear, float32 base), `nf4` (the same adapters
-on an NF4 base: QLoRA). `--chunks`: model.logits_chunk values (0 = the LM head over all positions at once). A
-chunk at least as long as every LM-head call of the stage (128 positions here, 127 for DPO) chunks nothing
-(`scoring.token_stats` runs unchunked when N <= C): such a row is the same program as logits_chunk 0 and is
-not run again, its row says so.
+on an NF4 base: QLoRA). `--remats`: model.remat values ('full', the default of the full-size presets: each
+block keeps only its input for the backward pass and recomputes the rest). `--chunks`: model.logits_chunk
+values (0 = the LM head over all tokens at once). A chunk at least as large as every LM-head call of the stage
+(rows x positions: SFT 16 x 128, DPO 18 x 127, PPO 32 ptx rows x 128) chunks nothing (`scoring.token_stats` runs
+unchunked when B x N <= C): such a row is the same program as logits_chunk 0 and is not run again, its row says
+so.
 
 Each measurement is a fresh subprocess running the stage's own `train()` (`sft.train`, `dpo.train`,
 `ppo.train`) up to its loop; in that subprocess only, `train_lib.fit` is replaced by a loop that runs the steps
@@ -51,7 +53,8 @@ from `train_lib.jit_train_step`; PPO: `ppo.update_step`, taken from its `jax.jit
 A step whose XLA total exceeds --max_xla_gb is compiled but not run (its row gives XLA's and the plan's
 figures); a parent watchdog kills a subprocess whose RSS exceeds --max_rss_gb. Finally (unless --no-time) one
 more subprocess times the SFT step of the modes alternately (`common.time_alternately`, `--time_reps` timed
-steps each after a warm-up step, logits_chunk `--time_chunk`) and gives each relative to full fine-tuning.
+steps each after a warm-up step, logits_chunk `--time_chunk`, remat `--time_remat`, `--dtype`) and gives each
+relative to full fine-tuning.
 GB = 1e9 bytes.
 """
 from __future__ import annotations
@@ -98,8 +101,8 @@ def base_config(stage: str, **overrides):
 
 
 def stage_config(stage: str, mode: str, chunk: int, steps: int, sft_dir: str, rm_dir: str, dpo_batch: int = 2,
-                 remat: str = "none"):
-    keys = {"init.from_workdir": sft_dir, "model.logits_chunk": chunk, "model.remat": remat,
+                 remat: str = "none", dtype: str = "float32"):
+    keys = {"init.from_workdir": sft_dir, "model.logits_chunk": chunk, "model.remat": remat, "model.dtype": dtype,
             "train.num_steps": steps, **MODES[mode]}
     if stage == "dpo":
         keys["train.batch_size"] = dpo_batch
@@ -181,7 +184,7 @@ def measure(spec: dict) -> dict:
 
     stage, steps = spec["stage"], spec["steps"]
     config = stage_config(stage, spec["mode"], spec["chunk"], steps, spec["sft_dir"], spec["rm_dir"],
-                          spec.get("dpo_batch", 2), spec.get("remat", "none"))
+                          spec.get("dpo_batch", 2), spec.get("remat", "none"), spec.get("dtype", "float32"))
     rec = {"times": [], "update_times": []}
 
     def compile_first(jitted, args):
@@ -296,6 +299,7 @@ def measure(spec: dict) -> dict:
             "peak_rss_compiled", "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "skipped",
             "batch_shapes", "metrics")
     return {**{k: spec[k] for k in ("stage", "mode", "chunk", "steps", "updates")}, "remat": config.model.remat,
+            "dtype": config.model.dtype,
             **{k: rec.get(k) for k in keys},
             "plan": {"total": p.total, "resident": p.resident, "phases": p.phases},
             "step_times": rec["times"], "step_s": common.median(times) if times else None,
@@ -339,7 +343,8 @@ def time_sft(spec: dict) -> dict:
             runners[mode] = run
             raise _Done
         train_lib.fit = fit
-        config = stage_config("sft", mode, spec["chunk"], 1000, spec["sft_dir"], spec["rm_dir"])
+        config = stage_config("sft", mode, spec["chunk"], 1000, spec["sft_dir"], spec["rm_dir"], remat=spec["remat"],
+                              dtype=spec["dtype"])
         try:
             sft.train(config, os.path.join(spec["workdir"], mode), builtin_data=builtin_rows)
         except _Done:
@@ -400,13 +405,15 @@ def gb(x) -> str:
     return "-" if x is None else f"{x / GB:.2f}"
 
 
-def lm_head_positions(stage: str) -> int:
-    """The most positions any LM-head call of the stage covers here: a logits_chunk at least this large chunks
-    nothing (`scoring.token_stats` runs unchunked when N <= C), the same program as logits_chunk 0."""
-    config = stage_config(stage, "full", 0, 1, "", "")
+def lm_head_tokens(stage: str, dpo_batch: int) -> int:
+    """The most tokens (rows x positions) any LM-head call of the stage covers here: a logits_chunk at least this
+    large chunks nothing (`scoring.token_stats` runs unchunked when B x N <= C), the same program as 0."""
+    config = stage_config(stage, "full", 0, 1, "", "", dpo_batch)
     if stage == "ppo":
-        return max(config.ppo.max_new_tokens, config.data.ptx_seq_len)
-    return config.data.seq_len - (stage == "dpo")  # DPO scores tokens 1..T-1
+        return max(config.ppo.minibatch_size * config.ppo.max_new_tokens,
+                   config.ppo.ptx_batch_size * config.data.ptx_seq_len)
+    rows = config.train.batch_size * (config.data.max_k if stage == "dpo" else 1)
+    return rows * (config.data.seq_len - (stage == "dpo"))  # DPO scores tokens 1..T-1
 
 
 def main():
@@ -415,6 +422,7 @@ def main():
     parser.add_argument("--modes", default="full,lora,nf4")
     parser.add_argument("--chunks", default="0,512", help="model.logits_chunk values")
     parser.add_argument("--remats", default="none,full", help="model.remat values")
+    parser.add_argument("--dtype", default="float32", help="model.dtype (compute; params stay float32)")
     parser.add_argument("--steps", type=int, default=2, help="SFT steps per measurement (the first compiles)")
     parser.add_argument("--dpo_steps", type=int, default=1, help="DPO steps per measurement (the first compiles)")
     parser.add_argument("--dpo_batch", type=int, default=2, help="DPO prompts per step (x 9 completions)")
@@ -422,6 +430,7 @@ def main():
                         help="stop the PPO iteration after this many of its 8 minibatch updates (8 = all)")
     parser.add_argument("--time_reps", type=int, default=3, help="timed SFT steps per mode in the timing run")
     parser.add_argument("--time_chunk", type=int, default=512, help="logits_chunk of the timing run")
+    parser.add_argument("--time_remat", default="full", help="model.remat of the timing run")
     parser.add_argument("--no-time", action="store_true", help="skip the alternating SFT timing run")
     parser.add_argument("--cores", type=int, default=0, help="pin every subprocess to this many cores (0 = all)")
     parser.add_argument("--settle", type=int, default=0, help="untimed steps of a mode before each timed one")
@@ -458,7 +467,8 @@ def main():
                       f"model.vocab_size 49152; exports written in {res['seconds']:.0f} s")
     else:
         setup_note = f"exports reused from {root}"
-    print(f"{PRESET} (llama, 30 layers, d_model 576, vocab 49152, tied), random weights, float32; {setup_note}.\n"
+    print(f"{PRESET} (llama, 30 layers, d_model 576, vocab 49152, tied), random weights, {args.dtype} compute; "
+          f"{setup_note}.\n"
           f"sft: 16 rows x 128 tokens, {args.steps} step(s); dpo: {args.dpo_batch} prompts x 9 completions x 128 "
           f"tokens, {args.dpo_steps} step(s); ppo: one PPO-ptx iteration's rollout (32 x 64 prompt + 64 sampled "
           f"tokens) and the first {args.ppo_updates} of its 8 minibatch updates (8 rollouts + 32 ptx rows of "
@@ -467,20 +477,20 @@ def main():
                           "XLA total GB", "plan GB", "plan / XLA", "time s"])
     results, done = [], {}
     for stage in args.stages.split(","):
-        positions = lm_head_positions(stage)
+        tokens = lm_head_tokens(stage, args.dpo_batch)
         for mode, remat, chunk in itertools.product(modes, remats, chunks):
             label = [stage, MODE_LABEL[mode], remat, chunk]
-            effective = 0 if chunk >= positions else chunk
+            effective = 0 if chunk >= tokens else chunk
             if (stage, mode, remat, effective) in done:
                 table.row(label + [f"= logits_chunk {done[stage, mode, remat, effective]} (the same program: "
-                                   f"<= {positions} positions per LM-head call)"] + [""] * 6)
+                                   f"<= {tokens} tokens per LM-head call)"] + [""] * 6)
                 continue
             done[stage, mode, remat, effective] = chunk
             work = tempfile.mkdtemp(prefix=f"{stage}_{mode}_{remat}_{chunk}_", dir=root)
             steps = {"sft": args.steps, "dpo": args.dpo_steps, "ppo": 1}[stage]
-            spec = dict(stage=stage, mode=mode, remat=remat, chunk=chunk, steps=steps, sft_dir=sft_dir,
-                        rm_dir=rm_dir, workdir=work, updates=args.ppo_updates, dpo_batch=args.dpo_batch,
-                        max_xla_gb=args.max_xla_gb)
+            spec = dict(stage=stage, mode=mode, remat=remat, dtype=args.dtype, chunk=chunk, steps=steps,
+                        sft_dir=sft_dir, rm_dir=rm_dir, workdir=work, updates=args.ppo_updates,
+                        dpo_batch=args.dpo_batch, max_xla_gb=args.max_xla_gb)
             res, why = child("measure", spec)
             shutil.rmtree(work, ignore_errors=True)
             if res is None:
@@ -503,9 +513,11 @@ def main():
     time_modes = [m for m in ("full", "lora", "nf4") if m in modes]
     if not args.no_time and len(time_modes) > 1:
         res, why = child("time", {"modes": time_modes, "chunk": args.time_chunk, "reps": args.time_reps,
+                                  "remat": args.time_remat, "dtype": args.dtype,
                                   "settle": args.settle, "sft_dir": sft_dir, "rm_dir": rm_dir,
                                   "workdir": tempfile.mkdtemp(prefix="time_", dir=root)})
         print(f"\nSFT step (16 x 128 tokens), the modes alternating in one process (logits_chunk {args.time_chunk}, "
+              f"remat {args.time_remat}, "
               f"{args.time_reps} timed steps each after one warm-up step; seconds, median (min-max)):\n")
         t2 = common.Table(["mode", "step s", "/ full fine-tuning"])
         if res is None:
