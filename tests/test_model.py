@@ -250,3 +250,22 @@ def test_bad_model_config_names_key():
         ModelConfig(arch="rnn")
     with pytest.raises(ValueError, match="num_kv_heads"):
         ModelConfig(num_heads=4, num_kv_heads=3)
+
+
+def test_bfloat16_sampling_and_scoring_run_on_cpu_at_real_widths():
+    """XLA:CPU's library dot has no bfloat16 x bfloat16 -> float32 form, which the attention's float32 scores asked
+    for: at SmolLM2-135M's widths (9 heads of 64, 3 KV heads) a bfloat16 rollout failed at run time. The sampler's
+    log-probs and the scoring pass agree."""
+    from instructgpt_jax import sampling, scoring
+    cfg = ModelConfig(arch="llama", vocab_size=512, num_layers=1, d_model=576, num_heads=9, num_kv_heads=3,
+                      head_dim=64, mlp_dim=1536, max_len=256, dtype="bfloat16", tie_embeddings=True, remat="full")
+    model = Transformer(cfg)
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((8, 64), jnp.int32)))["params"]
+    sampler = sampling.make_sampler(model, max_new_tokens=64, eos_id=[1], pad_id=0)
+    out = sampler(params, np.ones((8, 64), np.int32), np.ones((8, 64), bool), jax.random.PRNGKey(0))
+    tokens = out["tokens"]
+    positions, segments = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), jnp.ones_like(tokens)
+    logp, _ = jax.jit(lambda p: scoring.response_logprobs(p, model, tokens, positions, segments, 64))(params)
+    mask = np.asarray(out["response_mask"], bool)  # after an EOS the sampler pads
+    assert mask.sum() > 100
+    np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(out["logprobs"])[mask], atol=0.05)
