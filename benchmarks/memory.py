@@ -53,8 +53,8 @@ from `train_lib.jit_train_step`; PPO: `ppo.update_step`, taken from its `jax.jit
 A step whose XLA total exceeds --max_xla_gb is compiled but not run (its row gives XLA's and the plan's
 figures); a parent watchdog kills a subprocess whose RSS exceeds --max_rss_gb. Finally (unless --no-time) one
 more subprocess times the SFT step of the modes alternately (`common.time_alternately`, `--time_reps` timed
-steps each after a warm-up step, logits_chunk `--time_chunk`, remat `--time_remat`, `--dtype`) and gives each
-relative to full fine-tuning.
+steps each after a warm-up step, logits_chunk `--time_chunk`, each remat of `--time_remat`, `--dtype`) and gives
+each relative to full fine-tuning with the same remat.
 GB = 1e9 bytes.
 """
 from __future__ import annotations
@@ -322,7 +322,8 @@ def setup(spec: dict) -> dict:
 
 
 def time_sft(spec: dict) -> dict:
-    """SFT steps of several modes in one process, timed alternately (each mode's stage run up to its loop)."""
+    """SFT steps of several modes x remats in one process, timed alternately (each stage run up to its loop);
+    times keyed 'mode/remat'."""
     import jax
 
     from instructgpt_jax import sft, sharding, train_lib
@@ -330,7 +331,9 @@ def time_sft(spec: dict) -> dict:
     runners = {}
     original = train_lib.fit
 
-    for mode in spec["modes"]:
+    for mode, remat in itertools.product(spec["modes"], spec["remats"]):
+        key = f"{mode}/{remat}"
+
         def fit(*, mesh, manager, state, step, **_):
             manager.close()
             box = {"state": state, "n": 0}
@@ -340,18 +343,18 @@ def time_sft(spec: dict) -> dict:
                 with sharding.use(mesh):
                     box["state"], metrics = step(box["state"], box["n"])
                     jax.block_until_ready((box["state"], metrics))
-            runners[mode] = run
+            runners[key] = run
             raise _Done
         train_lib.fit = fit
-        config = stage_config("sft", mode, spec["chunk"], 1000, spec["sft_dir"], spec["rm_dir"], remat=spec["remat"],
+        config = stage_config("sft", mode, spec["chunk"], 1000, spec["sft_dir"], spec["rm_dir"], remat=remat,
                               dtype=spec["dtype"])
         try:
-            sft.train(config, os.path.join(spec["workdir"], mode), builtin_data=builtin_rows)
+            sft.train(config, os.path.join(spec["workdir"], f"{mode}_{remat}"), builtin_data=builtin_rows)
         except _Done:
             pass
         finally:
             train_lib.fit = original
-        runners[mode](-1)  # compile + warm up
+        runners[key](-1)  # compile + warm up
     times = common.time_alternately(runners, spec["reps"], settle=spec.get("settle", 0))
     return {"chunk": spec["chunk"], "times": times}
 
@@ -430,7 +433,7 @@ def main():
                         help="stop the PPO iteration after this many of its 8 minibatch updates (8 = all)")
     parser.add_argument("--time_reps", type=int, default=3, help="timed SFT steps per mode in the timing run")
     parser.add_argument("--time_chunk", type=int, default=512, help="logits_chunk of the timing run")
-    parser.add_argument("--time_remat", default="full", help="model.remat of the timing run")
+    parser.add_argument("--time_remat", default="none,full", help="model.remat values of the timing run")
     parser.add_argument("--no-time", action="store_true", help="skip the alternating SFT timing run")
     parser.add_argument("--cores", type=int, default=0, help="pin every subprocess to this many cores (0 = all)")
     parser.add_argument("--settle", type=int, default=0, help="untimed steps of a mode before each timed one")
@@ -510,24 +513,24 @@ def main():
             results.append(res)
 
     timing = None
-    time_modes = [m for m in ("full", "lora", "nf4") if m in modes]
-    if not args.no_time and len(time_modes) > 1:
-        res, why = child("time", {"modes": time_modes, "chunk": args.time_chunk, "reps": args.time_reps,
-                                  "remat": args.time_remat, "dtype": args.dtype,
-                                  "settle": args.settle, "sft_dir": sft_dir, "rm_dir": rm_dir,
+    time_modes, time_remats = [m for m in ("full", "lora", "nf4") if m in modes], args.time_remat.split(",")
+    if not args.no_time and len(time_modes) * len(time_remats) > 1:
+        res, why = child("time", {"modes": time_modes, "remats": time_remats, "chunk": args.time_chunk,
+                                  "reps": args.time_reps, "dtype": args.dtype, "settle": args.settle,
+                                  "sft_dir": sft_dir, "rm_dir": rm_dir,
                                   "workdir": tempfile.mkdtemp(prefix="time_", dir=root)})
-        print(f"\nSFT step (16 x 128 tokens), the modes alternating in one process (logits_chunk {args.time_chunk}, "
-              f"remat {args.time_remat}, "
+        print(f"\nSFT step (16 x 128 tokens), alternating in one process (logits_chunk {args.time_chunk}, "
               f"{args.time_reps} timed steps each after one warm-up step; seconds, median (min-max)):\n")
-        t2 = common.Table(["mode", "step s", "/ full fine-tuning"])
+        t2 = common.Table(["mode", "remat", "step s", "/ full fine-tuning, same remat"])
         if res is None:
-            t2.row(["all", why, ""])
+            t2.row(["all", "", why, ""])
         else:
             timing = res
-            base = common.median(res["times"]["full"]) if "full" in res["times"] else None
-            for mode, ts in res["times"].items():
-                t2.row([MODE_LABEL[mode], common.cell(ts, "{:.2f}"),
-                        f"{common.median(ts) / base:.2f}x" if base else "-"])
+            for key, ts in res["times"].items():
+                mode, remat = key.split("/")
+                base = res["times"].get(f"full/{remat}")
+                t2.row([MODE_LABEL[mode], remat, common.cell(ts, "{:.2f}"),
+                        f"{common.median(ts) / common.median(base):.2f}x" if base else "-"])
 
     print("\ntargets:")
     for r in results:
@@ -545,13 +548,12 @@ def main():
             print(f"  plan within 25 % of XLA, {r['stage']} {MODE_LABEL[r['mode']]} remat {r['remat']} "
                   f"logits_chunk {r['chunk']}: "
                   f"plan / XLA {ratio:.2f}: {'met' if abs(ratio - 1) <= 0.25 else 'MISSED'}")
-    if timing is not None and "full" in timing["times"]:
-        base = common.median(timing["times"]["full"])
-        for mode in ("lora", "nf4"):
-            if mode in timing["times"]:
-                ratio = common.median(timing["times"][mode]) / base
-                print(f"  SFT step {MODE_LABEL[mode]} <= 1.2x full fine-tuning's: {ratio:.2f}x"
-                      + (f": {'met' if ratio <= 1.2 else 'MISSED'}" if mode == "lora" else " (no target; for scale)"))
+    for key, ts in (timing or {}).get("times", {}).items():
+        mode, remat = key.split("/")
+        if mode != "full" and f"full/{remat}" in timing["times"]:
+            ratio = common.median(ts) / common.median(timing["times"][f"full/{remat}"])
+            print(f"  SFT step {MODE_LABEL[mode]}, remat {remat}, <= 1.2x full fine-tuning's: {ratio:.2f}x"
+                  + (f": {'met' if ratio <= 1.2 else 'MISSED'}" if mode == "lora" else " (no target; for scale)"))
     total = time.perf_counter() - t_all
     print(f"\ntotal {total / 60:.1f} min")
     if args.out:

@@ -148,28 +148,34 @@ def lora_shards(cfg: ModelConfig, head: str, mesh: AbstractMesh, rank: int, targ
     return LoraShards(base, adapters, head_params, total)
 
 
-def activations(cfg: ModelConfig, rows: int, seq: int, mesh: AbstractMesh, lm_head: bool = True) -> int:
+def activations(cfg: ModelConfig, rows: int, seq: int, mesh: AbstractMesh, lm_head: bool = True,
+                grad: bool = True) -> int:
     """Rough bytes the backward pass keeps for `rows` sequences of `seq` tokens on one device.
 
     Per layer and token, without remat: the two norms' inputs and outputs (4 d_model), q, k, v and
     the attention output (4 d_model / tensor), the attention scores and probabilities
-    (2 heads x seq / tensor) and the MLP hidden before and after the activation (2 mlp / tensor),
-    in the compute dtype. remat='full' keeps only each block's input (d_model) plus one block being
-    recomputed; 'dots' keeps the projections' outputs (2 d_model + (3 d_model + mlp) / tensor) plus
-    one block. LM logits and their gradient add 2 x vocab / tensor float32 per token (of one chunk of about
-    `logits_chunk` tokens over the rows when the losses chunk the LM head: `scoring.token_stats`); with fsdp > 1,
-    two layers of all-gathered float32 params (still split over tensor) come on top.
+    (2 heads x seq / tensor) and the MLP's hidden tensors (2 mlp / tensor; the gated llama MLP keeps
+    4: gate, up, the activation and the product), in the compute dtype. remat='full' keeps only each
+    block's input (d_model) plus one block being recomputed; 'dots' keeps the projections' outputs
+    (2 d_model + (3 d_model + mlp) / tensor) plus one block. LM logits and their gradient add
+    2 x vocab / tensor float32 per token (of one chunk of about `logits_chunk` tokens over the rows when
+    the losses chunk the LM head: `scoring.token_stats`); with fsdp > 1, two layers of all-gathered
+    float32 params (still split over tensor) come on top. `grad=False`: a forward pass inside the
+    same step that nothing differentiates (DPO's frozen reference): one block's and one logits
+    chunk's working set, nothing kept.
     """
     t, e, h = sharding.tensor_parallel_size(mesh), jnp.dtype(cfg.dtype).itemsize, cfg.d_model
-    full_layer = 4 * h + (4 * h + 2 * cfg.mlp_dim + 2 * cfg.num_heads * seq) / t
+    hidden = (4 if cfg.arch == "llama" else 2) * cfg.mlp_dim
+    full_layer = 4 * h + (4 * h + hidden + 2 * cfg.num_heads * seq) / t
     kept = {"none": full_layer, "full": h, "dots": 2 * h + (3 * h + cfg.mlp_dim) / t}[cfg.remat]
-    layers = cfg.num_layers * kept + (0 if cfg.remat == "none" else full_layer)
+    layers = (cfg.num_layers * kept + (0 if cfg.remat == "none" else full_layer)) if grad else full_layer
     attn = 2 * h * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)  # q, out + k, v
     mlp = (3 if cfg.arch == "llama" else 2) * h * cfg.mlp_dim
     gathered = 2 * 4 * (attn + mlp) / t if sharding.param_shard_count(mesh) > 1 else 0  # FSDP gathers a layer, prefetches the next
     chunk = max(1, cfg.logits_chunk // max(rows, 1)) if cfg.logits_chunk else seq  # positions of each row per chunk
     logits = 4 * 2 * cfg.vocab_size / t * min(seq, chunk) if lm_head else 0
     return int(rows * (seq * e * layers + logits) + gathered)
+
 
 def kv_cache(cfg: ModelConfig, rows: int, length: int, tensor: int = 1) -> int:
     """KV cache bytes on one device: `rows` sequences of `length` slots, kv heads split over `tensor`."""
@@ -275,7 +281,8 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
         trainable("policy", policy, "lm")
         if not rank:  # LoRA: the reference is the policy base with the adapters off
             resident["reference params"] = 4 * param_shards(policy, "lm", mesh)[1]
-        phases["activations"] = activations(policy, k * micro(batch), seq, mesh)
+        rows = k * micro(batch)
+        phases["activations"] = activations(policy, rows, seq, mesh) + activations(policy, rows, seq, mesh, grad=False)
         notes.append(f"policy and frozen reference run each prompt's {k} completions: {k} rows per prompt")
     elif stage == "ppo":
         ppo = config.get("ppo", ml_collections.ConfigDict())
@@ -317,9 +324,9 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
         sample_rows = _rows(sample_batch or chunk, mesh, "sample batch")
         phases["kv_cache (rollout)"] = kv_cache(policy, sample_rows, seq, sharding.tensor_parallel_size(mesh))
         minibatch, ptx = ppo.get("minibatch_size", batch), ppo.get("ptx_batch_size", 0) * (ppo.get("ptx_coef", 0) > 0)
-        phases["activations (update)"] = max(activations(policy, micro(minibatch + ptx), seq, mesh),
-                                             0 if critic_free else
-                                             activations(rm_cfg, micro(minibatch), seq, mesh, lm_head=False))
+        # one update step differentiates the policy and the value model: both keep their activations
+        phases["activations (update)"] = activations(policy, micro(minibatch + ptx), seq, mesh) + (
+            0 if critic_free else activations(rm_cfg, micro(minibatch), seq, mesh, lm_head=False))
         notes.append(f"reward / value model: {rm_preset or config.model.preset}; rollout and update are "
                      f"separate phases (peak = resident + the larger)")
     else:

@@ -179,6 +179,13 @@ def test_plan_activations_by_hand():
     assert plan.activations(TINY, 2, 16, plan.abstract_mesh((1, 1, 1))) == 2 * 16 * per_token
     remat = ModelConfig.from_config({**config_lib.model_config("tiny"), "remat": "full"})
     assert plan.activations(remat, 2, 16, plan.abstract_mesh((1, 1, 1))) < 2 * 16 * per_token
+    # a forward pass nothing differentiates (DPO's reference): one block's working set and the logits
+    one_block = 4 * (4 * 64 + 4 * 64 + 2 * 4 * 16 + 2 * 256) + 4 * 2 * 512
+    assert plan.activations(TINY, 2, 16, plan.abstract_mesh((1, 1, 1)), grad=False) == 2 * 16 * one_block
+    # the gated llama MLP keeps four MLP-wide tensors (gate, up, activation, product), not two
+    llama = ModelConfig.from_config({**config_lib.model_config("tiny"), "arch": "llama"})
+    extra = plan.activations(llama, 2, 16, plan.abstract_mesh((1, 1, 1))) - 2 * 16 * per_token
+    assert extra == 2 * 16 * 4 * 2 * (2 * 256)  # rows x tokens x float32 x 2 layers x 2 more MLP tensors
 
 
 def _config(stage):
@@ -220,8 +227,25 @@ def test_plan_ppo_ignores_grad_accum_which_the_stage_refuses():
 
 
 def test_plan_dpo_holds_policy_and_reference():
-    p = plan.plan(_config("dpo"), (1, 1, 1))
+    config = _config("dpo")
+    p = plan.plan(config, (1, 1, 1))
     assert p.resident["reference params"] == p.resident["policy params"]
+    # the step differentiates the policy and runs the frozen reference forward, both on k rows per prompt
+    cfg, mesh = ModelConfig.from_config(config.model), plan.abstract_mesh((1, 1, 1))
+    rows = config.data.max_k * config.train.batch_size
+    assert p.phases["activations"] == (plan.activations(cfg, rows, config.data.seq_len, mesh)
+                                       + plan.activations(cfg, rows, config.data.seq_len, mesh, grad=False))
+
+
+def test_plan_ppo_update_keeps_policy_and_value_activations():
+    """One jitted update differentiates the policy (rollout + pretraining rows) and the value model."""
+    config = config_lib.replace(_config("ppo"), **{"ppo.ptx_coef": 1.0})
+    p = plan.plan(config, (1, 1, 1))
+    cfg, mesh, ppo = ModelConfig.from_config(config.model), plan.abstract_mesh((1, 1, 1)), config.ppo
+    seq = config.data.max_prompt_len + ppo.max_new_tokens
+    policy = plan.activations(cfg, ppo.minibatch_size + ppo.ptx_batch_size, seq, mesh)
+    value = plan.activations(cfg, ppo.minibatch_size, seq, mesh, lm_head=False)
+    assert p.phases["activations (update)"] == policy + value
 
 
 def test_plan_command_line():
