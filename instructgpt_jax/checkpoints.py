@@ -28,7 +28,11 @@ from instructgpt_jax.errors import UserError
 # the run computes (schedule length, logging, layout of devices).
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_tasks",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.",
-                  "model.scan_unroll", "model.causal_blocks", "model.logits_chunk")
+                  "model.scan_unroll", "model.causal_blocks", "model.logits_chunk", "model.remat")
+# Keys newer than some workdirs: absent from an older config.json, they are no difference while they are off
+# (the run computes what the older code did). Prefix -> "is off" for the current flat config.
+ABSENT_WHILE_OFF = {"lora.": lambda cfg: not cfg.get("lora.rank"),
+                    "init.adapter": lambda cfg: not cfg.get("init.adapter")}
 EXPORT_DIR = "export"
 ADAPTER_DIR = "adapter"  # a LoRA run's adapters, next to the merged params of its export
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what an export or a Hugging Face directory holds
@@ -47,11 +51,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(saved: dict, current: dict, ignore=RESUMABLE_KEYS) -> list[str]:
-    """Dotted keys whose values differ (ignoring keys that start with anything in `ignore`)."""
+    """Dotted keys whose values differ (ignoring keys that start with anything in `ignore`, and keys the saved
+    config predates while they are off: ABSENT_WHILE_OFF)."""
     a, b = _flat(saved), _flat(current)
     keys = sorted(set(a) | set(b))
+
+    def predates(k):
+        return k not in a and any(k.startswith(p) and off(b) for p, off in ABSENT_WHILE_OFF.items())
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys
-            if a.get(k) != b.get(k) and not any(k.startswith(i) for i in ignore)]
+            if a.get(k) != b.get(k) and not any(k.startswith(i) for i in ignore) and not predates(k)]
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -102,3 +102,20 @@ def test_family_key_override_from_command_line():
     config = _parse(f"--config={ROOT}/configs/sft.py:tiny", "--config.model.arch=llama",
                     "--config.model.sliding_window=16", "--config.model.sliding_pattern=SF")
     assert (config.model.sliding_window, config.model.sliding_pattern, config.model.activation) == (16, "SF", "")
+
+
+def test_a_workdir_older_than_a_key_is_no_different_while_the_key_is_off():
+    """config.json written before lora.* / init.adapter existed: resuming with them off is the same run; with LoRA
+    on it is not. model.remat may change on resume (how, not what, the run computes)."""
+    from instructgpt_jax import checkpoints
+    current = config_lib.load("sft", "tiny").to_dict()
+    old = {k: v for k, v in current.items() if k != "lora"}
+    old["init"] = {k: v for k, v in current["init"].items() if k != "adapter"}
+    assert checkpoints.config_diff(old, current) == []
+    assert checkpoints.config_diff(old, {**current, "model": {**current["model"], "remat": "full"}}) == []
+    on = {**current, "lora": {**current["lora"], "rank": 8}}
+    assert [d.split(":")[0] for d in checkpoints.config_diff(old, on)] == [f"lora.{k}" for k in sorted(current["lora"])]
+    adapter = {**current, "init": {**current["init"], "adapter": "/a"}}
+    assert checkpoints.config_diff(old, adapter) == ["init.adapter: '<absent>' -> '/a'"]
+    # a key present in both is compared as always
+    assert checkpoints.config_diff(current, on) == ["lora.rank: 0 -> 8"]
