@@ -111,13 +111,15 @@ def model_line(cfg) -> str:
 # ----------------------------------------------------------------------------- models
 
 def model_config(preset: str, **overrides):
-    """Our ModelConfig for a preset name ('tiny' = the ModelConfig defaults' preset, 'gpt2' = GPT-2 124M)."""
+    """Our ModelConfig for a preset name ('tiny' = the ModelConfig defaults' preset, 'gpt2' = GPT-2 124M), with
+    remat 'none' unless overridden: the references keep every activation too (the full-size presets default
+    to remat='full' for memory)."""
     import dataclasses
 
     from instructgpt_jax import config_lib
     from instructgpt_jax.models import ModelConfig
     cfg = ModelConfig.from_config(config_lib.model_config(preset))
-    return dataclasses.replace(cfg, **overrides)
+    return dataclasses.replace(cfg, **{"remat": "none", **overrides})
 
 
 def random_params(model, seed: int = 0):

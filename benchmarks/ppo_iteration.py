@@ -51,7 +51,7 @@ def ppo_config(preset, args):
     return config_lib.load("ppo", preset, **{
         "train.batch_size": args.batch, "ppo.minibatch_size": args.minibatch, "ppo.rollout_chunk": args.chunk,
         "ppo.ppo_epochs": args.epochs, "data.max_prompt_len": args.prompt, "ppo.max_new_tokens": args.response,
-        "ppo.ptx_coef": 0.0, "train.progress": False})
+        "ppo.ptx_coef": 0.0, "train.progress": False, "model.remat": "none"})  # TRL keeps activations too
 
 
 class Ours:
