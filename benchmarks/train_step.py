@@ -1,7 +1,7 @@
 """SFT train-step throughput: our jitted step vs GPT2LMHeadModel + torch.optim.AdamW (eager, and torch.compile).
 
     python benchmarks/train_step.py [--shapes tiny,gpt2] [--seq 128] [--batch tiny=32,gpt2=8] [--reps 5] [--cores N]
-                                    [--no-compile] [--lora R]
+                                    [--no-compile] [--lora R] [--logits_chunk C]
 
 --lora R: LoRA instead (rank R, alpha 2R, every linear layer of the blocks): ours (adapters only in the train
 state, `lora.with_base`, as the stages run it) vs transformers + peft (`LoraConfig` on c_attn, c_proj, c_fc:
@@ -106,7 +106,8 @@ def main_lora(args, shapes, batches, optim_cfg):
     notes = []
     for shape in shapes:
         b = int(batches.get(shape, 8))
-        cfg = common.model_config(shape, max_len=max(args.seq, common.model_config(shape).max_len))
+        cfg = common.model_config(shape, max_len=max(args.seq, common.model_config(shape).max_len),
+                                  **({} if args.logits_chunk < 0 else {"logits_chunk": args.logits_chunk}))
         batch = make_batch(b, args.seq, cfg.vocab_size)
         params0, lora_step = ours_lora(cfg, batch, optim_cfg, args.lora)
         model, _, full_step = ours(cfg, batch, optim_cfg)
@@ -165,6 +166,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--lora", type=int, default=0, help="> 0: LoRA of this rank vs peft (see the docstring)")
+    parser.add_argument("--logits_chunk", type=int, default=-1,
+                        help="model.logits_chunk (-1 = the preset's: 0 for tiny, 512 for gpt2)")
     common.add_cores_flag(parser)
     args = parser.parse_args()
     common.pin_cores(args.cores)
@@ -183,7 +186,8 @@ def main():
     ratios, notes = [], []
     for shape in args.shapes.split(","):
         b = int(batches.get(shape, 8))
-        cfg = common.model_config(shape, max_len=max(args.seq, common.model_config(shape).max_len))
+        cfg = common.model_config(shape, max_len=max(args.seq, common.model_config(shape).max_len),
+                                  **({} if args.logits_chunk < 0 else {"logits_chunk": args.logits_chunk}))
         batch = make_batch(b, args.seq, cfg.vocab_size)
         model, params0, ours_step = ours(cfg, batch, optim_cfg)
         with tempfile.TemporaryDirectory() as tmp:
