@@ -140,7 +140,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         rope_theta=10000.0,      # RoPE base (llama / neox arch)
         # activation rematerialisation per block: 'none', 'full' (keep each block's input only), 'dots'. The
         # full-size presets and checkpoints default to 'full': memory first (a PPO-ptx iteration of SmolLM2-135M
-        # with LoRA: 13.9 -> 3.2 GB peak RSS, benchmarks/README.md section 6); results are unchanged
+        # with LoRA: 13.95 -> 3.32 GB peak RSS, benchmarks/README.md section 6); results are unchanged
         remat="none" if preset in CPU_PRESETS else "full",
         scan_unroll=speed.get("scan_unroll", 1),      # layers per layer-scan iteration in training / scoring
         causal_blocks=speed.get("causal_blocks", 1),  # query blocks that skip the keys after them (1 = off)
