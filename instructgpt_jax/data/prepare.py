@@ -55,11 +55,11 @@ def resolve_tokenizer(config, workdir: str, training_texts: Callable[[], list[st
     if source and source.has_tokenizer:
         return load_tokenizer(source.path)
     own = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(own):
-        if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            train_tokenizer(training_texts(), own, vocab_size=config.model.vocab_size, seed=config.seed)
-        checkpoints.sync("tokenizer")
+    # Only process 0 looks: another process may see the file process 0 just wrote and skip the barrier.
+    if jax.process_index() == 0 and not os.path.exists(own):
+        os.makedirs(workdir, exist_ok=True)
+        train_tokenizer(training_texts(), own, vocab_size=config.model.vocab_size, seed=config.seed)
+    checkpoints.sync("tokenizer")
     return load_tokenizer(own)
 
 

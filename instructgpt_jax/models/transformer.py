@@ -320,12 +320,12 @@ def attention(q: Array, k: Array, v: Array, mask: Array, cache: Optional[tuple] 
     b, t, n, d = q.shape
     kh = k.shape[2]
     out_dtype = q.dtype
+    qg = (q * (d ** -0.5 if scale is None else scale)).reshape(b, t, kh, n // kh, d)
     if jax.default_backend() == "cpu" and q.dtype != jnp.float32:
         # XLA:CPU's library dot has no bfloat16 x bfloat16 -> float32 form (a runtime error at some shapes): the
-        # scores and the value product run in float32 there, as the float32 accumulation asks anyway
-        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        # dots take the same rounded inputs in float32 there, as the float32 accumulation asks anyway
+        qg, k, v = (x.astype(jnp.float32) for x in (qg, k, v))
         cache = None if cache is None else (cache[0].astype(jnp.float32), cache[1].astype(jnp.float32), cache[2])
-    qg = (q * (d ** -0.5 if scale is None else scale)).reshape(b, t, kh, n // kh, d)
     parts = [(k, v, mask, "bskd")] + ([(*cache, "bksd")] if cache is not None else [])
     neg = jnp.finfo(jnp.float32).min
 
@@ -336,7 +336,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array, cache: Optional[tuple] 
     shift = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in scores]))
     weights = [jnp.exp(x - shift) for x in scores]
     total = sum(jnp.sum(w, axis=-1) for w in weights)  # [B, K, G, T]
-    out = sum(jnp.einsum(f"bkgts,{lay}->btkgd", w.astype(q.dtype), vv,
+    out = sum(jnp.einsum(f"bkgts,{lay}->btkgd", w.astype(out_dtype).astype(vv.dtype), vv,
                          preferred_element_type=jnp.float32) for w, (_, vv, _, lay) in zip(weights, parts))
     return (out / total.transpose(0, 3, 1, 2)[..., None]).astype(out_dtype).reshape(b, t, n, d)
 
