@@ -175,17 +175,13 @@ def update_step(state, rollout, idx, ptx, bases=None, *, policy, value_model, po
     new["ema"] = jax.tree.map(lambda e, x: cfg.ema_decay * e + (1 - cfg.ema_decay) * x, state["ema"],
                               new["policy"]["params"])
     if "value" in state:
-        # The value step starts once the policy's is done, so their activations and gradients never coexist
-        # (XLA would otherwise be free to interleave the two backward passes).
-        new, value_state = jax.lax.optimization_barrier((new, state["value"]))
-
         def value_loss(params):
             v = scoring.response_values(lora.combine(params, (bases or {}).get("value")), value_model, *rows, p)
             loss, aux = losses.value_loss(v, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
             return cfg.value_coef * loss, dict(aux, value_loss=loss)
 
-        (_, v_aux), v_grads = jax.value_and_grad(value_loss, has_aux=True)(value_state["params"])
-        new["value"] = train_lib.apply_gradients(value_state, v_grads, value_tx)
+        (_, v_aux), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state["value"]["params"])
+        new["value"] = train_lib.apply_gradients(state["value"], v_grads, value_tx)
         metrics.update(v_aux, value_grad_norm=train_lib.global_norm(v_grads))
     return new, metrics
 
