@@ -87,6 +87,33 @@ def test_tokenizer_roundtrip_and_special_ids(sp_tok, corpus, tmp_path):
         data.train_tokenizer(corpus, str(tmp_path / "small.model"), 256)
 
 
+def test_every_process_meets_at_the_tokenizer_barrier(sp_tok, tmp_path, monkeypatch):
+    """A process other than 0 that finds the tokenizer process 0 has just written still joins the barrier
+    (it once skipped it, and the processes then met at different barriers), and never trains one itself."""
+    import shutil
+
+    import jax
+    from ml_collections import ConfigDict
+
+    from instructgpt_jax import checkpoints
+    from instructgpt_jax.data import prepare
+
+    synced = []
+    monkeypatch.setattr(checkpoints, "sync", synced.append)
+    monkeypatch.setattr(checkpoints, "previous_export", lambda config: None)
+    config = ConfigDict({"data": {"tokenizer": ""}, "model": {"vocab_size": 320}, "seed": 0})
+    never = lambda: pytest.fail("only process 0 trains the tokenizer")  # noqa: E731
+    for exists in (False, True):  # process 0 is still writing it / has written it
+        workdir = tmp_path / str(exists)
+        workdir.mkdir()
+        if exists:
+            shutil.copy(sp_tok.path, workdir / "tokenizer.model")
+        monkeypatch.setattr(jax, "process_index", lambda: 1)
+        monkeypatch.setattr(prepare, "load_tokenizer", lambda path: path)
+        assert prepare.resolve_tokenizer(config, str(workdir), never) == str(workdir / "tokenizer.model")
+    assert synced == ["tokenizer", "tokenizer"]
+
+
 def test_tokenizer_takes_other_special_ids(corpus, tmp_path):
     prefix = str(tmp_path / "default")  # SentencePiece defaults: unk 0, bos 1, eos 2, no pad
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=prefix, vocab_size=30, minloglevel=2)
