@@ -252,6 +252,31 @@ def test_bad_model_config_names_key():
         ModelConfig(num_heads=4, num_kv_heads=3)
 
 
+def test_bfloat16_attention_equals_a_float64_reference_over_cache_and_new_keys():
+    """bfloat16 inputs at SmolLM2's widths (9 query heads over 3 KV heads of 64), keys in a cache and new ones:
+    within bfloat16's resolution of a float64 softmax over the same (rounded) values."""
+    ks = jax.random.split(jax.random.PRNGKey(3), 5)
+    b, t, s, n, kh, d = 2, 4, 6, 9, 3, 64
+    q = jax.random.normal(ks[0], (b, t, n, d), jnp.bfloat16)
+    k, v = jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16), jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16)
+    kc, vc = jax.random.normal(ks[3], (b, kh, s, d), jnp.bfloat16), jax.random.normal(ks[4], (b, kh, s, d), jnp.bfloat16)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, 1, t, t))
+    mask_cache = jnp.ones((b, 1, t, s), bool).at[0, :, :, :2].set(False)
+    out = attention(q, k, v, mask, (kc, vc, mask_cache))
+    assert out.dtype == jnp.bfloat16
+
+    f = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    keys = np.concatenate([f(kc), f(k).transpose(0, 2, 1, 3)], axis=2)  # [B, K, S + T, D]
+    vals = np.concatenate([f(vc), f(v).transpose(0, 2, 1, 3)], axis=2)
+    visible = np.concatenate([np.asarray(mask_cache), np.asarray(mask)], axis=-1)[:, 0]  # [B, T, S + T]
+    group = np.repeat(np.arange(kh), n // kh)  # query head -> its KV head
+    scores = np.einsum("btnd,bnsd->bnts", f(q), keys[:, group]) / np.sqrt(d)
+    scores = np.where(visible[:, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = np.einsum("bnts,bnsd->btnd", p / p.sum(-1, keepdims=True), vals[:, group])
+    np.testing.assert_allclose(f(out), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_bfloat16_sampling_and_scoring_run_on_cpu_at_real_widths():
     """XLA:CPU's library dot has no bfloat16 x bfloat16 -> float32 form, which the attention's float32 scores asked
     for: at SmolLM2-135M's widths (9 heads of 64, 3 KV heads) a bfloat16 rollout failed at run time. The sampler's
