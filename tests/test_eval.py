@@ -95,9 +95,8 @@ def test_bucket_brute_force():
     assert len({ev.bucket(n, 2048) for n in range(1, 2049)}) == 15  # 16 .. 2048: few shapes, few compilations
 
 
-@pytest.mark.parametrize("family", ["qwen2.5", pytest.param("llama2", marks=pytest.mark.slow),
-                                    pytest.param("gemma", marks=pytest.mark.slow),
-                                    pytest.param("gpt2", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~30 s per family; the lm-eval parity runs with the long tests
+@pytest.mark.parametrize("family", ["qwen2.5", "llama2", "gemma", "gpt2"])
 def test_backend_equals_the_hf_backend(family, tasks, tmp_path):
     """Byte-level BPE without BOS (Qwen), SentencePiece with BOS (Llama-2: the BOS rule, the prefix token of the
     rolling windows), Gemma's, GPT-2's learned positions."""
@@ -243,6 +242,7 @@ def config_lib_replace(config, **kw):
     return config_lib.replace(config, **kw)
 
 
+@pytest.mark.slow
 def test_tasks_during_training_options(tasks, tmp_path, monkeypatch):
     """train.eval_tasks by name from train.eval_tasks_include_path, train.eval_tasks_limit examples per task, one
     backend for the run (params swapped in); bad values are a UserError naming the key."""

@@ -101,6 +101,7 @@ def resumed(tmp_path_factory):
     return tmp / "w", step, first, run_to_end(tmp / "w", tmp / "stderr2")
 
 
+@pytest.mark.slow  # ~40 s of CLI runs; the quick suite keeps SIGINT and test_sft's resume
 def test_sigterm_saves_the_step_and_resumes_exactly(straight, resumed):
     (straight_dir, _), (workdir, step, _, _) = straight, resumed
     again = {r["step"]: r["loss"] for r in train_lib.read_metrics(workdir)}
@@ -118,6 +119,7 @@ def test_sigint_exits_130(tmp_path):
     assert_stopped_cleanly(rc, stderr, "SIGINT", 130, tmp_path / "w")
 
 
+@pytest.mark.slow  # shares the SIGTERM runs
 def test_plain_progress_lines_without_a_terminal(straight, resumed):
     """stderr is a file: one plain line per logged step, said compiling first, no carriage-return bar."""
     (_, whole), (_, step, first, rest) = straight, resumed
