@@ -202,7 +202,7 @@ def measure(spec: dict) -> dict:
                       "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
                       "temp": m.temp_size_in_bytes, "step": step_bytes, "other_live": rec["other_live"],
                       "total": step_bytes + rec["other_live"]}
-        rec["peak_rss_compiled"] = max_rss()
+        rec["peak_rss_compiled"], rec["rss_compiled"] = max_rss(), rss_bytes()
         if rec["xla"]["total"] > spec.get("max_xla_gb", 1e9) * GB:
             rec["skipped"] = f"not run: XLA needs {rec['xla']['total'] / GB:.1f} GB > --max_xla_gb"
             raise _Stop
@@ -296,7 +296,7 @@ def measure(spec: dict) -> dict:
     p = plan.plan(config, (1, 1, 1), stage=stage)
     times = rec["times"][1:] if stage != "ppo" else []  # step 1 compiles
     keys = ("peak_rss", "steady_rss", "rss_before_loop", "rss_at_first_step", "peak_rss_before_step",
-            "peak_rss_compiled", "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "skipped",
+            "peak_rss_compiled", "rss_compiled", "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "skipped",
             "batch_shapes", "metrics")
     return {**{k: spec[k] for k in ("stage", "mode", "chunk", "steps", "updates")}, "remat": config.model.remat,
             "dtype": config.model.dtype,

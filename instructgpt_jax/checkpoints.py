@@ -28,7 +28,8 @@ from instructgpt_jax.errors import UserError
 # the run computes (schedule length, logging, layout of devices).
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_tasks",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "mesh.",
-                  "model.scan_unroll", "model.causal_blocks", "model.logits_chunk", "model.remat")
+                  "model.scan_unroll", "model.causal_blocks", "model.logits_chunk", "model.remat",
+                  "ppo.ptx_microbatch")
 # Keys newer than some workdirs: absent from an older config.json, they are no difference while they are off
 # (the run computes what the older code did). Prefix -> "is off" for the current flat config.
 ABSENT_WHILE_OFF = {"lora.": lambda cfg: not cfg.get("lora.rank"),

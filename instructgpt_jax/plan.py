@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import AbstractMesh
 
-from instructgpt_jax import config_lib, sharding
+from instructgpt_jax import config_lib, rl, sharding
 from instructgpt_jax.lora import BASE_DTYPES, PROJECTIONS  # the stages' own tables
 from instructgpt_jax.models import ModelConfig, Transformer, transformer
 from instructgpt_jax.models.quant import BLOCK as NF4_BLOCK
@@ -324,8 +324,10 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
         sample_rows = _rows(sample_batch or chunk, mesh, "sample batch")
         phases["kv_cache (rollout)"] = kv_cache(policy, sample_rows, seq, sharding.tensor_parallel_size(mesh))
         minibatch, ptx = ppo.get("minibatch_size", batch), ppo.get("ptx_batch_size", 0) * (ppo.get("ptx_coef", 0) > 0)
-        # one update step differentiates the policy and the value model: both keep their activations
-        phases["activations (update)"] = activations(policy, micro(minibatch + ptx), seq, mesh) + (
+        ptx_micro = ptx and rl.ptx_microbatch_rows(ppo, ptx)
+        # one update step differentiates the policy (the RL rows, then one ptx micro-batch at a time: the RL rows'
+        # block inputs stay for their backward) and the value model: all of them keep their activations
+        phases["activations (update)"] = activations(policy, micro(minibatch + ptx_micro), seq, mesh) + (
             0 if critic_free else activations(rm_cfg, micro(minibatch), seq, mesh, lm_head=False))
         notes.append(f"reward / value model: {rm_preset or config.model.preset}; rollout and update are "
                      f"separate phases (peak = resident + the larger)")

@@ -56,6 +56,9 @@ def check_config(config) -> None:
     if config.train.grad_accum > 1:  # the update is one jitted minibatch step; minibatch_size is the memory knob
         raise UserError(f"config.train.grad_accum={config.train.grad_accum}: the RL stage does not accumulate "
                         f"gradients; lower config.ppo.minibatch_size (and rollout_chunk) to use less memory")
+    if cfg.ptx_coef > 0 and (cfg.ptx_microbatch < 0 or cfg.ptx_microbatch and cfg.ptx_batch_size % cfg.ptx_microbatch):
+        raise UserError(f"config.ppo.ptx_microbatch={cfg.ptx_microbatch} must divide config.ppo.ptx_batch_size="
+                        f"{cfg.ptx_batch_size} (0 = the largest divisor <= minibatch_size)")
     critic_free = cfg.advantage_estimator != "gae"
     if critic_free and cfg.group_size < 2:
         raise UserError(f"config.ppo.group_size={cfg.group_size}: advantage_estimator={cfg.advantage_estimator!r} "
@@ -159,13 +162,30 @@ def update_step(state, rollout, idx, ptx, bases=None, *, policy, value_model, po
             loss = loss + state["kl_beta"] * kl
             aux["kl_loss"] = kl
         if cfg.ptx_coef > 0:  # PPO-ptx: γ · pretraining NLL on every minibatch
-            hidden = policy.apply({"params": params}, ptx["tokens"], ptx["positions"], ptx["segment_ids"],
-                                  return_hidden=True)
-            st = scoring.token_stats(params, policy, hidden, ptx["targets"], correct=True)  # chunked LM head
-            ptx_l, _ = losses.token_nll(st["logp"], st["correct"], ptx["loss_mask"])
-            loss = loss + cfg.ptx_coef * ptx_l
-            aux["ptx_loss"] = ptx_l
+            aux["ptx_loss"] = ptx_nll(params, ptx, rl.ptx_microbatch_rows(cfg, ptx["tokens"].shape[0]))
+            loss = loss + cfg.ptx_coef * aux["ptx_loss"]
         return loss, aux
+
+    def ptx_nll(params, rows, micro: int):
+        """Mean token NLL of the pretraining rows, over micro-batches of `micro` rows (summed, then divided by
+        all their tokens: the same mean). Each micro-batch is recomputed in the backward pass (`jax.checkpoint`):
+        one micro-batch's activations are live at a time, at the cost of one more forward pass of the rows."""
+        def sums(params, r):
+            hidden = policy.apply({"params": params}, r["tokens"], r["positions"], r["segment_ids"],
+                                  return_hidden=True)
+            logp = scoring.token_stats(params, policy, hidden, r["targets"])["logp"]  # chunked LM head
+            mask = r["loss_mask"].astype(jnp.float32)
+            return jnp.sum(-logp * mask), jnp.sum(mask)
+
+        n = rows["tokens"].shape[0] // micro
+        if n == 1:
+            total, count = sums(params, rows)
+        else:
+            def body(acc, r):
+                return jax.tree.map(jnp.add, acc, jax.checkpoint(sums)(params, r)), None
+            split = jax.tree.map(lambda x: x.reshape(n, micro, *x.shape[1:]), rows)
+            (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), split)
+        return total / jnp.maximum(count, 1.0)
 
     (_, metrics), grads = jax.value_and_grad(policy_loss, has_aux=True)(state["policy"]["params"])
     new = dict(state, policy=train_lib.apply_gradients(state["policy"], grads, policy_tx),

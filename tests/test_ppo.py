@@ -6,10 +6,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import BUILTIN, ppo_interrupted_then_resumed, stage_config
 
-from instructgpt_jax import checkpoints, config_lib, losses, ppo, sampling, scoring, sharding, train_lib
+from instructgpt_jax import checkpoints, config_lib, losses, ppo, rl, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import iterators as pipeline
 from instructgpt_jax.data.tokenizer import load_tokenizer
 from instructgpt_jax.models import ModelConfig, Transformer
@@ -246,6 +247,41 @@ def _tiny_update(t, **ppo_overrides):
     return cfg, state, lambda s: step(s, t["batch"], jnp.arange(B), {"tokens": jnp.zeros((1, 1), jnp.int32)})
 
 
+def test_ptx_microbatches_give_the_whole_batch_mean_and_gradient(tiny):
+    """PPO-ptx over micro-batches of pretraining rows (rows with different token counts): the ptx loss is the
+    token mean over all rows, by hand, and the policy's gradient (an SGD step of 1) is the same for every micro-batch
+    size, and not the gradient of γ = 0."""
+    rng = np.random.default_rng(3)
+    t = rng.integers(4, 500, (6, 10)).astype(np.int32)
+    mask = (np.arange(10)[None] < np.array([10, 2, 7, 1, 5, 9])[:, None]).astype(np.float32)
+    ptx = {"tokens": t, "targets": np.roll(t, -1, 1), "loss_mask": mask, "segment_ids": np.ones_like(t),
+           "positions": np.tile(np.arange(10, dtype=np.int32), (6, 1))}
+    hidden = tiny["policy"].apply({"params": tiny["params"]}, t, ptx["positions"], ptx["segment_ids"], return_hidden=True)
+    logp = np.asarray(scoring.token_stats(tiny["params"], tiny["policy"], hidden, ptx["targets"])["logp"])
+    by_hand = -(logp * mask).sum() / mask.sum()
+    leaves = lambda tr: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tr)])  # noqa: E731
+    updated = {}
+    for micro, coef in ((6, 1.0), (2, 1.0), (6, 0.0)):
+        cfg = config_lib.replace(tiny["config"], **{"ppo.ptx_coef": coef, "ppo.ptx_batch_size": 6,
+                                                    "ppo.ptx_microbatch": micro}).ppo
+        tx = optax.sgd(1.0)
+        step = jax.jit(functools.partial(ppo.update_step, policy=tiny["policy"], value_model=None, policy_tx=tx,
+                                         value_tx=None, cfg=cfg, prompt_len=P))
+        state, met = step(ppo.init_state(tiny["params"], tx, cfg.kl_coef), tiny["batch"], jnp.arange(B), ptx)
+        updated[micro, coef] = leaves(state["policy"]["params"])
+        if coef:
+            np.testing.assert_allclose(met["ptx_loss"], by_hand, rtol=1e-5)
+            np.testing.assert_allclose(updated[micro, coef], updated[6, 1.0], rtol=1e-5, atol=1e-6)
+    assert np.abs(updated[6, 0.0] - updated[6, 1.0]).max() > 1e-2
+
+
+def test_ptx_microbatch_defaults_to_the_largest_divisor_within_the_minibatch():
+    cfg = config_lib.load("ppo", "tiny").ppo
+    assert cfg.ptx_microbatch == 0 and rl.ptx_microbatch_rows(cfg, 32) == cfg.minibatch_size == 8
+    assert [rl.ptx_microbatch_rows({"minibatch_size": 8}, n) for n in (32, 20, 7, 13, 1)] == [8, 5, 7, 1, 1]
+    assert rl.ptx_microbatch_rows({"minibatch_size": 8, "ptx_microbatch": 16}, 32) == 16
+
+
 def test_each_estimator_defaults_to_its_papers_loss_aggregation():
     cfg = config_lib.load("grpo", "tiny").ppo
     papers = {"gae": "token_mean",                                # PPO: every token of the batch weighs the same
@@ -357,7 +393,8 @@ def test_bad_rl_options_are_refused():
                              ({"ppo.advantage_estimator": "grpo", "ppo.group_size": 3}, "not a multiple of 3"),
                              ({"ppo.reward": "verifier"}, "config.ppo.verifier"),
                              ({"ppo.loss_agg": "seq_mean"}, "valid: '' .*token_mean, seq_mean_token_mean"),
-                             ({"train.grad_accum": 2}, "does not accumulate")):
+                             ({"train.grad_accum": 2}, "does not accumulate"),
+                             ({"ppo.ptx_coef": 1.0, "ppo.ptx_batch_size": 6, "ppo.ptx_microbatch": 4}, "must divide")):
         with pytest.raises(ValueError, match=match):
             ppo.check_config(config_lib.replace(base, **overrides))
 

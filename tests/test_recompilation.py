@@ -11,12 +11,14 @@ big models, silently. The SFT step is jitted as the stages jit it; the RL stage 
 import contextlib
 import functools
 import logging
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from instructgpt_jax import config_lib, ppo, sampling, sft, sharding, train_lib
+from instructgpt_jax import config_lib, harness, ppo, sampling, sft, sharding, train_lib
 from instructgpt_jax.models import ModelConfig, Transformer
 
 CFG = ModelConfig(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64, vocab_size=128,
@@ -136,3 +138,35 @@ def test_ppo_iterations_compile_once(tmp_path, monkeypatch, sft_workdir, rm_work
                                     "train.checkpoint_every": 100})
     ppo.train(config, str(tmp_path), builtin_data=BUILTIN)
     assert compiled == [], f"PPO iterations after the first compiled: {compiled}"
+
+
+TRIM_SCRIPT = """
+import numpy as np, jax, jax.numpy as jnp
+from instructgpt_jax import harness
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+on = harness.trim_after_compiles() if {on} else False
+keep = [np.ones(100_000 // 8) for _ in range(3000)]  # 300 MB in 100 KB heap chunks (below glibc's mmap threshold)
+del keep[:-1]  # freed, but the allocator keeps it: the last chunk pins the heap's top
+before = rss()
+jax.jit(lambda x: x * 3 + 2)(jnp.ones(7)).block_until_ready()  # a new program: one XLA compilation
+print(on, (before - rss()) / 1e6)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_goes_back_to_the_os_after_each_compilation():
+    """`harness.trim_after_compiles` (every stage turns it on): the listener trims once per XLA compilation,
+    and memory freed before a compilation leaves the process (it stays without the listener)."""
+    assert harness.trim_after_compiles()
+    calls, trim = [], harness._trim[0]
+    harness._trim[0] = calls.append
+    try:
+        jax.jit(lambda x: x * 5 - 1)(np.ones(3, np.float32))
+    finally:
+        harness._trim[0] = trim
+    assert calls == [0]
+    for on in (True, False):
+        out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT.format(on=on)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        returned_mb = float(out[1])
+        assert out[0] == str(on) and (returned_mb > 200 if on else returned_mb < 50), (on, returned_mb)
