@@ -36,7 +36,8 @@ Each measurement is a fresh subprocess running the stage's own `train()` (`sft.t
 and then stops before any checkpoint or export, and the step the stage jits is compiled ahead of time at its
 first call (`jitted.lower(*args).compile()`; that executable then runs every step: one compilation) for XLA's
 memory analysis. SFT / DPO: the generic `train_lib.train_step` on the stage's `lora.with_base(loss_fn)`, taken
-from `train_lib.jit_train_step`; PPO: `ppo.update_step`, taken from its `jax.jit`. Columns:
+from `train_lib.jit_train_step`; PPO: the two programs of its update, `ppo.policy_step` and `ppo.value_step`, taken
+from their `jax.jit` (each compiled ahead of time; the XLA columns give the one whose total is the larger). Columns:
 
   RSS at step  resident memory when the step is first called (Python, JAX, data, the models and train state)
   peak RSS     `ru_maxrss` of the subprocess at the end: everything it ever held, compilation included
@@ -187,24 +188,31 @@ def measure(spec: dict) -> dict:
                           spec.get("dpo_batch", 2), spec.get("remat", "none"), spec.get("dtype", "float32"))
     rec = {"times": [], "update_times": []}
 
-    def compile_first(jitted, args):
-        """The step's first call: compiled ahead of time (the executable then runs every step: one compilation)
+    def compile_first(jitted, args, program=""):
+        """A step's first call: compiled ahead of time (the executable then runs every step: one compilation)
         for XLA's memory analysis; the args' unique bytes and every other live array's bytes, before it runs.
+        PPO's two programs (`program` 'policy', 'value') each get theirs; 'xla' is the one whose total is the larger.
         Raises _Stop instead of running a step XLA says needs more than spec['max_xla_gb']."""
         arg_bytes, ids = _unique_bytes(args)
-        rec.update(rss_at_first_step=rss_bytes(), peak_rss_before_step=max_rss(), other_live=_live_outside(ids))
+        other_live = _live_outside(ids)
+        if "rss_at_first_step" not in rec:
+            rec.update(rss_at_first_step=rss_bytes(), peak_rss_before_step=max_rss())
         t0 = time.perf_counter()
         compiled = jitted.lower(*args).compile()
-        rec["compile_s"] = time.perf_counter() - t0
+        rec["compile_s"] = rec.get("compile_s", 0.0) + time.perf_counter() - t0
         m = compiled.memory_analysis()
         step_bytes = arg_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        rec["xla"] = {"argument": m.argument_size_in_bytes, "argument_unique": arg_bytes,
-                      "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
-                      "temp": m.temp_size_in_bytes, "step": step_bytes, "other_live": rec["other_live"],
-                      "total": step_bytes + rec["other_live"]}
+        xla = {"argument": m.argument_size_in_bytes, "argument_unique": arg_bytes,
+               "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
+               "temp": m.temp_size_in_bytes, "step": step_bytes, "other_live": other_live,
+               "total": step_bytes + other_live}
+        if program:
+            rec.setdefault("xla_programs", {})[program] = xla
+        if xla["total"] >= rec.get("xla", {}).get("total", 0):
+            rec["xla"] = xla
         rec["peak_rss_compiled"], rec["rss_compiled"] = max_rss(), rss_bytes()
-        if rec["xla"]["total"] > spec.get("max_xla_gb", 1e9) * GB:
-            rec["skipped"] = f"not run: XLA needs {rec['xla']['total'] / GB:.1f} GB > --max_xla_gb"
+        if xla["total"] > spec.get("max_xla_gb", 1e9) * GB:
+            rec["skipped"] = f"not run: XLA needs {xla['total'] / GB:.1f} GB > --max_xla_gb"
             raise _Stop
         return compiled
 
@@ -226,30 +234,39 @@ def measure(spec: dict) -> dict:
             return out
         return run
 
-    # PPO: `ppo.update_step`'s jax.jit, timed per call (blocking; the stage dispatches them back to back); the
-    # iteration stops after `spec['updates']` of its minibatch updates
+    # PPO: the jax.jit of `ppo.policy_step` and of `ppo.value_step` (the stage's update: one, then the other), each
+    # timed per call (blocking, as the stage does between them); the iteration stops after `spec['updates']`
+    # minibatch updates
     original_jit = jax.jit
+    programs = {ppo.policy_step: "policy", ppo.value_step: "value"}
+    jitted_programs = set()
 
     def spy_jit(fun, *a, **k):
         jitted = original_jit(fun, *a, **k)
-        if not (isinstance(fun, functools.partial) and fun.func is ppo.update_step):
+        program = isinstance(fun, functools.partial) and programs.get(fun.func)
+        if not program:
             return jitted
+        jitted_programs.add(program)
         box = {}
 
         def call(*args):
             if not box:
-                rec["rollout_s"] = time.perf_counter() - rec["t_loop"]
-                box["compiled"] = compile_first(jitted, args)
+                rec.setdefault("rollout_s", time.perf_counter() - rec["t_loop"])
+                box["compiled"] = compile_first(jitted, args, program)
             t0 = time.perf_counter()
             out = jax.block_until_ready(box["compiled"](*args))
-            rec["update_times"].append(time.perf_counter() - t0)
-            if len(rec["update_times"]) == 1:
-                rec["peak_rss_first_update"] = max_rss()
-                if spec.get("updates", 8) > 1:
-                    reset_peak()
-            if len(rec["update_times"]) == spec.get("updates", 8):
-                rec["metrics"] = {k: float(v) for k, v in jax.device_get(out[1]).items()}
-                raise _Stop
+            if program == "policy":
+                rec["update_times"].append(0.0)
+            rec["update_times"][-1] += time.perf_counter() - t0
+            rec.setdefault("metrics", {}).update({k: float(v) for k, v in jax.device_get(out[1]).items()})
+            if program == "value" or "value" not in jitted_programs:  # one minibatch update done
+                done = len(rec["update_times"])
+                if done == 1:
+                    rec["peak_rss_first_update"] = max_rss()
+                    if spec.get("updates", 8) > 1:
+                        reset_peak()
+                if done == spec.get("updates", 8):
+                    raise _Stop
             return out
         return call
 
@@ -296,7 +313,7 @@ def measure(spec: dict) -> dict:
     p = plan.plan(config, (1, 1, 1), stage=stage)
     times = rec["times"][1:] if stage != "ppo" else []  # step 1 compiles
     keys = ("peak_rss", "steady_rss", "rss_before_loop", "rss_at_first_step", "peak_rss_before_step",
-            "peak_rss_compiled", "rss_compiled", "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "skipped",
+            "peak_rss_compiled", "rss_compiled", "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "xla_programs", "skipped",
             "batch_shapes", "metrics")
     return {**{k: spec[k] for k in ("stage", "mode", "chunk", "steps", "updates")}, "remat": config.model.remat,
             "dtype": config.model.dtype,

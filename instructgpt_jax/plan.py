@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import AbstractMesh
 
-from instructgpt_jax import config_lib, rl, sharding
+from instructgpt_jax import config_lib, sharding
 from instructgpt_jax.lora import BASE_DTYPES, PROJECTIONS  # the stages' own tables
 from instructgpt_jax.models import ModelConfig, Transformer, transformer
 from instructgpt_jax.models.quant import BLOCK as NF4_BLOCK
@@ -210,6 +210,27 @@ class Plan:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
+def ptx_microbatch(config, mesh_shape) -> int:
+    """Pretraining rows per gradient micro-batch of a PPO-ptx update: `config.ppo.ptx_microbatch`, or (0) automatic:
+    micro-batches of the largest divisor of `ptx_batch_size` within `minibatch_size` when the activations they save
+    (this plan's estimate, per device) outweigh the float32 gradient accumulator they add (the trainable params per
+    device: always with LoRA; at full fine-tuning only when the ptx rows' activations exceed the model's size),
+    else the whole batch at once. `config`: resolved (the stage's `run.config`)."""
+    ppo, rows = config.ppo, config.ppo.ptx_batch_size
+    if ppo.get("ptx_microbatch", 0) or ppo.get("ptx_coef", 0) <= 0:
+        return ppo.get("ptx_microbatch", 0) or rows
+    micro = max(d for d in range(1, min(rows, ppo.minibatch_size) + 1) if rows % d == 0)
+    mesh, policy = abstract_mesh(mesh_shape), _model(config.model)
+    shards = sharding.data_parallel_size(mesh)
+    seq = config.data.get("ptx_seq_len", 0) or policy.max_len
+    saved = (activations(policy, -(-rows // shards), seq, mesh) -
+             activations(policy, -(-micro // shards), seq, mesh))
+    rank = int(config.get("lora", {}).get("rank", 0) or 0)
+    trainable = (lora_shards(policy, "lm", mesh, rank, config.lora.targets, config.lora.base_dtype).adapters if rank
+                 else param_shards(policy, "lm", mesh)[1])
+    return micro if saved > 4 * trainable else rows
+
+
 def _model(model_cfg, **overrides) -> ModelConfig:
     return ModelConfig.from_config({**dict(model_cfg), **overrides})
 
@@ -324,11 +345,12 @@ def plan(config, mesh_shape, *, stage: str | None = None, rm_preset: str | None 
         sample_rows = _rows(sample_batch or chunk, mesh, "sample batch")
         phases["kv_cache (rollout)"] = kv_cache(policy, sample_rows, seq, sharding.tensor_parallel_size(mesh))
         minibatch, ptx = ppo.get("minibatch_size", batch), ppo.get("ptx_batch_size", 0) * (ppo.get("ptx_coef", 0) > 0)
-        ptx_micro = ptx and rl.ptx_microbatch_rows(ppo, ptx)
-        # one update step differentiates the policy (the RL rows, then one ptx micro-batch at a time: the RL rows'
-        # block inputs stay for their backward) and the value model: all of them keep their activations
-        phases["activations (update)"] = activations(policy, micro(minibatch + ptx_micro), seq, mesh) + (
-            0 if critic_free else activations(rm_cfg, micro(minibatch), seq, mesh, lm_head=False))
+        ptx_micro = ptx and ptx_microbatch(config, mesh_shape)
+        # the update is two programs: the policy's (its RL rows, whose block inputs stay for their backward, and
+        # one ptx micro-batch at a time), then the value model's
+        phases["activations (policy update)"] = activations(policy, micro(minibatch + ptx_micro), seq, mesh)
+        if not critic_free:
+            phases["activations (value update)"] = activations(rm_cfg, micro(minibatch), seq, mesh, lm_head=False)
         notes.append(f"reward / value model: {rm_preset or config.model.preset}; rollout and update are "
                      f"separate phases (peak = resident + the larger)")
     else:

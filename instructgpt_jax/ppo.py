@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoints, harness, lora, losses, rl, sampling, scoring, sharding, train_lib
+from instructgpt_jax import checkpoints, harness, lora, losses, plan, rl, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import prepare
 from instructgpt_jax.errors import UserError
 from instructgpt_jax.models import Transformer
@@ -58,7 +58,7 @@ def check_config(config) -> None:
                         f"gradients; lower config.ppo.minibatch_size (and rollout_chunk) to use less memory")
     if cfg.ptx_coef > 0 and (cfg.ptx_microbatch < 0 or cfg.ptx_microbatch and cfg.ptx_batch_size % cfg.ptx_microbatch):
         raise UserError(f"config.ppo.ptx_microbatch={cfg.ptx_microbatch} must divide config.ppo.ptx_batch_size="
-                        f"{cfg.ptx_batch_size} (0 = the largest divisor <= minibatch_size)")
+                        f"{cfg.ptx_batch_size} (0 = automatic)")
     critic_free = cfg.advantage_estimator != "gae"
     if critic_free and cfg.group_size < 2:
         raise UserError(f"config.ppo.group_size={cfg.group_size}: advantage_estimator={cfg.advantage_estimator!r} "
@@ -144,10 +144,26 @@ def update_step(state, rollout, idx, ptx, bases=None, *, policy, value_model, po
     then the policy EMA. (state, rollout, minibatch indices, pretraining batch, frozen LoRA bases) ->
     (state, metrics); bases {'policy', 'value'}: the frozen base each trainable tree is combined with (None or
     absent: full fine-tuning). The reference's log-probs come with the rollout. Pure; no dropout (the first ratio
-    must be exactly 1)."""
+    must be exactly 1). `policy_step` then `value_step`: the stage jits the two apart, so that their gradients
+    and activations are never held at once."""
+    new, metrics = policy_step({k: v for k, v in state.items() if k != "value"}, rollout, idx, ptx, bases,
+                               policy=policy, policy_tx=policy_tx, cfg=cfg, prompt_len=prompt_len)
+    if "value" in state:
+        new["value"], v_metrics = value_step(state["value"], rollout, idx, bases, value_model=value_model,
+                                             value_tx=value_tx, cfg=cfg, prompt_len=prompt_len)
+        metrics.update(v_metrics)
+    return new, metrics
+
+
+def _minibatch(rollout, idx):
     mb = jax.tree.map(lambda x: x[idx], rollout)
+    return mb, (mb["tokens"], mb["positions"], mb["segments"])
+
+
+def policy_step(state, rollout, idx, ptx, bases=None, *, policy, policy_tx, cfg, prompt_len):
+    """The policy's half of `update_step` (state without 'value'): its gradient step and the EMA."""
+    mb, rows = _minibatch(rollout, idx)
     p = prompt_len
-    rows = (mb["tokens"], mb["positions"], mb["segments"])
     agg, max_tokens = loss_aggregation(cfg)
 
     def policy_loss(params):
@@ -162,7 +178,7 @@ def update_step(state, rollout, idx, ptx, bases=None, *, policy, value_model, po
             loss = loss + state["kl_beta"] * kl
             aux["kl_loss"] = kl
         if cfg.ptx_coef > 0:  # PPO-ptx: γ · pretraining NLL on every minibatch
-            aux["ptx_loss"] = ptx_nll(params, ptx, rl.ptx_microbatch_rows(cfg, ptx["tokens"].shape[0]))
+            aux["ptx_loss"] = ptx_nll(params, ptx, cfg.get("ptx_microbatch", 0) or ptx["tokens"].shape[0])
             loss = loss + cfg.ptx_coef * aux["ptx_loss"]
         return loss, aux
 
@@ -194,16 +210,21 @@ def update_step(state, rollout, idx, ptx, bases=None, *, policy, value_model, po
     # EMA from zero, read through `ema_params` with Adam's bias correction: a true average of the updates' policies
     new["ema"] = jax.tree.map(lambda e, x: cfg.ema_decay * e + (1 - cfg.ema_decay) * x, state["ema"],
                               new["policy"]["params"])
-    if "value" in state:
-        def value_loss(params):
-            v = scoring.response_values(lora.combine(params, (bases or {}).get("value")), value_model, *rows, p)
-            loss, aux = losses.value_loss(v, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
-            return cfg.value_coef * loss, dict(aux, value_loss=loss)
-
-        (_, v_aux), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state["value"]["params"])
-        new["value"] = train_lib.apply_gradients(state["value"], v_grads, value_tx)
-        metrics.update(v_aux, value_grad_norm=train_lib.global_norm(v_grads))
     return new, metrics
+
+
+def value_step(value_state, rollout, idx, bases=None, *, value_model, value_tx, cfg, prompt_len):
+    """The value model's half of `update_step`: (state['value'], ...) -> (its update, metrics)."""
+    mb, rows = _minibatch(rollout, idx)
+
+    def value_loss(params):
+        v = scoring.response_values(lora.combine(params, (bases or {}).get("value")), value_model, *rows, prompt_len)
+        loss, aux = losses.value_loss(v, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
+        return cfg.value_coef * loss, dict(aux, value_loss=loss)
+
+    (_, metrics), grads = jax.value_and_grad(value_loss, has_aux=True)(value_state["params"])
+    metrics["value_grad_norm"] = train_lib.global_norm(grads)
+    return train_lib.apply_gradients(value_state, grads, value_tx), metrics
 
 
 def init_state(reference, policy_tx, kl_coef: float, value_params=None, value_tx=None) -> dict:
@@ -347,10 +368,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, builtin_data=None)
         return batch, metrics
 
     # --- update
-    update_fn = jax.jit(functools.partial(update_step, policy=policy, value_model=value_model, policy_tx=policy_tx,
-                                          value_tx=value_tx, cfg=cfg, prompt_len=p),
-                        in_shardings=(state_shardings, None, None, None, None),
-                        out_shardings=(state_shardings, repl), donate_argnums=0)
+    if cfg.ptx_coef > 0:  # ptx_microbatch 0: chosen by the memory plan
+        cfg = cfg.copy_and_resolve_references()
+        cfg.ptx_microbatch = plan.ptx_microbatch(config, tuple(mesh.shape[a] for a in sharding.MESH_AXES))
+    # `update_step` as two programs: the policy's and the value model's gradients never coexist
+    policy_shardings = {k: v for k, v in state_shardings.items() if k != "value"}
+    policy_fn = jax.jit(functools.partial(policy_step, policy=policy, policy_tx=policy_tx, cfg=cfg, prompt_len=p),
+                        in_shardings=(policy_shardings, None, None, None, None),
+                        out_shardings=(policy_shardings, repl), donate_argnums=0)
+    value_fn = "value" in state and jax.jit(
+        functools.partial(value_step, value_model=value_model, value_tx=value_tx, cfg=cfg, prompt_len=p),
+        in_shardings=(state_shardings["value"], None, None, None),
+        out_shardings=(state_shardings["value"], repl), donate_argnums=0)
+
+    def update_fn(state, batch, idx, ptx, bases):
+        new, metrics = policy_fn({k: v for k, v in state.items() if k != "value"}, batch, idx, ptx, bases)
+        if value_fn:  # after the policy's program: on CPU independent programs may otherwise run at once
+            jax.block_until_ready(new["updates"])
+            new["value"], v_metrics = value_fn(state["value"], batch, idx, bases)
+            metrics = {**metrics, **v_metrics}
+        return new, metrics
     no_ptx = {"tokens": jnp.zeros((1, 1), jnp.int32)}  # placeholder when ptx_coef == 0
 
     def iteration(state, step):

@@ -242,11 +242,3 @@ def group_advantages(scores, group_size, kind="grpo"):
         adv = centred / (std + 1e-4)
     return adv.reshape(n)
 
-
-def ptx_microbatch_rows(cfg, rows: int) -> int:
-    """Pretraining rows per gradient micro-batch of a PPO-ptx update of `rows` ptx rows: `cfg.ptx_microbatch` (the
-    config's `ppo` block), or (0) the largest divisor of `rows` not above `minibatch_size`, so that the RL minibatch,
-    not the ptx batch, sets the update's activation memory."""
-    if cfg.get("ptx_microbatch", 0):
-        return cfg.get("ptx_microbatch")
-    return max(d for d in range(1, min(rows, cfg.get("minibatch_size", rows)) + 1) if rows % d == 0)

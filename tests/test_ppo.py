@@ -10,7 +10,7 @@ import optax
 import pytest
 from conftest import BUILTIN, ppo_interrupted_then_resumed, stage_config
 
-from instructgpt_jax import checkpoints, config_lib, losses, ppo, rl, sampling, scoring, sharding, train_lib
+from instructgpt_jax import checkpoints, config_lib, losses, plan, ppo, sampling, scoring, sharding, train_lib
 from instructgpt_jax.data import iterators as pipeline
 from instructgpt_jax.data.tokenizer import load_tokenizer
 from instructgpt_jax.models import ModelConfig, Transformer
@@ -275,11 +275,26 @@ def test_ptx_microbatches_give_the_whole_batch_mean_and_gradient(tiny):
     assert np.abs(updated[6, 0.0] - updated[6, 1.0]).max() > 1e-2
 
 
-def test_ptx_microbatch_defaults_to_the_largest_divisor_within_the_minibatch():
-    cfg = config_lib.load("ppo", "tiny").ppo
-    assert cfg.ptx_microbatch == 0 and rl.ptx_microbatch_rows(cfg, 32) == cfg.minibatch_size == 8
-    assert [rl.ptx_microbatch_rows({"minibatch_size": 8}, n) for n in (32, 20, 7, 13, 1)] == [8, 5, 7, 1, 1]
-    assert rl.ptx_microbatch_rows({"minibatch_size": 8, "ptx_microbatch": 16}, 32) == 16
+@pytest.mark.parametrize("lora_rank", [0, 16])
+def test_ptx_microbatch_is_chosen_by_the_memory_plan(lora_rank):
+    """ppo.ptx_microbatch 0: minibatch-sized micro-batches where the activations they save outweigh the float32
+    gradient accumulator they add (by hand from the plan's own estimates), else the whole batch; an explicit value
+    wins; plain PPO has none. SmolLM2-135M with 32 rows of 128 tokens at remat full: the whole batch at full
+    fine-tuning (the model is larger), micro-batches with LoRA."""
+    config = config_lib.load("ppo", "tiny")
+    config.model = config_lib.model_config("smollm2-135m")
+    config = config_lib.replace(config, **{"ppo.ptx_coef": 1.0, "model.remat": "full", "lora.rank": lora_rank,
+                                           "ppo.ptx_batch_size": 32, "data.ptx_seq_len": 128})
+    assert config.ppo.ptx_microbatch == 0 and config.ppo.minibatch_size == 8
+    cfg, mesh = ModelConfig.from_config(config.model), plan.abstract_mesh((1, 1, 1))
+    saved = plan.activations(cfg, 32, 128, mesh) - plan.activations(cfg, 8, 128, mesh)
+    trainable = (plan.lora_shards(cfg, "lm", mesh, 16).adapters if lora_rank else plan.param_shards(cfg, "lm", mesh)[1])
+    assert (saved > 4 * trainable) == bool(lora_rank)
+    assert plan.ptx_microbatch(config, (1, 1, 1)) == (8 if lora_rank else 32)
+    assert plan.ptx_microbatch(config_lib.replace(config, **{"ppo.ptx_batch_size": 20}), (1, 1, 1)) == (
+        5 if lora_rank else 20)  # the largest divisor of 20 within the minibatch
+    assert plan.ptx_microbatch(config_lib.replace(config, **{"ppo.ptx_microbatch": 16}), (1, 1, 1)) == 16
+    assert plan.ptx_microbatch(config_lib.replace(config, **{"ppo.ptx_coef": 0.0}), (1, 1, 1)) == 32
 
 
 def test_each_estimator_defaults_to_its_papers_loss_aggregation():

@@ -237,15 +237,21 @@ def test_plan_dpo_holds_policy_and_reference():
                                        + plan.activations(cfg, rows, config.data.seq_len, mesh, grad=False))
 
 
-def test_plan_ppo_update_keeps_policy_and_value_activations():
-    """One jitted update differentiates the policy (rollout + pretraining rows) and the value model."""
-    config = config_lib.replace(_config("ppo"), **{"ppo.ptx_coef": 1.0})
+@pytest.mark.parametrize("ptx_microbatch", [0, 3, 12])
+def test_plan_ppo_update_is_a_policy_program_then_a_value_program(ptx_microbatch):
+    """The policy's program differentiates the rollout rows and one micro-batch of pretraining rows at a time (by
+    default as many as the minibatch's); the value model's runs after it; the peak is the larger."""
+    config = config_lib.replace(_config("ppo"), **{"ppo.ptx_coef": 1.0, "ppo.ptx_batch_size": 12,
+                                                   "ppo.ptx_microbatch": ptx_microbatch})
     p = plan.plan(config, (1, 1, 1))
     cfg, mesh, ppo = ModelConfig.from_config(config.model), plan.abstract_mesh((1, 1, 1)), config.ppo
     seq = config.data.max_prompt_len + ppo.max_new_tokens
-    policy = plan.activations(cfg, ppo.minibatch_size + ppo.ptx_batch_size, seq, mesh)
+    micro = plan.ptx_microbatch(config, (1, 1, 1))
+    assert micro == (ptx_microbatch or 6)  # tiny: micro-batches (the largest divisor of 12 within 8 rows)
+    policy = plan.activations(cfg, ppo.minibatch_size + micro, seq, mesh)
     value = plan.activations(cfg, ppo.minibatch_size, seq, mesh, lm_head=False)
-    assert p.phases["activations (update)"] == policy + value
+    assert p.phases["activations (policy update)"] == policy and p.phases["activations (value update)"] == value
+    assert p.total == sum(p.resident.values()) + max(p.phases.values())
 
 
 def test_plan_command_line():
