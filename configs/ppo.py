@@ -69,7 +69,7 @@ def get_config(preset: str = "tiny"):
         kl_horizon=10000,        # adaptive controller horizon, in episodes
         ptx_coef=0.0 if cpu else 27.8,   # gamma: pretraining log-likelihood weight (0 = plain PPO)
         ptx_batch_size=32 if cpu else 512,  # pretraining rows per minibatch (paper: 8x the episodes)
-        ptx_microbatch=0,        # ptx rows per gradient micro-batch (0 = the largest divisor <= minibatch_size)
+        ptx_microbatch=0,        # ptx rows per gradient micro-batch (0 = automatic: plan.ptx_microbatch)
         whiten_rewards=False,    # whiten per-token rewards over the batch before GAE
         penalize_no_eos=False,   # subtract no_eos_penalty from the score of responses without an EOS
         no_eos_penalty=1.0,      # how much lower a truncated response scores (RM units; demonstrations mean 0)
