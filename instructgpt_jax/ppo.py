@@ -184,8 +184,9 @@ def policy_step(state, rollout, idx, ptx, bases=None, *, policy, policy_tx, cfg,
 
     def ptx_nll(params, rows, micro: int):
         """Mean token NLL of the pretraining rows, over micro-batches of `micro` rows (summed, then divided by
-        all their tokens: the same mean). Each micro-batch is recomputed in the backward pass (`jax.checkpoint`):
-        one micro-batch's activations are live at a time, at the cost of one more forward pass of the rows."""
+        all their tokens: the same mean). With more than one, each is recomputed in the backward pass
+        (`jax.checkpoint`): one micro-batch's activations live at a time, for one more forward pass of the rows
+        and a gradient accumulator (`plan.ptx_microbatch` weighs the two)."""
         def sums(params, r):
             hidden = policy.apply({"params": params}, r["tokens"], r["positions"], r["segment_ids"],
                                   return_hidden=True)

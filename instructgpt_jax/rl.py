@@ -241,4 +241,3 @@ def group_advantages(scores, group_size, kind="grpo"):
         std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (group_size - 1))
         adv = centred / (std + 1e-4)
     return adv.reshape(n)
-

@@ -46,7 +46,8 @@ def lr_schedule(optim_cfg, num_steps: int, updates_per_step: int = 1) -> optax.S
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm's update (g · max_norm / ‖g‖ where ‖g‖ > max_norm), as one scalar factor per step:
     each gradient is multiplied, not divided, so XLA fuses the scaling into Adam's moment updates instead of
-    writing a clipped copy of the gradients (0.26 GB of a full fine-tuning PPO step on SmolLM2-135M)."""
+    writing a clipped copy of the gradients (a plain-PPO policy step of SmolLM2-135M, full fine-tuning: XLA's
+    temporaries 1.08 -> 0.82 GB)."""
     def update_fn(updates, state, params=None):
         del params
         norm = optax.global_norm(updates)
