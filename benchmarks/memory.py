@@ -313,8 +313,8 @@ def measure(spec: dict) -> dict:
     p = plan.plan(config, (1, 1, 1), stage=stage)
     times = rec["times"][1:] if stage != "ppo" else []  # step 1 compiles
     keys = ("peak_rss", "steady_rss", "rss_before_loop", "rss_at_first_step", "peak_rss_before_step",
-            "peak_rss_compiled", "rss_compiled", "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s", "xla", "xla_programs", "skipped",
-            "batch_shapes", "metrics")
+            "peak_rss_compiled", "rss_compiled", "peak_rss_first_update", "compile_s", "first_run_s", "rollout_s",
+            "xla", "xla_programs", "skipped", "batch_shapes", "metrics")
     return {**{k: spec[k] for k in ("stage", "mode", "chunk", "steps", "updates")}, "remat": config.model.remat,
             "dtype": config.model.dtype,
             **{k: rec.get(k) for k in keys},

@@ -56,7 +56,8 @@ def check_config(config) -> None:
     if config.train.grad_accum > 1:  # the update is one jitted minibatch step; minibatch_size is the memory knob
         raise UserError(f"config.train.grad_accum={config.train.grad_accum}: the RL stage does not accumulate "
                         f"gradients; lower config.ppo.minibatch_size (and rollout_chunk) to use less memory")
-    if cfg.ptx_coef > 0 and (cfg.ptx_microbatch < 0 or cfg.ptx_microbatch and cfg.ptx_batch_size % cfg.ptx_microbatch):
+    micro = cfg.ptx_microbatch
+    if cfg.ptx_coef > 0 and (micro < 0 or micro and cfg.ptx_batch_size % micro):
         raise UserError(f"config.ppo.ptx_microbatch={cfg.ptx_microbatch} must divide config.ppo.ptx_batch_size="
                         f"{cfg.ptx_batch_size} (0 = automatic)")
     critic_free = cfg.advantage_estimator != "gae"

@@ -645,7 +645,8 @@ def test_gradient_clipping_is_optax_clip_by_global_norm(scale):
 
     from instructgpt_jax import train_lib
     rng = np.random.default_rng(0)
-    tree = {"a": jnp.asarray(rng.normal(size=(30, 7)) * scale, jnp.float32), "b": jnp.asarray(rng.normal(size=5) * scale)}
+    tree = {"a": jnp.asarray(rng.normal(size=(30, 7)) * scale, jnp.float32),
+            "b": jnp.asarray(rng.normal(size=5) * scale, jnp.float32)}
     ours, ref = (tx.update(tree, tx.init(tree))[0] for tx in (train_lib.clip_by_global_norm(1.0),
                                                               optax.clip_by_global_norm(1.0)))
     norm = math.sqrt(sum(float(jnp.sum(x ** 2)) for x in tree.values()))
