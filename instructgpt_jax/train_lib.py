@@ -43,19 +43,6 @@ def lr_schedule(optim_cfg, num_steps: int, updates_per_step: int = 1) -> optax.S
     return optax.join_schedules([ramp, cosine], [warmup])
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """optax.clip_by_global_norm's update (g · max_norm / ‖g‖ where ‖g‖ > max_norm), as one scalar factor per step:
-    each gradient is multiplied, not divided, so XLA fuses the scaling into Adam's moment updates instead of
-    writing a clipped copy of the gradients (a plain-PPO policy step of SmolLM2-135M, full fine-tuning: XLA's
-    temporaries 1.08 -> 0.82 GB)."""
-    def update_fn(updates, state, params=None):
-        del params
-        norm = optax.global_norm(updates)
-        factor = jnp.where(norm > max_norm, max_norm / norm, 1.0)
-        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
 def make_optimizer(optim_cfg, num_steps: int, updates_per_step: int = 1) -> optax.GradientTransformation:
     """AdamW (paper: b1 0.9, b2 0.95) with global-norm clipping; no weight decay on biases / norms."""
     def decay_mask(params):
@@ -63,7 +50,7 @@ def make_optimizer(optim_cfg, num_steps: int, updates_per_step: int = 1) -> opta
             lambda path, x: x.ndim > 1 and "norm" not in jax.tree_util.keystr(path), params)
     parts = []
     if optim_cfg.grad_clip > 0:
-        parts.append(clip_by_global_norm(optim_cfg.grad_clip))
+        parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
     parts.append(optax.adamw(lr_schedule(optim_cfg, num_steps, updates_per_step), b1=optim_cfg.b1, b2=optim_cfg.b2,
                              eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts)

@@ -635,22 +635,3 @@ def test_kl_loss_expected_gradients(scale):
     assert (_rel_err(k3, forward) < 0.05) if scale < 0.1 else (_rel_err(k3, forward) > 0.2)
     # k1 as a loss term: E_π[∇ log π] = 0, no signal at all.
     np.testing.assert_allclose(_expected_kl_loss_grad_fn("k1")(theta), 0.0, atol=1e-6)
-
-
-@pytest.mark.parametrize("scale", [0.01, 10.0])
-def test_gradient_clipping_is_optax_clip_by_global_norm(scale):
-    """train_lib.clip_by_global_norm (a multiplied factor, so XLA does not write a clipped copy) against optax's, below
-    and above the bound, by hand: the clipped norm is min(‖g‖, 1)."""
-    import optax
-
-    from instructgpt_jax import train_lib
-    rng = np.random.default_rng(0)
-    tree = {"a": jnp.asarray(rng.normal(size=(30, 7)) * scale, jnp.float32),
-            "b": jnp.asarray(rng.normal(size=5) * scale, jnp.float32)}
-    ours, ref = (tx.update(tree, tx.init(tree))[0] for tx in (train_lib.clip_by_global_norm(1.0),
-                                                              optax.clip_by_global_norm(1.0)))
-    norm = math.sqrt(sum(float(jnp.sum(x ** 2)) for x in tree.values()))
-    for k in tree:
-        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6)
-        np.testing.assert_allclose(ours[k], tree[k] * min(1.0, 1.0 / norm), rtol=1e-6)
-    assert (norm > 1.0) == (scale == 10.0)
